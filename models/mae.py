@@ -1,0 +1,274 @@
+"""MAE-ST: a video masked autoencoder (Feichtenhofer et al., 2022).
+
+The encoder sees only the visible tokens (10% at the default 90% masking), which is what makes
+pretraining cheap; a light decoder (512-d, 4 blocks) gets the encoder output plus mask tokens and
+regresses the (per-patch normalised) pixels of the hidden tokens.
+
+Targets: the decoder predicts `pred_t_dim` frames (default 8 of 16, i.e. every second frame), so a
+2-frame token regresses its first frame only. MAE-ST predicts 8 frames for 16-frame clips too; it
+halves the pixel head and the target work with no measured loss in accuracy.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from models.masking import get_mask_sampler
+from models.video_vit import (
+    Block,
+    PatchEmbed3D,
+    init_weights,
+    layer_id_for,
+    run_blocks,
+    separable_pos_table,
+)
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """Video MAE with a ViT encoder over visible tokens and a light ViT decoder."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 4,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_pix_loss: bool = True,
+        num_frames: int = 16,
+        t_patch_size: int = 2,
+        pred_t_dim: int | None = None,
+        cls_embed: bool = True,
+        sep_pos_embed: bool = True,
+        trunc_init: bool = False,
+        mask_type: str = "random",
+    ) -> None:
+        super().__init__()
+        pred_t_dim = num_frames // 2 if pred_t_dim is None else pred_t_dim
+        self.patch_embed = PatchEmbed3D(img_size, patch_size, in_chans, embed_dim, num_frames, t_patch_size)
+        t, h, w = self.grid_size = self.patch_embed.grid_size
+        num_patches = t * h * w
+        if num_frames % pred_t_dim or pred_t_dim % t:
+            raise ValueError(
+                f"pred_t_dim {pred_t_dim} must divide num_frames {num_frames} and be a multiple of the "
+                f"{t} temporal token positions (num_frames / t_patch_size)"
+            )
+        self.in_chans, self.patch_size, self.num_frames = in_chans, patch_size, num_frames
+        self.pred_t_dim = pred_t_dim
+        self.t_pred_patch_size = pred_t_dim // t
+        self.norm_pix_loss, self.cls_embed, self.sep_pos_embed = norm_pix_loss, cls_embed, sep_pos_embed
+        self.mask_type = mask_type
+        self.mask_sampler = get_mask_sampler(mask_type)
+        self.grad_checkpointing = False
+
+        # Encoder
+        if cls_embed:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        if sep_pos_embed:
+            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, embed_dim))
+            self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, embed_dim))
+            if cls_embed:
+                self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + int(cls_embed), embed_dim))
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+
+        # Decoder
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        if cls_embed:
+            self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        if sep_pos_embed:
+            self.decoder_pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, decoder_embed_dim))
+            self.decoder_pos_embed_temporal = nn.Parameter(torch.zeros(1, t, decoder_embed_dim))
+            if cls_embed:
+                self.decoder_pos_embed_class = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        else:
+            self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + int(cls_embed), decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(decoder_depth)
+            ]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.t_pred_patch_size * patch_size**2 * in_chans)
+        self._init_weights(trunc_init)
+
+    def _init_weights(self, trunc_init: bool) -> None:
+        for name, p in self.named_parameters():
+            if "pos_embed" in name:
+                nn.init.trunc_normal_(p, std=0.02)
+            elif name.endswith(("cls_token", "mask_token")):
+                (nn.init.trunc_normal_ if trunc_init else nn.init.normal_)(p, std=0.02)
+        self.apply(partial(init_weights, trunc_init=trunc_init))
+
+    # ----------------------------------------------------------------- helpers
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every encoder and decoder block in backward (non-reentrant) to save memory."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay (tokens and positional embeddings)."""
+        return {n for n, _ in self.named_parameters() if "pos_embed" in n or n.endswith(("cls_token", "mask_token"))}
+
+    def layer_id(self, name: str) -> int:
+        """Layer index of a parameter for layer-wise lr decay (decoder counts as the last layer)."""
+        return layer_id_for(name, len(self.blocks))
+
+    @property
+    def num_layers(self) -> int:
+        """Number of layer ids (embeddings + blocks + rest)."""
+        return len(self.blocks) + 2
+
+    def target_frames(self, clips: torch.Tensor) -> torch.Tensor:
+        """Frames the decoder regresses: every (T / pred_t_dim)-th frame, [B, C, pred_t_dim, H, W]."""
+        stride = self.num_frames // self.pred_t_dim
+        return clips[:, :, ::stride]
+
+    def patchify(self, frames: torch.Tensor) -> torch.Tensor:
+        """[B, C, T_pred, H, W] -> [B, L, u * p * p * C] in token order (u frames per token)."""
+        B, C, T, H, W = frames.shape
+        p, u = self.patch_size, self.t_pred_patch_size
+        t, h, w = T // u, H // p, W // p
+        x = frames.reshape(B, C, t, u, h, p, w, p)
+        x = torch.einsum("bctuhpwq->bthwupqc", x)
+        return x.reshape(B, t * h * w, u * p * p * C)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, u * p * p * C] -> [B, C, T_pred, H, W] (inverse of patchify)."""
+        B = x.shape[0]
+        p, u, C = self.patch_size, self.t_pred_patch_size, self.in_chans
+        t, h, w = self.grid_size
+        x = x.reshape(B, t, h, w, u, p, p, C)
+        x = torch.einsum("bthwupqc->bctuhpwq", x)
+        return x.reshape(B, C, t * u, h * p, w * p)
+
+    def _pos_table(self, decoder: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(patch position table [1, L, D], class position [1, 1, D] or None) of encoder or decoder."""
+        pre = "decoder_" if decoder else ""
+        if self.sep_pos_embed:
+            table = separable_pos_table(getattr(self, pre + "pos_embed_spatial"), getattr(self, pre + "pos_embed_temporal"))
+            cls = getattr(self, pre + "pos_embed_class") if self.cls_embed else None
+            return table, cls
+        full = getattr(self, pre + "pos_embed")
+        return (full[:, 1:], full[:, :1]) if self.cls_embed else (full, None)
+
+    # ----------------------------------------------------------------- forward
+    def forward_encoder(
+        self, clips: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embed, keep the visible tokens, encode: (latent [B, (1+)K, D], mask [B, L], ids_restore)."""
+        x = self.patch_embed(clips)
+        B, L, D = x.shape
+        pos, cls_pos = self._pos_table(decoder=False)
+        x = x + pos
+        ids_keep, ids_restore, mask = self.mask_sampler(B, self.grid_size, mask_ratio, noise=noise, device=x.device)
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+        if self.cls_embed:
+            cls = self.cls_token + (cls_pos if cls_pos is not None else 0)
+            x = torch.cat([cls.expand(B, -1, -1), x], dim=1)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Fill in mask tokens, un-shuffle, decode: predictions for every token [B, L, u*p*p*C]."""
+        x = self.decoder_embed(latent)
+        B, L = ids_restore.shape
+        D = x.shape[-1]
+        if self.cls_embed:
+            x = x[:, 1:]
+        mask_tokens = self.mask_token.expand(B, L - x.shape[1], -1)
+        x = torch.cat([x, mask_tokens], dim=1)
+        x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
+        pos, cls_pos = self._pos_table(decoder=True)
+        x = x + pos
+        if self.cls_embed:
+            x = torch.cat([(self.decoder_cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
+        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:] if self.cls_embed else x
+
+    def forward_loss(self, clips: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over hidden tokens only (normalised per patch when norm_pix_loss)."""
+        target = self.patchify(self.target_frames(clips)).float()
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        per_token = ((pred.float() - target) ** 2).mean(dim=-1)
+        return (per_token * mask).sum() / mask.sum()
+
+    def forward(
+        self, clips: torch.Tensor, mask_ratio: float = 0.9, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masked reconstruction of clips [B, C, T, H, W]: (loss, pred [B, L, u*p*p*C], mask [B, L])."""
+        latent, mask, ids_restore = self.forward_encoder(clips, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(clips, pred, mask), pred, mask
+
+
+# Encoder sizes: (embed_dim, depth, num_heads). Decoder defaults follow MAE-ST: 512-d, 4 blocks, 16 heads.
+ENCODER_SIZES = {
+    "micro": (128, 4, 4),
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+def _mae(size: str, patch_size: int, **kwargs) -> MaskedAutoencoderViT:
+    dim, depth, heads = ENCODER_SIZES[size]
+    cfg = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch_size)
+    cfg.update(kwargs)
+    return MaskedAutoencoderViT(**cfg)
+
+
+def mae_vit_micro_patch8(**kwargs) -> MaskedAutoencoderViT:
+    """128-d, 4-block encoder on 8x8 patches with a 128-d, 2-block decoder: the CPU demo and tests."""
+    kwargs = {"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4, **kwargs}
+    return _mae("micro", 8, **kwargs)
+
+
+def mae_vit_tiny_patch16(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-Ti/16 encoder (192-d, 12 blocks)."""
+    return _mae("tiny", 16, **kwargs)
+
+
+def mae_vit_small_patch16(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-S/16 encoder (384-d, 12 blocks)."""
+    return _mae("small", 16, **kwargs)
+
+
+def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-B/16 encoder (768-d, 12 blocks)."""
+    return _mae("base", 16, **kwargs)
+
+
+def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-L/16 encoder (1024-d, 24 blocks)."""
+    return _mae("large", 16, **kwargs)
+
+
+def mae_vit_huge_patch16(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-H/16 encoder (1280-d, 32 blocks): the released MAE-ST video ViT-H uses patch 16."""
+    return _mae("huge", 16, **kwargs)
+
+
+def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-H/14 encoder (1280-d, 32 blocks), the image-MAE patch size."""
+    return _mae("huge", 14, **kwargs)

@@ -1,0 +1,127 @@
+"""Mask samplers: which spacetime tokens the encoder sees.
+
+Every sampler has one signature, `sampler(batch, grid, ratio, noise=None, generator=None)`, and
+returns `(ids_keep [B, K], ids_restore [B, L], mask [B, L])` with `mask == 1` for hidden tokens.
+All keep exactly `K = int(L * (1 - ratio))` tokens per sample so batches stay dense.
+
+Each sampler turns the per-sample uniform `noise [B, L]` into a score and keeps the K lowest scores,
+so the data side can draw the noise per sample (seeded by sample index) and the mask does not depend
+on the number of ranks or workers. Structured samplers add an integer "group rank" to the noise:
+all tokens of the best-ranked group (a tube, a frame, a cube) come before the next group, and when
+K is not a whole number of groups the last group is kept in part (ordered by the token noise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Grid = tuple[int, int, int]
+MaskOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def num_visible(num_tokens: int, ratio: float) -> int:
+    """Tokens kept per sample: K = int(L * (1 - ratio)), at least one."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    return max(1, int(num_tokens * (1 - ratio)))
+
+
+def _noise(batch: int, grid: Grid, noise: torch.Tensor | None, generator: torch.Generator | None,
+           device: torch.device | str | None) -> torch.Tensor:
+    L = grid[0] * grid[1] * grid[2]
+    if noise is None:
+        gen_device = generator.device if generator is not None else (device or "cpu")
+        noise = torch.rand(batch, L, generator=generator, device=gen_device)
+        return noise.to(device) if device is not None else noise
+    if noise.shape != (batch, L):
+        raise ValueError(f"mask noise must have shape [batch, tokens] = {(batch, L)}, got {tuple(noise.shape)}")
+    return noise
+
+
+def _rank(values: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last dim (0 = smallest), as float."""
+    return values.argsort(dim=-1).argsort(dim=-1).to(torch.float32)
+
+
+def masks_from_scores(score: torch.Tensor, ratio: float) -> MaskOutput:
+    """Keep the K lowest-score tokens per sample; return (ids_keep, ids_restore, mask)."""
+    B, L = score.shape
+    K = num_visible(L, ratio)
+    ids_shuffle = score.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    ids_keep = ids_shuffle[:, :K]
+    mask = torch.ones(B, L, device=score.device)
+    mask[:, :K] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_keep, ids_restore, mask
+
+
+def random_masking(batch: int, grid: Grid, ratio: float, noise: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None, device: torch.device | str | None = None) -> MaskOutput:
+    """Spacetime-agnostic random masking (the MAE-ST default): any K tokens."""
+    return masks_from_scores(_noise(batch, grid, noise, generator, device), ratio)
+
+
+def tube_masking(batch: int, grid: Grid, ratio: float, noise: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None) -> MaskOutput:
+    """Space-only masking: one spatial mask shared by every time slice (whole tubes kept)."""
+    noise = _noise(batch, grid, noise, generator, device)
+    t, h, w = grid
+    per_token = noise.view(batch, t, h * w)
+    tube_rank = _rank(per_token[:, 0, :])  # one random order of spatial positions per sample
+    score = tube_rank[:, None, :] + per_token  # whole tubes first; noise orders inside a partial one
+    return masks_from_scores(score.reshape(batch, -1), ratio)
+
+
+def frame_masking(batch: int, grid: Grid, ratio: float, noise: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, device: torch.device | str | None = None) -> MaskOutput:
+    """Time-only masking: whole time slices kept or hidden (a partial slice when K needs it)."""
+    noise = _noise(batch, grid, noise, generator, device)
+    t, h, w = grid
+    per_token = noise.view(batch, t, h * w)
+    frame_rank = _rank(per_token[:, :, 0])
+    score = frame_rank[:, :, None] + per_token
+    return masks_from_scores(score.reshape(batch, -1), ratio)
+
+
+def cube_masking(batch: int, grid: Grid, ratio: float, noise: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 cube: Grid = (2, 4, 4)) -> MaskOutput:
+    """Spacetime-block masking: the grid is cut into cubes (random offset per sample) kept whole."""
+    noise = _noise(batch, grid, noise, generator, device)
+    t, h, w = grid
+    ct, ch, cw = (min(c, g) for c, g in zip(cube, grid, strict=True))
+    dev = noise.device
+    # Per-sample grid offsets from the noise (scaled so they do not follow a token's own noise).
+    frac = torch.frac(noise[:, :3] * 9973.0)
+    off = (frac * torch.tensor([ct, ch, cw], device=dev)).long()  # [B, 3]
+    tt = torch.arange(t, device=dev).view(t, 1, 1)
+    hh = torch.arange(h, device=dev).view(1, h, 1)
+    ww = torch.arange(w, device=dev).view(1, 1, w)
+    # Largest cube index along a dim with offset < c is (g - 1 + c - 1) // c, hence the counts.
+    nt, nh, nw = (t + ct - 2) // ct + 1, (h + ch - 2) // ch + 1, (w + cw - 2) // cw + 1
+    cube_t = (tt[None] + off[:, 0, None, None, None]) // ct
+    cube_h = (hh[None] + off[:, 1, None, None, None]) // ch
+    cube_w = (ww[None] + off[:, 2, None, None, None]) // cw
+    cube_id = ((cube_t * nh + cube_h) * nw + cube_w).reshape(batch, -1)  # [B, L]
+    n_cubes = nt * nh * nw
+    cube_noise = torch.frac(noise[:, torch.arange(n_cubes, device=dev) % noise.shape[1]] * 7919.0)
+    cube_rank = _rank(cube_noise).gather(1, cube_id)
+    return masks_from_scores(cube_rank + noise, ratio)
+
+
+MASK_SAMPLERS: dict[str, Callable[..., MaskOutput]] = {
+    "random": random_masking,
+    "tube": tube_masking,
+    "frame": frame_masking,
+    "cube": cube_masking,
+}
+
+
+def get_mask_sampler(name: str) -> Callable[..., MaskOutput]:
+    """Look up a sampler by name, with the valid names in the error."""
+    if name not in MASK_SAMPLERS:
+        raise ValueError(f"unknown mask_type {name!r}; choose one of {sorted(MASK_SAMPLERS)}")
+    return MASK_SAMPLERS[name]

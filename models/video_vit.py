@@ -1,0 +1,187 @@
+"""Video ViT building blocks: 3-D patch embedding, fused-qkv SDPA attention, pre-norm block and
+separable (spatial + temporal) positional embeddings with interpolation.
+
+Shared by the masked autoencoder (`models/mae.py`) and the classifier (`models/vit.py`). Tokens are
+always flattened in (t, h, w) order: token `l = t * H'W' + h * W' + w`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class PatchEmbed3D(nn.Module):
+    """Cut a clip [B, C, T, H, W] into (t_patch x p x p) tubelets and embed them: [B, L, D]."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        num_frames: int = 16,
+        t_patch_size: int = 2,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size or num_frames % t_patch_size:
+            raise ValueError(
+                f"img_size {img_size} must be divisible by patch_size {patch_size} and num_frames "
+                f"{num_frames} by t_patch_size {t_patch_size}"
+            )
+        self.img_size, self.patch_size = img_size, patch_size
+        self.num_frames, self.t_patch_size = num_frames, t_patch_size
+        self.grid_size = (num_frames // t_patch_size, img_size // patch_size, img_size // patch_size)
+        self.num_patches = math.prod(self.grid_size)
+        kernel = (t_patch_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed clips [B, C, T, H, W] into tokens [B, T'H'W', D]."""
+        if tuple(x.shape[2:]) != (self.num_frames, self.img_size, self.img_size):
+            raise ValueError(
+                f"expected clips of {self.num_frames}x{self.img_size}x{self.img_size} (T x H x W), "
+                f"got {tuple(x.shape[2:])}; set num_frames/img_size to match the data"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection and PyTorch SDPA (flash on GPU)."""
+
+    def __init__(
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attend over all tokens of x [B, N, D]."""
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, D)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the unit that parallelism (FSDP, checkpointing, compile) wraps."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual attention then residual MLP."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """Run blocks in order, recomputing each block's activations in backward when asked."""
+    for blk in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            # Non-reentrant: works with FSDP2/DDP, kwargs and tensors that do not require grad.
+            x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = blk(x)
+    return x
+
+
+def separable_pos_table(spatial: torch.Tensor, temporal: torch.Tensor) -> torch.Tensor:
+    """Sum spatial [1, H'W', D] and temporal [1, T', D] tables into [1, T'H'W', D], (t, h, w) order."""
+    t, hw = temporal.shape[1], spatial.shape[1]
+    return spatial.repeat(1, t, 1) + torch.repeat_interleave(temporal, hw, dim=1)
+
+
+def resize_spatial_pos_embed(pe: torch.Tensor, new_hw: tuple[int, int]) -> torch.Tensor:
+    """Bicubically resize a square spatial table [1, H*W, D] to [1, H'*W', D]."""
+    n, d = pe.shape[1], pe.shape[2]
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"spatial position table of {n} tokens is not a square grid")
+    if (side, side) == tuple(new_hw):
+        return pe
+    grid = pe.reshape(1, side, side, d).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_hw), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], d).to(pe.dtype)
+
+
+def resize_temporal_pos_embed(pe: torch.Tensor, new_t: int) -> torch.Tensor:
+    """Linearly resize a temporal table [1, T, D] to [1, T', D]."""
+    if pe.shape[1] == new_t:
+        return pe
+    out = F.interpolate(pe.transpose(1, 2).float(), size=new_t, mode="linear", align_corners=False)
+    return out.transpose(1, 2).to(pe.dtype)
+
+
+def resize_joint_pos_embed(
+    pe: torch.Tensor, old_grid: tuple[int, int, int], new_grid: tuple[int, int, int], num_prefix: int = 0
+) -> torch.Tensor:
+    """Trilinearly resize a joint table [1, prefix + T*H*W, D] to a new (T', H', W') grid."""
+    prefix, body = pe[:, :num_prefix], pe[:, num_prefix:]
+    if tuple(old_grid) == tuple(new_grid):
+        return pe
+    d = pe.shape[-1]
+    body = body.reshape(1, *old_grid, d).permute(0, 4, 1, 2, 3).float()
+    body = F.interpolate(body, size=tuple(new_grid), mode="trilinear", align_corners=False)
+    body = body.permute(0, 2, 3, 4, 1).reshape(1, math.prod(new_grid), d).to(pe.dtype)
+    return torch.cat([prefix, body], dim=1)
+
+
+def init_weights(module: nn.Module, trunc_init: bool = False) -> None:
+    """MAE initialisation: xavier-uniform (or trunc-normal 0.02) linears, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        if trunc_init:
+            nn.init.trunc_normal_(module.weight, std=0.02)
+        else:
+            nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, PatchEmbed3D):
+        # Treat the conv like a linear over the flattened tubelet, as MAE does.
+        w = module.proj.weight
+        if trunc_init:
+            nn.init.trunc_normal_(w, std=0.02)
+        else:
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(module.proj.bias)
+
+
+def layer_id_for(name: str, num_blocks: int, block_prefix: str = "blocks.") -> int:
+    """Layer index for layer-wise lr decay: embeddings 0, encoder block i -> i + 1, the rest last."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed", "mask_token")):
+        return 0
+    if name.startswith(block_prefix):
+        return int(name[len(block_prefix):].split(".")[0]) + 1
+    return num_blocks + 1

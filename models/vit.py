@@ -1,0 +1,155 @@
+"""Video ViT classifier for fine-tuning MAE-ST encoders (same patch embedding and blocks)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from models.video_vit import Block, PatchEmbed3D, init_weights, layer_id_for, run_blocks, separable_pos_table
+
+
+class VisionTransformer(nn.Module):
+    """ViT over all spacetime tokens; mean-pooled patch tokens -> fc norm -> dropout -> linear head."""
+
+    def __init__(
+        self,
+        num_classes: int = 400,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        dropout: float = 0.5,
+        attn_drop_rate: float = 0.0,
+        norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        num_frames: int = 16,
+        t_patch_size: int = 2,
+        cls_embed: bool = False,
+        sep_pos_embed: bool = True,
+        global_pool: bool = True,
+    ) -> None:
+        super().__init__()
+        if not global_pool and not cls_embed:
+            raise ValueError("global_pool=False pools the class token: set cls_embed=True")
+        self.patch_embed = PatchEmbed3D(img_size, patch_size, in_chans, embed_dim, num_frames, t_patch_size)
+        t, h, w = self.grid_size = self.patch_embed.grid_size
+        self.cls_embed, self.sep_pos_embed, self.global_pool = cls_embed, sep_pos_embed, global_pool
+        self.num_classes, self.embed_dim = num_classes, embed_dim
+        self.grad_checkpointing = False
+        if cls_embed:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        if sep_pos_embed:
+            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, embed_dim))
+            self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, embed_dim))
+            if cls_embed:
+                self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, t * h * w + int(cls_embed), embed_dim))
+        # Stochastic depth grows linearly with depth, as in MAE fine-tuning.
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            [
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], attn_drop=attn_drop_rate,
+                      norm_layer=norm_layer)
+                for i in range(depth)
+            ]
+        )
+        # Pooled features get their own norm (fc_norm); the class-token path uses the final norm.
+        self.norm = nn.Identity() if global_pool else norm_layer(embed_dim)
+        self.fc_norm = norm_layer(embed_dim) if global_pool else nn.Identity()
+        self.head_drop = nn.Dropout(dropout)
+        self.head = nn.Linear(embed_dim, num_classes)
+        for name, p in self.named_parameters():
+            if "pos_embed" in name or name.endswith("cls_token"):
+                nn.init.trunc_normal_(p, std=0.02)
+        self.apply(init_weights)
+        # A near-zero head keeps the first fine-tuning steps from destroying pretrained features.
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in backward (non-reentrant) to save activation memory."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay."""
+        return {n for n, _ in self.named_parameters() if "pos_embed" in n or n.endswith("cls_token")}
+
+    def layer_id(self, name: str) -> int:
+        """Layer index of a parameter for layer-wise lr decay (head and norms are the last layer)."""
+        return layer_id_for(name, len(self.blocks))
+
+    @property
+    def num_layers(self) -> int:
+        """Number of layer ids (embeddings + blocks + head)."""
+        return len(self.blocks) + 2
+
+    def forward_features(self, clips: torch.Tensor) -> torch.Tensor:
+        """Pooled clip embedding [B, D]."""
+        x = self.patch_embed(clips)
+        B = x.shape[0]
+        if self.sep_pos_embed:
+            x = x + separable_pos_table(self.pos_embed_spatial, self.pos_embed_temporal)
+            cls_pos = self.pos_embed_class if self.cls_embed else None
+        else:
+            x = x + self.pos_embed[:, int(self.cls_embed):]
+            cls_pos = self.pos_embed[:, :1] if self.cls_embed else None
+        if self.cls_embed:
+            x = torch.cat([(self.cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        if self.global_pool:
+            # Only drop the first token when it is a class token: all others are real patches.
+            tokens = x[:, 1:] if self.cls_embed else x
+            return self.fc_norm(tokens.mean(dim=1))
+        return self.norm(x)[:, 0]
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, num_classes] for clips [B, C, T, H, W]."""
+        return self.head(self.head_drop(self.forward_features(clips)))
+
+
+def _vit(dim: int, depth: int, heads: int, patch_size: int, **kwargs) -> VisionTransformer:
+    cfg = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch_size)
+    cfg.update(kwargs)
+    return VisionTransformer(**cfg)
+
+
+def vit_micro_patch8(**kwargs) -> VisionTransformer:
+    """128-d, 4-block classifier on 8x8 patches: the CPU demo and tests."""
+    return _vit(128, 4, 4, 8, **kwargs)
+
+
+def vit_tiny_patch16(**kwargs) -> VisionTransformer:
+    """ViT-Ti/16 video classifier."""
+    return _vit(192, 12, 3, 16, **kwargs)
+
+
+def vit_small_patch16(**kwargs) -> VisionTransformer:
+    """ViT-S/16 video classifier."""
+    return _vit(384, 12, 6, 16, **kwargs)
+
+
+def vit_base_patch16(**kwargs) -> VisionTransformer:
+    """ViT-B/16 video classifier."""
+    return _vit(768, 12, 12, 16, **kwargs)
+
+
+def vit_large_patch16(**kwargs) -> VisionTransformer:
+    """ViT-L/16 video classifier."""
+    return _vit(1024, 24, 16, 16, **kwargs)
+
+
+def vit_huge_patch16(**kwargs) -> VisionTransformer:
+    """ViT-H/16 video classifier (the released MAE-ST ViT-H)."""
+    return _vit(1280, 32, 16, 16, **kwargs)
+
+
+def vit_huge_patch14(**kwargs) -> VisionTransformer:
+    """ViT-H/14 video classifier."""
+    return _vit(1280, 32, 16, 14, **kwargs)
