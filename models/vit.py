@@ -114,7 +114,9 @@ class VisionTransformer(nn.Module):
         return self.head(self.head_drop(self.forward_features(clips)))
 
 
-def _vit(dim: int, depth: int, heads: int, patch_size: int, **kwargs) -> VisionTransformer:
+def _vit(size: tuple[int, int, int], patch_size: int, **kwargs) -> VisionTransformer:
+    # Explicit kwargs win, so a factory can be shrunk (e.g. depth=2) for tests.
+    dim, depth, heads = size
     cfg = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch_size)
     cfg.update(kwargs)
     return VisionTransformer(**cfg)
@@ -122,34 +124,34 @@ def _vit(dim: int, depth: int, heads: int, patch_size: int, **kwargs) -> VisionT
 
 def vit_micro_patch8(**kwargs) -> VisionTransformer:
     """128-d, 4-block classifier on 8x8 patches: the CPU demo and tests."""
-    return _vit(128, 4, 4, 8, **kwargs)
+    return _vit((128, 4, 4), 8, **kwargs)
 
 
 def vit_tiny_patch16(**kwargs) -> VisionTransformer:
     """ViT-Ti/16 video classifier."""
-    return _vit(192, 12, 3, 16, **kwargs)
+    return _vit((192, 12, 3), 16, **kwargs)
 
 
 def vit_small_patch16(**kwargs) -> VisionTransformer:
     """ViT-S/16 video classifier."""
-    return _vit(384, 12, 6, 16, **kwargs)
+    return _vit((384, 12, 6), 16, **kwargs)
 
 
 def vit_base_patch16(**kwargs) -> VisionTransformer:
     """ViT-B/16 video classifier."""
-    return _vit(768, 12, 12, 16, **kwargs)
+    return _vit((768, 12, 12), 16, **kwargs)
 
 
 def vit_large_patch16(**kwargs) -> VisionTransformer:
     """ViT-L/16 video classifier."""
-    return _vit(1024, 24, 16, 16, **kwargs)
+    return _vit((1024, 24, 16), 16, **kwargs)
 
 
 def vit_huge_patch16(**kwargs) -> VisionTransformer:
     """ViT-H/16 video classifier (the released MAE-ST ViT-H)."""
-    return _vit(1280, 32, 16, 16, **kwargs)
+    return _vit((1280, 32, 16), 16, **kwargs)
 
 
 def vit_huge_patch14(**kwargs) -> VisionTransformer:
     """ViT-H/14 video classifier."""
-    return _vit(1280, 32, 16, 14, **kwargs)
+    return _vit((1280, 32, 16), 14, **kwargs)
