@@ -1,0 +1,58 @@
+"""Reconstruction images: original / masked / reconstructed target frames of one fixed clip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+MEAN, STD = 0.45, 0.225
+
+
+def reconstruction_grid(model: torch.nn.Module, clips: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A [3, H, W] image in [0, 1]: rows of original, masked and reconstructed frames of clip 0.
+
+    `model` is the plain (unwrapped) MAE: only its patchify/unpatchify helpers are used.
+    """
+    clips, pred, mask = clips[:1].float(), pred[:1].float(), mask[:1].float()
+    target = model.patchify(model.target_frames(clips))
+    if model.norm_pix_loss:
+        # The model predicts per-patch normalised pixels: undo it with the true patch statistics.
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + 1.0e-6).sqrt()
+        pred = pred * std + mean
+    m = mask[..., None]
+    masked = target * (1 - m) + m * ((0.5 - MEAN) / STD)  # hidden patches shown grey
+    recon = target * (1 - m) + pred * m  # visible patches pasted from the input, as MAE shows them
+    rows = [model.unpatchify(x)[0] for x in (target, masked, recon)]  # each [C, T, H, W]
+    frames = torch.cat([r.permute(1, 0, 2, 3) for r in rows])  # [3T, C, H, W]
+    frames = (frames * STD + MEAN).clamp(0, 1)
+    return make_grid(frames, nrow=rows[0].shape[1], padding=1, pad_value=1.0)
+
+
+@torch.no_grad()
+def save_reconstruction(
+    module: torch.nn.Module,
+    plain_model: torch.nn.Module,
+    clips: torch.Tensor,
+    noise: torch.Tensor | None,
+    mask_ratio: float,
+    path: str | Path | None,
+    autocast,
+) -> torch.Tensor:
+    """Run the (possibly sharded) model on a fixed clip and write the grid PNG to `path`.
+
+    Every rank must call this under FSDP/ZeRO-3 (the forward gathers parameters); pass path=None
+    on ranks that should not write.
+    """
+    was_training = module.training
+    module.eval()
+    with autocast():
+        _, pred, mask = module(clips, mask_ratio, noise)
+    module.train(was_training)
+    grid = reconstruction_grid(plain_model, clips, pred, mask)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, str(path))
+    return grid
