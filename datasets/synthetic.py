@@ -1,0 +1,211 @@
+"""Generated demo videos: textured shapes whose *motion* is the label.
+
+    python -m datasets.synthetic --out DIR --num-videos 96 [--size 64 --frames 48 --fps 30]
+    python -m datasets.synthetic --out DIR --num-videos 16 --single-object   # + boxes.json
+
+Eight classes = 4 directions (right, left, down, up) x 2 rotation senses (cw, ccw). Shape, colour,
+object texture, background texture, start position and start angle are drawn independently of the
+class, and objects wrap around the frame edges (a torus), so the object position in any single frame
+is uniform whatever the direction: one frame carries no information about the label; two do.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import av
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CLASS_NAMES = [f"{d}-{r}" for d in ("right", "left", "down", "up") for r in ("cw", "ccw")]
+_DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0), "up": (0.0, -1.0)}
+_SHAPES = ("square", "triangle", "cross", "ellipse", "star")
+SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Static textured background: random low-frequency noise plus faint stripes, uint8 [H, W, 3]."""
+    low = rng.random((4, 4, 3))
+    ys = np.linspace(0, 3, size)
+    # bilinear upsampling of a 4x4 noise grid: smooth blotches that do not move
+    y0 = np.clip(ys.astype(int), 0, 2)
+    fy = (ys - y0)[:, None, None]
+    rows = low[y0] * (1 - fy) + low[y0 + 1] * fy
+    fx = (ys - y0)[None, :, None]
+    img = rows[:, y0] * (1 - fx) + rows[:, y0 + 1] * fx
+    yy, xx = np.mgrid[0:size, 0:size]
+    angle, freq = rng.uniform(0, np.pi), rng.uniform(0.3, 0.8)
+    stripes = 0.5 + 0.5 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy))
+    img = 0.35 + 0.35 * img + 0.15 * stripes[..., None]
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Boolean mask of a shape in object-local coordinates (u, v), radius r."""
+    if shape == "square":
+        return (np.abs(u) < r * 0.8) & (np.abs(v) < r * 0.8)
+    if shape == "triangle":
+        return (v < r * 0.6) & (v > -r + 1.6 * np.abs(u))
+    if shape == "cross":
+        return ((np.abs(u) < r * 0.3) & (np.abs(v) < r)) | ((np.abs(v) < r * 0.3) & (np.abs(u) < r))
+    if shape == "ellipse":
+        return (u / r) ** 2 + (v / (0.55 * r)) ** 2 < 1
+    angle, rad = np.arctan2(v, u), np.hypot(u, v)
+    return rad < r * (0.6 + 0.4 * np.cos(5 * angle))
+
+
+def render_video(label: int, rng: np.random.Generator, size: int = 64, frames: int = 48,
+                 num_objects: int | None = None) -> tuple[np.ndarray, list]:
+    """Render one clip of class `label`: uint8 [T, H, W, 3] and per-frame boxes [[x0, y0, x1, y1], ...]."""
+    direction, sense = CLASS_NAMES[label].split("-")
+    dx, dy = _DIRECTIONS[direction]
+    spin = 1.0 if sense == "cw" else -1.0
+    n_obj = num_objects or int(rng.integers(1, 3))
+    single = num_objects == 1
+    bg = _background(rng, size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    objs = []
+    for _ in range(n_obj):
+        r = size * rng.uniform(0.12, 0.2)
+        speed = size * rng.uniform(0.012, 0.025)  # pixels per frame: slow enough to see, fast enough to matter
+        if single:
+            # stay fully inside the frame so the box is one rectangle (no wrap-around)
+            lo, hi = r + 1, size - r - 1
+            speed = min(speed, (hi - lo) / max(frames - 1, 1))
+            travel = speed * (frames - 1)
+            start = []
+            for d in (dx, dy):
+                a, b = (lo, hi - travel) if d > 0 else (lo + travel, hi) if d < 0 else (lo, hi)
+                start.append(rng.uniform(a, max(a, b)))
+        else:
+            start = rng.uniform(0, size, 2).tolist()
+        objs.append(dict(shape=_SHAPES[rng.integers(len(_SHAPES))], r=r, speed=speed, start=start,
+                         angle=rng.uniform(0, 2 * np.pi), omega=spin * rng.uniform(0.06, 0.15),
+                         colour=rng.uniform(0.1, 1.0, 3), colour2=rng.uniform(0.0, 0.9, 3),
+                         freq=rng.uniform(0.5, 1.2)))
+    video = np.empty((frames, size, size, 3), np.uint8)
+    boxes = []
+    for t in range(frames):
+        img = bg.astype(np.float32) / 255
+        frame_boxes = []
+        for o in objs:
+            cx = o["start"][0] + dx * o["speed"] * t
+            cy = o["start"][1] + dy * o["speed"] * t
+            # torus distance so an object leaving one edge re-enters at the other
+            ox = (xx - cx + size / 2) % size - size / 2
+            oy = (yy - cy + size / 2) % size - size / 2
+            a = o["angle"] + o["omega"] * t
+            u = np.cos(a) * ox + np.sin(a) * oy
+            v = -np.sin(a) * ox + np.cos(a) * oy
+            mask = _shape_mask(o["shape"], u, v, o["r"])
+            # stripes in object coordinates make the rotation visible even for symmetric shapes
+            tex = (np.sin(o["freq"] * u) > 0)[..., None]
+            img = np.where(mask[..., None], np.where(tex, o["colour"], o["colour2"]), img)
+            ys, xs = np.nonzero(mask)
+            frame_boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+                               if len(xs) else [0, 0, 0, 0])
+        video[t] = (img * 255).astype(np.uint8)
+        boxes.append(frame_boxes)
+    return video, boxes
+
+
+def write_video(path: str, frames: np.ndarray, fps: int = 30, codec: str = "libx264",
+                gop_size: int | None = None, pix_fmt: str = "yuv420p") -> None:
+    """Encode uint8 [T, H, W, 3] frames into a video file with PyAV."""
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.pix_fmt = pix_fmt
+        if codec == "libx264":
+            # fast preset keeps generation in seconds; crf 18 keeps the textures crisp
+            stream.options = {"preset": "veryfast", "crf": "18"}
+        if gop_size is not None:
+            stream.codec_context.gop_size = gop_size
+            if codec == "libx264":
+                stream.options = {**stream.options, "keyint": str(gop_size), "min-keyint": str(gop_size),
+                                  "scenecut": "0"}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def generate_dataset(out: str, num_videos: int, size: int = 64, frames: int = 48, fps: int = 30,
+                     seed: int = 0, single_object: bool = False) -> str:
+    """Write `num_videos` labelled mp4 files plus train/val/test.csv (and boxes.json) into `out`."""
+    os.makedirs(os.path.join(out, "videos"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows, boxes_all = [], {}
+    for i in range(num_videos):
+        label = i % len(CLASS_NAMES)  # balanced classes
+        video, boxes = render_video(label, rng, size, frames, 1 if single_object else None)
+        rel = f"videos/{i:05d}_{CLASS_NAMES[label]}.mp4"
+        write_video(os.path.join(out, rel), video, fps)
+        rows.append((rel, label))
+        boxes_all[rel] = boxes
+    order = np.random.default_rng(seed + 1).permutation(num_videos)
+    begin = 0
+    for j, (split, frac) in enumerate(SPLIT_FRACTIONS):
+        end = num_videos if j == len(SPLIT_FRACTIONS) - 1 else begin + max(1, round(frac * num_videos))
+        with open(os.path.join(out, f"{split}.csv"), "w") as f:
+            for k in sorted(order[begin:min(end, num_videos)]):
+                f.write(f"{rows[k][0]} {rows[k][1]}\n")
+        begin = min(end, num_videos)
+    with open(os.path.join(out, "classes.txt"), "w") as f:
+        f.write("\n".join(CLASS_NAMES) + "\n")
+    # per-frame object boxes [x0, y0, x1, y1] (pixels, exclusive end), e.g. to check where AdaMAE looks
+    with open(os.path.join(out, "boxes.json"), "w") as f:
+        json.dump(boxes_all, f)
+    return out
+
+
+def ensure_synthetic_dataset(cache_dir: str | None = None, num_videos: int = 96, size: int = 64,
+                             frames: int = 48, fps: int = 30, seed: int = 0,
+                             single_object: bool = False) -> str:
+    """Return a folder holding the generated set, creating it once (atomically) in a cache folder."""
+    params = dict(num_videos=num_videos, size=size, frames=frames, fps=fps, seed=seed,
+                  single_object=single_object, version=1)
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "mae_st_scale")
+    final = os.path.join(root, f"synthetic-{digest}")
+    if os.path.isfile(os.path.join(final, "test.csv")):
+        return final
+    os.makedirs(root, exist_ok=True)
+    # generate beside the target and rename: a killed run leaves only a tmp folder, never a half set
+    tmp = tempfile.mkdtemp(prefix=f".synthetic-{digest}-", dir=root)
+    try:
+        logger.info("generating %d synthetic videos into %s", num_videos, final)
+        generate_dataset(tmp, num_videos, size, frames, fps, seed, single_object)
+        os.rename(tmp, final)
+    except OSError:
+        if not os.path.isfile(os.path.join(final, "test.csv")):  # not a lost race with another process
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def main() -> None:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-videos", type=int, default=96)
+    p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
+    p.add_argument("--frames", type=int, default=48)
+    p.add_argument("--fps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--single-object", action="store_true",
+                   help="one moving object on a static background (boxes.json holds its per-frame box)")
+    a = p.parse_args()
+    generate_dataset(a.out, a.num_videos, a.size, a.frames, a.fps, a.seed, a.single_object)
+    print(f"wrote {a.num_videos} videos and train/val/test.csv to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
