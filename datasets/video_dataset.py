@@ -1,0 +1,215 @@
+"""List-file video dataset: decode once, cut R augmented clips, survive bad files.
+
+Randomness belongs to samples: every random choice of item (epoch, index) comes from
+`np.random.default_rng([seed, epoch, index])`, so results do not depend on workers or ranks.
+"""
+
+import logging
+import os
+import re
+
+import numpy as np
+import torch
+
+from .decode import VideoInfo, clip_span, clip_times, decode_frames, random_clip_start, uniform_clip_start
+from .transforms import (
+    build_rand_augment,
+    build_random_erasing,
+    clip_rand_augment,
+    clip_random_erase,
+    crop_resize,
+    normalize_clips,
+    random_resized_box,
+    short_side_resize,
+    spatial_crop,
+)
+
+logger = logging.getLogger(__name__)
+
+MODES = ("pretrain", "finetune", "test")
+_LINE = re.compile(r"^(.*?\S)[\s,]+(-?\d+)\s*$")
+MAX_RETRIES = 10  # replacement draws per item before giving up on it
+
+
+def _is_rank0() -> bool:
+    """True on global rank 0 (also inside its data workers, where torch.distributed is not set up)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def read_list_file(list_file: str, data_root: str = "") -> list[tuple[str, int]]:
+    """Parse `path label` lines (space- or comma-separated); paths are joined to `data_root`."""
+    samples = []
+    with open(list_file) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            m = _LINE.match(line.strip())
+            if m is None:
+                raise ValueError(f"{list_file}:{lineno}: expected 'path label' (space or comma separated, "
+                                 f"integer label), got {line.strip()!r}")
+            samples.append((os.path.join(data_root, m.group(1)), int(m.group(2))))
+    if not samples:
+        raise ValueError(f"{list_file}: list file holds no samples")
+    return samples
+
+
+class FailureTracker:
+    """Accumulates decode attempts/failures and stops the run when the failure rate passes a threshold."""
+
+    def __init__(self, max_failure_rate: float = 0.1, min_attempts: int = 20, max_examples: int = 5,
+                 log: bool = True):
+        self.max_failure_rate, self.min_attempts, self.max_examples = max_failure_rate, min_attempts, max_examples
+        self.log = log
+        self.attempts, self.failures, self.examples = 0, 0, []
+
+    def update(self, attempts: int, failures: int, paths=()) -> None:
+        """Add counts (e.g. a batch's "attempts"/"failures"/"failed_paths"); raise if the rate is too high."""
+        self.attempts += int(attempts)
+        self.failures += int(failures)
+        for p in paths:
+            if p not in self.examples and len(self.examples) < self.max_examples:
+                self.examples.append(p)
+        if failures and self.log and _is_rank0():
+            logger.warning("skipped %d unreadable video(s) (total %d of %d decodes), e.g. %s",
+                           failures, self.failures, self.attempts, list(paths)[:3])
+        self.check()
+
+    def update_from_batch(self, batch: dict) -> None:
+        """Add the counts carried by a collated batch."""
+        self.update(batch["attempts"], batch["failures"], batch.get("failed_paths", ()))
+
+    @property
+    def rate(self) -> float:
+        """Failures per attempted decode so far."""
+        return self.failures / max(1, self.attempts)
+
+    def check(self) -> None:
+        """Raise RuntimeError once enough attempts were made and the failure rate passes the threshold."""
+        if self.attempts >= self.min_attempts and self.rate > self.max_failure_rate:
+            raise RuntimeError(
+                f"video decode failure rate {self.rate:.1%} ({self.failures} of {self.attempts} decodes) "
+                f"exceeds max_failure_rate {self.max_failure_rate:.1%}; example files: {self.examples}")
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Videos from a `path label` list; items are dicts of R augmented clips (see `__getitem__`)."""
+
+    def __init__(self, list_file: str, data_root: str = "", mode: str = "pretrain", num_frames: int = 16,
+                 sampling_rate: int = 4, target_fps: float = 30, crop_size: int = 224, repeat_aug: int = 1,
+                 scale: tuple[float, float] | None = None, aspect: tuple[float, float] = (0.75, 1.3333),
+                 hflip: bool = True, short_side_range: tuple[int, int] | None = (256, 320),
+                 rand_aug: str | None = None, reprob: float = 0.0, num_temporal_views: int = 1,
+                 num_spatial_crops: int = 1, seed: int = 0, normalize: bool = True,
+                 mask_noise_tokens: int | None = None, max_failure_rate: float = 0.1):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if reprob > 0 and not normalize:
+            raise ValueError("reprob > 0 erases with normal noise in normalised space: needs normalize=True")
+        self.samples = read_list_file(list_file, data_root)
+        self.list_file, self.mode = list_file, mode
+        self.num_frames, self.sampling_rate, self.target_fps = num_frames, sampling_rate, target_fps
+        self.crop_size, self.repeat_aug = crop_size, (1 if mode == "test" else repeat_aug)
+        self.scale = scale if scale is not None else ((0.5, 1.0) if mode == "pretrain" else (0.08, 1.0))
+        self.aspect, self.hflip, self.short_side_range = aspect, hflip, short_side_range
+        self.num_temporal_views, self.num_spatial_crops = num_temporal_views, num_spatial_crops
+        self.views = num_temporal_views * num_spatial_crops if mode == "test" else 1
+        self.seed, self.normalize, self.mask_noise_tokens = seed, normalize, mask_noise_tokens
+        self.rand_aug = build_rand_augment(rand_aug, crop_size) if rand_aug and mode != "test" else None
+        self.eraser = build_random_erasing(reprob) if reprob > 0 and mode != "test" else None
+        # per process (each DataLoader worker holds its own copy): a worker stops itself, and its
+        # RuntimeError reaches the main process through the DataLoader, when too many files fail
+        self.tracker = FailureTracker(max_failure_rate, log=False)
+
+    def __len__(self) -> int:
+        """Number of items: videos, times views per video in test mode."""
+        return len(self.samples) * self.views
+
+    def __getitem__(self, key) -> dict:
+        """Item for `index` or `(epoch, index)`: clips [R, C, T, H, W], label/index [R], noise [R, L]."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
+        video_index, view = divmod(int(index), self.views)
+        failures, failed_paths = 0, []
+        for _ in range(MAX_RETRIES + 1):
+            path, label = self.samples[video_index]
+            try:
+                clips = self._clips(path, rng, view)
+                self.tracker.update(1, 0)
+                break
+            except Exception as e:  # noqa: BLE001 - any undecodable input must not kill the worker
+                failures += 1
+                failed_paths.append(path)
+                if _is_rank0():
+                    logger.warning("cannot decode %s (%s: %s); drawing another video", path, type(e).__name__, e)
+                self.tracker.update(1, 1, [path])
+                video_index = int(rng.integers(len(self.samples)))  # deterministic replacement
+        else:
+            raise RuntimeError(f"{MAX_RETRIES + 1} videos in a row failed to decode, e.g. {failed_paths[:5]}")
+        r = clips.shape[0]
+        item = {"clips": clips, "label": torch.full((r,), label, dtype=torch.long),
+                "index": torch.full((r,), video_index, dtype=torch.long),
+                "failures": failures, "attempts": failures + 1, "failed_paths": failed_paths}
+        if self.mode == "test":
+            item["view"] = torch.tensor([view], dtype=torch.long)
+        if self.mask_noise_tokens:
+            item["noise"] = torch.from_numpy(rng.random((r, self.mask_noise_tokens), dtype=np.float32))
+        return item
+
+    def _clips(self, path: str, rng: np.random.Generator, view: int) -> torch.Tensor:
+        """Decode once and cut the item's clips: [R, C, T, H, W]."""
+        span = clip_span(self.num_frames, self.sampling_rate, self.target_fps)
+        if self.mode == "test":
+            t_view, s_view = divmod(view, self.num_spatial_crops)
+
+            def times(info: VideoInfo) -> np.ndarray:
+                start = uniform_clip_start(info.duration, span, t_view, self.num_temporal_views)
+                return clip_times(start, self.num_frames, self.sampling_rate, self.target_fps)
+
+            frames, _, _ = decode_frames(path, times, short_side=self.crop_size)
+            frames = short_side_resize(torch.from_numpy(frames), self.crop_size)  # exact size after swscale
+            clip = spatial_crop(frames, self.crop_size, s_view, self.num_spatial_crops)
+            clip = clip.unsqueeze(0)
+            return normalize_clips(clip) if self.normalize else clip
+
+        # R temporal windows, decoded in one pass: the repeats differ in time and in crop
+        def times(info: VideoInfo) -> np.ndarray:
+            starts = [random_clip_start(info.duration, span, rng) for _ in range(self.repeat_aug)]
+            return np.concatenate([clip_times(s, self.num_frames, self.sampling_rate, self.target_fps)
+                                   for s in starts])
+
+        frames, _, _ = decode_frames(path, times)
+        frames = torch.from_numpy(frames)
+        _, h, w, _ = frames.shape
+        out = []
+        for r in range(self.repeat_aug):
+            box = random_resized_box(h, w, rng, self.scale, self.aspect, self.short_side_range, self.crop_size)
+            flip = bool(self.hflip and rng.random() < 0.5)
+            clip = crop_resize(frames[r * self.num_frames:(r + 1) * self.num_frames], box, self.crop_size, flip)
+            if self.rand_aug is not None:
+                clip = clip_rand_augment(clip, self.rand_aug, int(rng.integers(2**31)))
+            if self.normalize:
+                clip = normalize_clips(clip)
+            if self.eraser is not None:
+                clip = clip_random_erase(clip, self.eraser, int(rng.integers(2**31)))
+            out.append(clip)
+        return torch.stack(out)
+
+
+def collate_clips(batch: list[dict]) -> dict:
+    """Concatenate items along R: clips [B*R, C, T, H, W], label/index/view [B*R], noise [B*R, L]."""
+    out = {k: torch.cat([b[k] for b in batch]) for k in ("clips", "label", "index", "view", "noise")
+           if k in batch[0]}
+    out["failures"] = sum(b["failures"] for b in batch)
+    out["attempts"] = sum(b["attempts"] for b in batch)
+    out["failed_paths"] = [p for b in batch for p in b["failed_paths"]]
+    return out
+
+
+def build_video_dataset(data_path: str, split: str, **kwargs) -> VideoDataset:
+    """Dataset for `split` ('train', 'val', 'test') from `<data_path>/<split>.csv` (or .txt)."""
+    for ext in (".csv", ".txt"):
+        list_file = os.path.join(data_path, split + ext)
+        if os.path.isfile(list_file):
+            kwargs.setdefault("data_root", data_path)
+            return VideoDataset(list_file, **kwargs)
+    raise FileNotFoundError(f"no {split}.csv or {split}.txt in {data_path}")

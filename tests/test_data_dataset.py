@@ -1,0 +1,195 @@
+"""VideoDataset on real files: shapes, per-clip consistency, views, repeats, determinism, bad files."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from test_data_helpers import read_counter, write_audio_only, write_counter_video
+
+from datasets import (
+    FailureTracker,
+    ResumableDistributedSampler,
+    VideoDataset,
+    build_video_dataset,
+    collate_clips,
+    normalize_clips,
+)
+
+
+def _list(tmp_path, rows, name="train.csv", sep=" "):
+    path = tmp_path / name
+    path.write_text("".join(f"{p}{sep}{label}\n" for p, label in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    write_counter_video(str(root / "land.mp4"), 60, 30, width=64, height=48, gop_size=15)
+    write_counter_video(str(root / "port.mp4"), 48, 24, codec="mpeg4", width=48, height=64)
+    write_counter_video(str(root / "static.mp4"), 20, 30, width=64, height=48, static=True)
+    return root
+
+
+def test_train_item_shapes_and_collate(videos, tmp_path):
+    lst = _list(tmp_path, [("land.mp4", 3), ("port.mp4", 5)], sep=",")
+    ds = VideoDataset(lst, str(videos), mode="pretrain", num_frames=4, sampling_rate=2, crop_size=32,
+                      repeat_aug=2, mask_noise_tokens=6)
+    item = ds[(1, 1)]
+    assert item["clips"].shape == (2, 3, 4, 32, 32) and item["clips"].dtype == torch.float32
+    assert item["label"].tolist() == [5, 5] and item["index"].tolist() == [1, 1]
+    assert item["noise"].shape == (2, 6) and 0 <= item["noise"].min() and item["noise"].max() < 1
+    batch = collate_clips([ds[0], item])
+    assert batch["clips"].shape == (4, 3, 4, 32, 32) and batch["noise"].shape == (4, 6)
+    assert batch["label"].tolist() == [3, 3, 5, 5] and batch["failures"] == 0 and batch["attempts"] == 2
+    raw = VideoDataset(lst, str(videos), mode="pretrain", num_frames=4, sampling_rate=2, crop_size=32,
+                       repeat_aug=2, normalize=False)[(1, 1)]["clips"]
+    assert raw.dtype == torch.uint8
+    torch.testing.assert_close(normalize_clips(raw), item["clips"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode,extra", [("pretrain", {}),
+                                        ("finetune", {"rand_aug": "rand-m9-n4-mstd0.5-inc1", "reprob": 1.0})])
+def test_augmentation_identical_on_every_frame(videos, tmp_path, mode, extra):
+    # every input frame is the same image: any per-frame difference in the output is an inconsistency
+    lst = _list(tmp_path, [("static.mp4", 0)])
+    ds = VideoDataset(lst, str(videos), mode=mode, num_frames=6, sampling_rate=1, crop_size=32,
+                      repeat_aug=4, normalize=True, **extra)
+    for epoch in range(3):
+        clips = ds[(epoch, 0)]["clips"]
+        ref = clips[:, :, :1]
+        if mode == "finetune":
+            # erasing noise differs per frame by design; compare outside the erased box
+            same = (clips - ref).abs().amax(dim=(1, 2)) < 0.1
+            assert same.float().mean() > 0.5
+        else:
+            assert (clips - ref).abs().max() < 0.1  # H.264 noise only
+
+
+def test_flip_and_crop_are_applied(videos, tmp_path):
+    lst = _list(tmp_path, [("static.mp4", 0)])
+    kw = dict(num_frames=2, sampling_rate=1, crop_size=32, normalize=False, short_side_range=None)
+    crops = [VideoDataset(lst, str(videos), seed=s, scale=(0.3, 0.5), **kw)[0]["clips"] for s in range(6)]
+    assert len({c.float().mean().item() for c in crops}) > 1  # different boxes
+    plain = VideoDataset(lst, str(videos), hflip=False, scale=(1.0, 1.0), aspect=(1.33, 1.34), **kw)[0]
+    assert plain["clips"].shape == (1, 3, 2, 32, 32)
+
+
+def test_repeated_augmentation_gives_different_clips(videos, tmp_path):
+    lst = _list(tmp_path, [("land.mp4", 0)])
+    ds = VideoDataset(lst, str(videos), num_frames=4, sampling_rate=2, crop_size=32, repeat_aug=4,
+                      normalize=False)
+    clips = ds[0]["clips"]
+    assert clips.shape[0] == 4
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(clips[i], clips[j])
+
+
+def test_test_views_evenly_spaced(videos, tmp_path):
+    lst = _list(tmp_path, [("land.mp4", 1), ("port.mp4", 2)], name="test.txt")
+    ds = build_video_dataset(str(tmp_path), "test", data_root=str(videos), mode="test", num_frames=4,
+                             sampling_rate=4, crop_size=48, num_temporal_views=3, num_spatial_crops=3,
+                             normalize=False)
+    assert len(ds) == 2 * 9
+    firsts = {}
+    for i in range(9):  # video 0: 60 frames at 30 fps, clip span 12 frames
+        item = ds[i]
+        assert item["clips"].shape == (1, 3, 4, 48, 48) and item["index"].item() == 0
+        assert item["view"].item() == i and item["label"].item() == 1
+        frame = item["clips"][0, :, 0].permute(1, 2, 0).numpy()
+        firsts.setdefault(i // 3, read_counter(frame))
+    room = 59 - 12  # last frame start minus clip span, in frames at 30 fps
+    assert [firsts[k] for k in range(3)] == [0, int(room / 2), room]
+    # portrait video: 3 crops are top/centre/bottom; green grows with y in the untouched right quarter
+    greens = [ds[9 + i]["clips"][0, 1, 0, :, 40:].float().mean() for i in range(3)]
+    assert greens[0] < greens[1] < greens[2]
+
+
+def test_same_sample_same_tensors_with_0_and_2_workers(videos, tmp_path):
+    lst = _list(tmp_path, [("land.mp4", 0), ("port.mp4", 1)] * 3)
+    ds = VideoDataset(lst, str(videos), num_frames=4, sampling_rate=2, crop_size=32, repeat_aug=2,
+                      mask_noise_tokens=8)
+    outs = []
+    for workers in (0, 2):
+        sampler = ResumableDistributedSampler(len(ds), batch_size=2, seed=1)
+        sampler.set_epoch(1)
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler, num_workers=workers,
+                                             collate_fn=collate_clips)
+        outs.append(list(loader))
+    assert len(outs[0]) == 3
+    for a, b in zip(*outs):
+        for k in ("clips", "label", "index", "noise"):
+            assert torch.equal(a[k], b[k])
+    assert not torch.equal(ds[(1, 0)]["clips"], ds[(2, 0)]["clips"])  # epochs differ
+
+
+def _bad_files(root):
+    good = str(root / "land.mp4")
+    bad = {"missing": str(root / "missing.mp4")}
+    (root / "empty.mp4").write_bytes(b"")
+    bad["empty"] = str(root / "empty.mp4")
+    data = open(good, "rb").read()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    bad["truncated"] = str(root / "truncated.mp4")
+    (root / "text.mp4").write_text("this is not a video\n" * 50)
+    bad["text"] = str(root / "text.mp4")
+    bad["audio"] = write_audio_only(str(root / "audio.mp4"))
+    # valid container and index, zeroed media payload: opens fine, no frame decodes
+    broken = bytearray(data)
+    at = data.find(b"mdat")
+    size = int.from_bytes(data[at - 4:at], "big")
+    broken[at + 4:at - 4 + size] = bytes(size - 8)
+    (root / "garbage.mp4").write_bytes(bytes(broken))
+    bad["undecodable"] = str(root / "garbage.mp4")
+    return good, bad
+
+
+def test_bad_files_skipped_and_counted_through_workers(videos, tmp_path):
+    shutil.copy(videos / "land.mp4", tmp_path / "land.mp4")
+    good, bad = _bad_files(tmp_path)
+    rows = [(good, 0)] * 18 + [(p, 1) for p in bad.values()]
+    ds = VideoDataset(_list(tmp_path, rows, "list.csv"), num_frames=2, sampling_rate=2, crop_size=16,
+                      max_failure_rate=0.5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_clips)
+    tracker = FailureTracker(max_failure_rate=0.5)
+    seen, failed = 0, []
+    for batch in loader:
+        tracker.update_from_batch(batch)
+        seen += len(batch["label"])
+        failed += batch["failed_paths"]
+        assert batch["failures"] == len(batch["failed_paths"])
+    assert seen == len(rows)
+    # every bad file was tried once as itself (maybe again as a replacement draw) and counted
+    assert set(failed) == set(bad.values()) and tracker.failures == len(failed)
+    assert tracker.attempts == len(rows) + tracker.failures
+
+
+def test_mostly_bad_dataset_stops_with_clear_error(videos, tmp_path):
+    rows = [(str(videos / "land.mp4"), 0)] * 20
+    for i in range(20):
+        (tmp_path / f"empty{i}.mp4").write_bytes(b"")
+        rows.append((str(tmp_path / f"empty{i}.mp4"), 0))
+    ds = VideoDataset(_list(tmp_path, rows, "list.csv"), num_frames=2, crop_size=16)
+    sampler = ResumableDistributedSampler(len(ds), batch_size=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler, num_workers=2,
+                                         collate_fn=collate_clips)
+    with pytest.raises(RuntimeError, match=r"failure rate .* exceeds max_failure_rate 10.0%.*empty\d+\.mp4"):
+        for _ in loader:
+            pass
+
+
+def test_list_file_errors(tmp_path):
+    lst = tmp_path / "bad.csv"
+    lst.write_text("a.mp4 1\nb.mp4,2\n\nc.mp4\n")
+    with pytest.raises(ValueError, match=r"bad\.csv:4"):
+        VideoDataset(str(lst))
+    (tmp_path / "empty.csv").write_text("\n")
+    with pytest.raises(ValueError, match="no samples"):
+        VideoDataset(str(tmp_path / "empty.csv"))
+    with pytest.raises(FileNotFoundError, match="val"):
+        build_video_dataset(str(tmp_path), "val")
+    with pytest.raises(ValueError, match="mode"):
+        VideoDataset(str(lst), mode="train")

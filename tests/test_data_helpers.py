@@ -1,0 +1,59 @@
+"""Helpers for the data tests: real video files whose frames carry their own index."""
+
+import av
+import numpy as np
+
+from datasets.synthetic import write_video
+
+BITS = 8  # frame index encoded as 8 horizontal bands: survives crops, flips and lossy codecs
+
+
+def counter_frames(num: int, width: int, height: int, static: bool = False) -> np.ndarray:
+    """uint8 [num, H, W, 3]: band k of frame i is white when bit k of i is set, over a fixed texture.
+
+    With `static`, every frame is the same asymmetric image (to check per-clip consistency).
+    """
+    yy, xx = np.mgrid[0:height, 0:width]
+    texture = np.stack([xx * 255 // width, yy * 255 // height, (xx * yy) % 97 * 2], -1).astype(np.uint8)
+    frames = np.repeat(texture[None], num, 0)
+    if static:
+        return frames
+    band = height // BITS
+    for i in range(num):
+        for k in range(BITS):
+            # left 3/4 carries the bits; the right quarter keeps texture so crops are distinguishable
+            frames[i, k * band:(k + 1) * band, : width * 3 // 4] = 255 if (i >> k) & 1 else 0
+    return frames
+
+
+def read_counter(img: np.ndarray) -> int:
+    """Frame index from a uint8 [H, W, 3] image made by `counter_frames` (full height, left part)."""
+    h, w = img.shape[:2]
+    band = h // BITS
+    value = 0
+    for k in range(BITS):
+        # sample the middle of each band, away from blurred band edges
+        patch = img[k * band + band // 4:(k + 1) * band - band // 4, : w // 2]
+        value |= int(patch.mean() > 127) << k
+    return value
+
+
+def write_counter_video(path: str, num: int = 30, fps: int = 30, codec: str = "libx264", width: int = 64,
+                        height: int = 48, gop_size: int | None = None, static: bool = False) -> str:
+    """Write a counter video (see `counter_frames`) and return its path."""
+    write_video(path, counter_frames(num, width, height, static), fps, codec, gop_size)
+    return path
+
+
+def write_audio_only(path: str) -> str:
+    """An .mp4 holding one second of AAC audio and no video stream."""
+    with av.open(path, "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        samples = (np.sin(np.arange(16000) / 10) * 3000).astype(np.float32)[None]
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.rate = 16000
+        for p in s.encode(frame):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path

@@ -1,0 +1,45 @@
+"""Video mixup/cutmix soft targets, and the resumable dataset resizer."""
+
+import os
+
+import torch
+from test_data_helpers import write_counter_video
+
+from datasets import VideoMixup, probe
+from datasets.resize import resize_dataset
+
+
+def test_mixup_targets_sum_to_one_and_cutmix_box_spans_frames():
+    torch.manual_seed(0)
+    clips = torch.randn(4, 3, 5, 16, 16)
+    labels = torch.tensor([0, 1, 2, 3])
+    for cutmix_only in (False, True):
+        mix = VideoMixup(mixup_alpha=0.0 if cutmix_only else 0.8, cutmix_alpha=1.0, prob=1.0,
+                         switch_prob=0.0 if not cutmix_only else 0.5, label_smoothing=0.1, num_classes=5)
+        x, y = mix(clips.clone(), labels)
+        assert x.shape == clips.shape and y.shape == (4, 5)
+        torch.testing.assert_close(y.sum(1), torch.ones(4))
+        assert (y > 0).all()  # label smoothing leaves mass on every class
+        if cutmix_only:
+            changed = (x != clips).any(dim=1)  # [B, T, H, W]
+            assert torch.equal(changed, changed[:, :1].expand_as(changed))  # same box on every frame
+
+
+def test_resize_dataset_resumes_and_copies_lists(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "a").mkdir(parents=True)
+    write_counter_video(str(src / "a" / "land.mp4"), 6, 24, width=96, height=64)
+    write_counter_video(str(src / "port.webm"), 6, 30, codec="libvpx-vp9", width=64, height=96)
+    (src / "broken.mp4").write_bytes(b"")
+    (src / "train.csv").write_text("a/land.mp4 0\nport.webm 1\n")
+    summary = resize_dataset(str(src), str(dst), short_side=32, workers=2)
+    assert summary["done"] == 2 and len(summary["failed"]) == 1 and "broken" in summary["failed"][0][0]
+    land, port = probe(str(dst / "a" / "land.mp4")), probe(str(dst / "port.webm"))
+    assert (land.width, land.height, land.fps) == (48, 32, 24)
+    assert (port.width, port.height, port.fps) == (32, 48, 30)
+    assert (dst / "train.csv").read_text() == (src / "train.csv").read_text()
+    assert not [n for n in os.listdir(dst) if ".tmp-" in n]
+    stamp = os.path.getmtime(dst / "port.webm")
+    again = resize_dataset(str(src), str(dst), short_side=32, workers=1)
+    assert again["skipped"] == 2 and again["done"] == 0
+    assert os.path.getmtime(dst / "port.webm") == stamp
