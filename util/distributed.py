@@ -1,0 +1,162 @@
+"""Process-group setup from torchrun, SLURM (submitit) or a single process; rank-0-only output."""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as 'gpu[003-005,007],cpu01' -> 'gpu003'."""
+    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if first is None:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = first.group(1), first.group(3)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _env_layout() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's or SLURM's environment; (0, 1, 0) otherwise."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        local = int(os.environ.get("SLURM_LOCALID", 0))
+        if world > 1 and "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = first_slurm_host(os.environ["SLURM_JOB_NODELIST"])
+        if world > 1 and "MASTER_PORT" not in os.environ:
+            # Same port on every task without talking to each other: derive it from the job id.
+            os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        return rank, world, local
+    return 0, 1, 0
+
+
+def init_distributed(dist_backend: str | None = None, *, need_group: bool = False) -> DistInfo:
+    """Join the job's process group (torchrun / SLURM env) or run alone; returns this rank's DistInfo.
+
+    `need_group=True` creates a 1-rank group when running alone (FSDP2 and DeepSpeed need one).
+    """
+    rank, world, local = _env_layout()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    backend = dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized() and (world > 1 or need_group):
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+    info = DistInfo(rank=rank, world_size=world, local_rank=local, device=device, is_main=rank == 0)
+    setup_logging(rank)
+    return info
+
+
+def ensure_process_group(info: DistInfo) -> None:
+    """Create the 1-rank group a single process needs for FSDP2 / DeepSpeed, if none exists."""
+    if not dist.is_initialized():
+        init_distributed(need_group=True)
+
+
+_builtin_print = builtins.print
+
+
+def setup_logging(rank: int) -> None:
+    """Rank-prefixed logging: rank 0 at INFO, others at WARNING; print() is silenced off rank 0."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+    def print_rank0(*args, force: bool = False, **kwargs) -> None:
+        # Other ranks may still print with force=True (e.g. for per-rank debugging).
+        if rank == 0 or force:
+            _builtin_print(*args, **kwargs)
+
+    builtins.print = print_rank0
+
+
+def get_rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on global rank 0: the one that prints and writes shared files."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op alone)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks, as a new tensor (no host sync)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t.detach().clone()
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's picklable object, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's picklable object, in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def cleanup() -> None:
+    """Leave the process group, if any."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,65 @@
+"""AdamW parameter groups (weight-decay exclusions, layer-wise lr decay) that survive FSDP2/DeepSpeed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Prefixes/infixes that wrappers add to parameter names; matching works on the plain-model name.
+WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """Plain-model parameter name: drop wrapper infixes and a leading DDP/DeepSpeed 'module.'."""
+    for part in WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The model that owns no_weight_decay/layer_id (DDP and DeepSpeed keep it as .module)."""
+    while not hasattr(model, "layer_id") and hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    no_weight_decay: set[str] | None = None,
+) -> list[dict]:
+    """Split trainable params into AdamW groups with 'weight_decay' and 'lr_scale' (1.0 unless layer_decay)."""
+    plain = _plain(model)
+    skip = set(no_weight_decay or ())
+    if hasattr(plain, "no_weight_decay"):
+        skip |= {clean_name(n) for n in plain.no_weight_decay()}
+    use_layers = layer_decay is not None and hasattr(plain, "layer_id")
+    num_layers = plain.num_layers if use_layers else 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for raw, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = clean_name(raw)
+        # 1-D tensors are biases and norm scales: decaying them only hurts.
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        layer = plain.layer_id(name) if use_layers else 0
+        key = (layer, decay)
+        if key not in groups:
+            scale = layer_decay ** (num_layers - 1 - layer) if use_layers else 1.0
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": float(scale),
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_adamw(groups: list[dict], lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW(betas 0.9, 0.95) over the groups, each starting at lr * lr_scale; fused on CUDA, foreach on CPU."""
+    fused = device.type == "cuda"
+    groups = [{k: v for k, v in g.items() if k != "names"} | {"lr": lr * g["lr_scale"]} for g in groups]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None, foreach=None if fused else True)
