@@ -117,8 +117,8 @@ def _pick(frames_iter, origin: float, times: np.ndarray, size, must_cover_first:
     return out, got
 
 
-def decode_frames(path: str, times, short_side: int | None = None,
-                  seek: bool = True) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
+def decode_frames(path: str, times, short_side: int | None = None, seek: bool = True,
+                  skip_nonref: bool = True) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
     """Decode the frames shown at `times` (s, from the first frame; any order, repeats allowed).
 
     `times` is an array or a function VideoInfo -> array (to place clips from the duration without a
@@ -129,22 +129,37 @@ def decode_frames(path: str, times, short_side: int | None = None,
     result = None
     if seek:
         try:
-            result = _decode(path, times, holder, short_side, seek=True)
+            result = _decode(path, times, holder, short_side, True, skip_nonref)
         except av.FFmpegError:
             if "times" not in holder:  # the file did not even open: nothing to retry
                 raise
             result = None  # e.g. a container without an index: retried below from the start
     if result is None:
         # no seek wanted, or the seek failed / overshot (missing index, odd timestamps)
-        result = _decode(path, times, holder, short_side, seek=False)
+        result = _decode(path, times, holder, short_side, False, skip_nonref)
     images, got, info = result
     order = holder["order"]
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return np.stack(images)[inverse], got[inverse], info
+    out = np.empty((len(images),) + images[0].shape, np.uint8)
+    out[order] = images  # back to the caller's order in one copy
+    times_out = np.empty_like(got)
+    times_out[order] = got
+    return out, times_out, info
 
 
-def _decode(path: str, times, holder: dict, short_side: int | None, seek: bool):
+def _skipping(frames, stream, origin: float, until: float):
+    """Yield decoded frames, decoding non-reference frames only from `until` (s) on."""
+    cc = stream.codec_context
+    skipping = until > 0
+    if skipping:
+        cc.skip_frame = "NONREF"
+    for frame in frames:
+        if skipping and frame.pts is not None and float(frame.pts * frame.time_base) - origin >= until:
+            cc.skip_frame = "DEFAULT"
+            skipping = False
+        yield frame
+
+
+def _decode(path: str, times, holder: dict, short_side: int | None, seek: bool, skip_nonref: bool):
     """One pass over the file; None if a seek overshot the first wanted frame."""
     with av.open(path) as container:
         stream, info = _stream_info(container)
@@ -166,5 +181,9 @@ def _decode(path: str, times, holder: dict, short_side: int | None, seek: bool):
             container.seek(target, stream=stream, backward=True, any_frame=False)
         # a frame stamped up to one time-base tick late still counts as on screen at t
         tol = min(max(_TIME_TOL, float(stream.time_base or 0)), 0.25 / info.fps)
-        picked = _pick(container.decode(stream), origin, sorted_times, size, seek, tol)
+        frames = container.decode(stream)
+        if skip_nonref:
+            # switch back early: frames come in decode order, up to 16 frames before display order
+            frames = _skipping(frames, stream, origin, float(sorted_times[0]) - 20.0 / info.fps)
+        picked = _pick(frames, origin, sorted_times, size, seek, tol)
     return None if picked is None else (*picked, info)

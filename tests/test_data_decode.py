@@ -38,6 +38,17 @@ def test_seek_matches_full_decode(tmp_path):
     assert [read_counter(f) for f in seeked] == [60, 62, 64, 66]
 
 
+@pytest.mark.parametrize("codec,ext", [("libx264", "mp4"), ("libvpx-vp9", "webm"), ("mpeg4", "mp4")])
+def test_skipping_non_reference_frames_before_the_window_is_exact(tmp_path, codec, ext):
+    # one keyframe for 3 s: the decoder runs through ~2 s of B/P-frames before the clip
+    path = write_counter_video(str(tmp_path / f"v.{ext}"), 90, 30, codec=codec, gop_size=90)
+    times = clip_times(2.1, 6, 2)
+    fast, _, _ = decode_frames(path, times, skip_nonref=True)
+    slow, _, _ = decode_frames(path, times, skip_nonref=False)
+    np.testing.assert_array_equal(fast, slow)
+    assert [read_counter(f) for f in fast] == [63 + 2 * i for i in range(6)]
+
+
 def test_unsorted_and_repeated_times_keep_order(tmp_path):
     path = write_counter_video(str(tmp_path / "v.mp4"), 30, 30)
     frames, _, _ = decode_frames(path, [0.5, 0.1, 0.5, 0.0])
