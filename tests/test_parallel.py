@@ -18,9 +18,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
-from dist_launch import torchrun  # noqa: E402
+from common import make_model  # noqa: E402
+from dist_launch import python, run, torchrun  # noqa: E402
+
+from util.checkpoint import export_weights, load_weights_file  # noqa: E402
 
 PARITY = ["ddp", "ddp:accum=2", "fsdp", "fsdp:accum=2", "zero1", "zero2", "zero2:accum=2", "zero3"]
 HALF = ["ddp:bf16", "ddp:fp16", "fsdp:bf16", "zero2:bf16"]
@@ -74,3 +78,41 @@ def test_activation_checkpointing_same_loss_and_grads(two_rank_results, scenario
     assert r["num_grads"] > 20
     assert r["loss_ckpt"] == pytest.approx(r["loss"], rel=1e-6)
     assert r["grads"]["max_abs"] <= 1e-6, r["grads"]
+
+
+@pytest.fixture(scope="session")
+def fsdp_on_one_rank(two_rank_results) -> dict:
+    """Resume the 2-rank FSDP2 checkpoint (step 3) in one plain process and train steps 4-5."""
+    _, out = two_rank_results
+    one = out / "one_rank"
+    one.mkdir()
+    key = f"resume_from={out / 'fsdp'},fsdp"
+    python("worker.py", one, key)
+    return json.loads((one / "results.json").read_text())[key]
+
+
+def test_fsdp_checkpoint_from_two_ranks_resumes_on_one(two_rank_results, fsdp_on_one_rank) -> None:
+    """DCP reshards on load: 1 process continues with the losses the 2 ranks had (reduction order only)."""
+    r = fsdp_on_one_rank
+    assert (r["saved_world"], r["global_step"]) == (2, 3)
+    assert close(r["losses"], two_rank_results[0]["fsdp"]["after_save"], LOSS_RTOL), r
+
+
+@pytest.mark.parametrize("scenario, via_cli", [("fsdp", True), ("zero3", True), ("zero2", False), ("ddp", False)])
+def test_export_gives_plain_weights(two_rank_results, tmp_path, scenario: str, via_cli: bool) -> None:
+    """Offline export of each backend's checkpoint loads strictly into a plain model and equals the live weights."""
+    _, out = two_rank_results
+    ckpt, weights = out / scenario / "checkpoints" / "latest", tmp_path / "weights.pth"
+    if via_cli:
+        run([sys.executable, "-m", "util.checkpoint", "export", str(ckpt), str(weights)])
+        info = run([sys.executable, "-m", "util.checkpoint", "info", str(ckpt)])
+        assert "global_step: 3" in info and "world_size: 2" in info
+    else:
+        export_weights(ckpt, weights)
+    sd = load_weights_file(weights)["model"]
+    model = make_model()
+    result = model.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    live = load_weights_file(out / scenario / "full_state_step3.pt")
+    assert sorted(live) == sorted(sd)
+    assert all(torch.equal(sd[k], live[k]) for k in sd)

@@ -100,6 +100,9 @@ def run_parity_and_resume(info, scenario: str, out: Path, ref: tuple) -> dict:
     if info.is_main:
         res["params"] = diffs(sd, ref_sd)
     ckpt_out = out / scenario.replace(":", "_")
+    if info.is_main:  # what full_model_state_dict gives, to compare with the offline export
+        ckpt_out.mkdir(parents=True, exist_ok=True)
+        torch.save(sd, ckpt_out / "full_state_step3.pt")
     save_checkpoint(backend, ckpt_out, "step-3", {"global_step": 3, "epoch": 0, "step_in_epoch": 3})
     res["after_save"], _ = train_steps(backend, info, accum, range(3, 5))
     load_checkpoint(backend, find_latest(ckpt_out))
