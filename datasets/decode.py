@@ -92,6 +92,7 @@ def _pick(frames_iter, origin: float, times: np.ndarray, size, must_cover_first:
     """
     out, got = [None] * len(times), np.zeros(len(times))
     j, prev, prev_t = 0, None, 0.0
+    converted_src, converted = None, None
     for frame in frames_iter:
         if frame.pts is None:
             continue
@@ -101,18 +102,19 @@ def _pick(frames_iter, origin: float, times: np.ndarray, size, must_cover_first:
         while j < len(times) and t > times[j] + tol:
             # the previous frame is the one on screen at times[j]; before the first frame, clamp to it
             src, src_t = (prev, prev_t) if prev is not None else (frame, t)
-            out[j], got[j] = (out[j - 1], got[j - 1]) if j and times[j] == times[j - 1] else (_to_rgb(src, size), src_t)
+            if src is not converted_src:  # several wanted times can fall on one frame: convert it once
+                converted_src, converted = src, _to_rgb(src, size)
+            out[j], got[j] = converted, src_t
             j += 1
         if j == len(times):
             return out, got
         prev, prev_t = frame, t
     if prev is None:
         raise ValueError("no decodable video frame")
-    last = None
     while j < len(times):  # past the end: clamp to the last frame
-        if last is None:
-            last = _to_rgb(prev, size)
-        out[j], got[j] = last, prev_t
+        if prev is not converted_src:
+            converted_src, converted = prev, _to_rgb(prev, size)
+        out[j], got[j] = converted, prev_t
         j += 1
     return out, got
 

@@ -193,3 +193,14 @@ def test_list_file_errors(tmp_path):
         build_video_dataset(str(tmp_path), "val")
     with pytest.raises(ValueError, match="mode"):
         VideoDataset(str(lst), mode="train")
+
+
+def test_failure_tracker_threshold_after_min_attempts():
+    tracker = FailureTracker(max_failure_rate=0.1, min_attempts=20)
+    tracker.update(10, 5, ["a.mp4", "b.mp4"])  # 50% but too few attempts to judge
+    with pytest.raises(RuntimeError, match=r"25\.0% \(5 of 20 decodes\) exceeds max_failure_rate 10\.0%.*a\.mp4"):
+        tracker.update(5, 0)
+        tracker.update(5, 0)
+    ok = FailureTracker(max_failure_rate=0.1)
+    ok.update(100, 5, ["x.mp4"])
+    assert ok.rate == 0.05 and ok.examples == ["x.mp4"]
