@@ -171,12 +171,12 @@ class MaskedAutoencoderViT(nn.Module):
         self, clips: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed, keep the visible tokens, encode: (latent [B, (1+)K, D], mask [B, L], ids_restore)."""
-        x = self.patch_embed(clips)
-        B, L, D = x.shape
+        B = clips.shape[0]
+        ids_keep, ids_restore, mask = self.mask_sampler(B, self.grid_size, mask_ratio, noise=noise, device=clips.device)
+        # Embedding is per token, so embed only the visible tubelets: 10x less work at 90% masking.
+        x = self.patch_embed.embed(self.patch_embed.tubelets(clips, ids_keep))
         pos, cls_pos = self._pos_table(decoder=False)
-        x = x + pos
-        ids_keep, ids_restore, mask = self.mask_sampler(B, self.grid_size, mask_ratio, noise=noise, device=x.device)
-        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+        x = x + pos[0][ids_keep]
         if self.cls_embed:
             cls = self.cls_token + (cls_pos if cls_pos is not None else 0)
             x = torch.cat([cls.expand(B, -1, -1), x], dim=1)

@@ -41,14 +41,38 @@ class PatchEmbed3D(nn.Module):
         kernel = (t_patch_size, patch_size, patch_size)
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed clips [B, C, T, H, W] into tokens [B, T'H'W', D]."""
+    def _check(self, x: torch.Tensor) -> None:
         if tuple(x.shape[2:]) != (self.num_frames, self.img_size, self.img_size):
             raise ValueError(
                 f"expected clips of {self.num_frames}x{self.img_size}x{self.img_size} (T x H x W), "
                 f"got {tuple(x.shape[2:])}; set num_frames/img_size to match the data"
             )
-        return self.proj(x).flatten(2).transpose(1, 2)
+
+    def tubelets(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Flattened tubelets [B, L or K, C*t*p*p] of clips [B, C, T, H, W], only tokens `ids` [B, K] if given.
+
+        Flattened in (c, t, p, p) order, the order of the Conv3d weight, so `embed` is the conv.
+        """
+        self._check(x)
+        B, C = x.shape[:2]
+        (t, h, w), u, p = self.grid_size, self.t_patch_size, self.patch_size
+        # A strided view [B, T', H', W', C, u, p, p]: no copy until the tubelets are picked.
+        view = x.view(B, C, t, u, h, p, w, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        if ids is None:
+            return view.reshape(B, t * h * w, C * u * p * p)
+        # Advanced indexing reads only the K kept tubelets (10% of the clip at 90% masking).
+        rows = torch.arange(B, device=x.device).unsqueeze(1)
+        return view[rows, ids // (h * w), (ids // w) % h, ids % w].reshape(B, ids.shape[1], C * u * p * p)
+
+    def embed(self, tubelets: torch.Tensor) -> torch.Tensor:
+        """Project flattened tubelets [..., C*t*p*p] to tokens [..., D] with the conv's weight."""
+        # A Conv3d with kernel == stride is a linear over tubelets; one GEMM beats the CPU conv path.
+        w = self.proj.weight
+        return F.linear(tubelets, w.view(w.shape[0], -1), self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed clips [B, C, T, H, W] into tokens [B, T'H'W', D]."""
+        return self.embed(self.tubelets(x))
 
 
 class Attention(nn.Module):
@@ -70,8 +94,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over all tokens of x [B, N, D]."""
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        # Unbind the qkv axis in place (views): backward then stacks the three grads straight
+        # into the qkv layout, one copy instead of a stack plus a permuted copy.
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x))
