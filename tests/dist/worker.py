@@ -145,6 +145,24 @@ def run_ckpt_equivalence(info, scenario: str) -> dict:
     return {"loss": l0, "loss_ckpt": l1, "grads": diffs(g1, g0), "num_grads": len(g0)}
 
 
+def run_short_accumulation(info, scenario: str) -> dict:
+    """accum_iter=2 configured but the caller ends every step after 1 micro-step (e.g. an epoch tail):
+    gradients must still be averaged over ranks, so the replicas stay identical."""
+    flags, _ = parse(scenario)
+    flags["accum_iter"] = 2
+    backend, _ = build(info, flags)
+    for s in range(2):
+        clips, noise = batch(micro_indices(s, info.rank, info.world_size, 1, 0))
+        with backend.autocast():
+            loss, _, _ = backend.module(clips, MASK_RATIO, noise)
+        backend.backward(loss, is_last_microstep=True)
+        backend.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in backend.unwrapped.parameters()])
+    rank0 = flat.clone()
+    torch.distributed.broadcast(rank0, src=0)
+    return {"max_abs_diff_to_rank0": float((flat - rank0).abs().max())}
+
+
 def main() -> None:
     out, scenarios = Path(sys.argv[1]), sys.argv[2:]
     info = du.init_distributed()
@@ -153,6 +171,8 @@ def main() -> None:
     for sc in scenarios:
         if sc.startswith("ckpt_equiv="):
             results[sc] = run_ckpt_equivalence(info, sc.split("=", 1)[1])
+        elif sc.startswith("short_accum="):
+            results[sc] = run_short_accumulation(info, sc.split("=", 1)[1])
         elif sc.startswith("resume_from="):
             # Continue a checkpoint written by another world size (FSDP2: DCP reshards on load).
             _, _, rest = sc.partition("=")
