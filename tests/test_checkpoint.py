@@ -108,7 +108,7 @@ def test_weights_only_refuses_a_malicious_pickle(tmp_path: Path) -> None:
     """A pickle whose __reduce__ would create a directory is refused with the file named; the code never runs."""
     marker, bad = tmp_path / "pwned", tmp_path / "evil.pth"
     with open(bad, "wb") as f:
-        pickle.dump({"model": _Exploit(str(marker))}, f)
+        pickle.dump({"model": _Exploit(str(marker))}, f, protocol=2)
     with pytest.raises(ValueError, match=r"evil\.pth is not a plain weights checkpoint"):
         load_weights_file(bad)
     assert not marker.exists()

@@ -30,6 +30,7 @@ PARITY = ["ddp", "ddp:accum=2", "fsdp", "fsdp:accum=2", "zero1", "zero2", "zero2
 HALF = ["ddp:bf16", "ddp:fp16", "fsdp:bf16", "zero2:bf16"]
 CKPT_EQUIV = ["ckpt_equiv=fsdp", "ckpt_equiv=zero3"]
 SHORT = ["short_accum=ddp"]
+NOCLIP = ["fsdp:noclip", "zero2:noclip"]
 LOSS_RTOL, PARAM_ATOL = 1e-5, 3e-5
 
 
@@ -37,7 +38,7 @@ LOSS_RTOL, PARAM_ATOL = 1e-5, 3e-5
 def two_rank_results(tmp_path_factory) -> tuple[dict, object]:
     """Run every scenario once on 2 ranks; returns (results, output dir holding their checkpoints)."""
     out = tmp_path_factory.mktemp("two_ranks")
-    torchrun(2, "worker.py", out, *PARITY, *HALF, *CKPT_EQUIV, *SHORT, timeout=900)
+    torchrun(2, "worker.py", out, *PARITY, *HALF, *CKPT_EQUIV, *SHORT, *NOCLIP, timeout=900)
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -70,6 +71,14 @@ def test_half_precision_trains_and_resumes(two_rank_results, scenario: str) -> N
     assert close(r["losses"], r["ref_losses"], 5e-2), r
     assert r["losses"][-1] < r["losses"][0]
     assert close(r["after_load"], r["after_save"], 1e-6), r
+
+
+@pytest.mark.parametrize("scenario", NOCLIP)
+def test_grad_norm_reported_without_clipping(two_rank_results, scenario: str) -> None:
+    """With clipping off the backends still return the pre-step grad norm (step 1 equals the reference's)."""
+    r = two_rank_results[0][scenario]
+    assert math.isclose(r["norms"][0], r["ref_norms"][0], rel_tol=LOSS_RTOL), r
+    assert all(math.isfinite(n) for n in r["norms"]) and r["losses"][-1] < r["losses"][0]
 
 
 @pytest.mark.parametrize("scenario", CKPT_EQUIV)
@@ -111,8 +120,9 @@ def test_export_gives_plain_weights(two_rank_results, tmp_path, scenario: str, v
     ckpt, weights = out / scenario / "checkpoints" / "latest", tmp_path / "weights.pth"
     if via_cli:
         run([sys.executable, "-m", "util.checkpoint", "export", str(ckpt), str(weights)])
-        info = run([sys.executable, "-m", "util.checkpoint", "info", str(ckpt)])
-        assert "global_step: 3" in info and "world_size: 2" in info
+        if scenario == "fsdp":
+            info = run([sys.executable, "-m", "util.checkpoint", "info", str(ckpt)])
+            assert "global_step: 3" in info and "world_size: 2" in info and "format: dcp" in info
     else:
         export_weights(ckpt, weights)
     sd = load_weights_file(weights)["model"]

@@ -174,6 +174,11 @@ def load_checkpoint(backend: Backend, path: str | Path) -> dict:
             f"{path} was saved by --dist {state.get('backend')}, this run uses --dist {backend.name}; "
             f"export its weights (python -m util.checkpoint export {path} w.pth) to switch backends"
         )
+    if backend.name == "deepspeed" and state.get("world_size") != du.get_world_size():
+        raise ValueError(
+            f"{path} holds DeepSpeed ZeRO partitions for {state.get('world_size')} ranks; resume it on the same "
+            f"number of ranks, or export its weights (python -m util.checkpoint export {path} w.pth) and start from those"
+        )
     backend.load(path / STATE_DIR)
     rngs = state.get("rng") or []
     rank = du.get_rank()

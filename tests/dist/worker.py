@@ -41,6 +41,8 @@ def parse(scenario: str) -> tuple[dict, dict]:
             flags["accum_iter"] = int(v)
         elif k == "ckpt":
             flags["grad_ckpt"] = True
+        elif k == "noclip":
+            flags["clip_grad"] = 0.0
         elif k in ("bf16", "fp16"):
             flags["precision"] = k
         else:
