@@ -1,0 +1,145 @@
+"""Multi-view video classification testing: per-video averaged softmax, top-1/top-5, confusion matrix.
+
+A test item is one (video, view) pair: K temporal windows x S spatial crops per video (K400: 7 x 3).
+Each rank sums the softmax scores of the views it saw into a dense [num_videos, num_classes] table
+indexed by the video's index, and the tables are summed across ranks. A video whose views were
+split between ranks is therefore still one video, counted once, and the sampler never pads
+(`DistributedEvalSampler`), so no view is seen twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a tensor over ranks (moved to the device NCCL needs); identity when running alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    moved = t.to(device)
+    dist.all_reduce(moved)
+    return moved.to(t.device)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[dict],
+    num_videos: int,
+    num_classes: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    expected_views: int | None = None,
+    sharded: bool = True,
+) -> dict:
+    """Top-1/top-5 (%) over videos from view-averaged softmax scores, summed over all ranks.
+
+    Returns the metrics plus `scores` [V, C] (averaged), `labels` [V] and `views` [V] (views seen
+    per video) for the videos that were evaluated. `expected_views` checks every video got exactly
+    that many views (each view exactly once over all ranks). `sharded=False`: every rank saw the
+    whole set, so nothing is summed across ranks.
+
+    Collective when distributed: every rank must call it. Ranks run the same number of forwards
+    (the shorter shards repeat a batch whose scores are discarded) because FSDP and ZeRO-3 gather
+    parameters inside forward.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(num_videos, num_classes, dtype=torch.float64)
+    views = torch.zeros(num_videos, dtype=torch.float64)
+    labels = torch.zeros(num_videos, dtype=torch.float64)  # summed like the rest: label * views
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    num_batches = len(loader)  # type: ignore[arg-type]
+    if distributed:
+        most = torch.tensor([num_batches], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        num_batches, extra = int(most), int(most) - num_batches
+    else:
+        extra = 0
+    clips = None
+    for batch in loader:
+        clips = batch["clips"].to(device, non_blocking=True)
+        with autocast():
+            logits = model(clips)
+        probs = logits.float().softmax(dim=-1).cpu().double()
+        index = batch["index"].long()
+        sums.index_add_(0, index, probs)
+        views.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+        labels.index_add_(0, index, batch["label"].double())
+    for _ in range(extra):  # padding forwards: keep collectives inside forward matched, count nothing
+        if clips is None:
+            clips = loader.collate_fn([loader.dataset[0]])["clips"].to(device)  # type: ignore[attr-defined]
+        with autocast():
+            model(clips[:1])
+    if was_training:
+        model.train()
+    table = torch.cat([sums, views[:, None], labels[:, None]], dim=1)
+    if sharded:
+        table = _all_reduce_sum(table, device)
+    sums, views, labels = table[:, :num_classes], table[:, num_classes], table[:, num_classes + 1]
+    seen = views > 0
+    if expected_views is not None and not torch.all(views == expected_views):
+        bad = torch.nonzero(views != expected_views).flatten()[:10].tolist()
+        raise RuntimeError(f"videos {bad} got {views[bad].tolist()} views, expected {expected_views} each")
+    scores = sums[seen] / views[seen, None]
+    labels = (labels[seen] / views[seen]).round().long()
+    k = min(5, num_classes)
+    topk = scores.topk(k, dim=1).indices
+    correct = topk == labels[:, None]
+    n = int(seen.sum())
+    return {
+        "top1": 100.0 * float(correct[:, 0].sum()) / max(n, 1),
+        "top5": 100.0 * float(correct.any(dim=1).sum()) / max(n, 1),
+        "videos": n,
+        "views": int(views.sum()),
+        "scores": scores.float(),
+        "labels": labels,
+        "views_per_video": views[seen].long(),
+    }
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts [true, predicted] of class ids."""
+    flat = labels.long() * num_classes + pred.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def save_confusion_matrix(matrix: torch.Tensor, path: str | Path, class_names: list[str] | None = None,
+                          title: str = "") -> Path:
+    """Write a row-normalised confusion matrix PNG (names on the axes when there are few classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    n = matrix.shape[0]
+    norm = matrix.float() / matrix.sum(dim=1, keepdim=True).clamp(min=1)
+    size = min(4 + n * 0.35, 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if n <= 40:
+        names = class_names or [str(i) for i in range(n)]
+        ax.set_xticks(range(n), names, rotation=90)
+        ax.set_yticks(range(n), names)
+        if n <= 16:
+            for i in range(n):
+                for j in range(n):
+                    if matrix[i, j]:
+                        ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8,
+                                color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
