@@ -35,6 +35,7 @@ from util.flops import mae_flops_per_clip
 from util.logger import TrainLogger
 from util.lr_sched import effective_lr
 from util.parallel import setup_parallel
+from util.preemption import PreemptionWatcher
 from util.visualize import save_reconstruction
 
 DEMO_CONFIG = str(Path(__file__).resolve().parent / "configs" / "pretrain" / "demo.yaml")
@@ -99,6 +100,7 @@ def tracked(batches: Iterator[dict], tracker: FailureTracker) -> Iterator[dict]:
 def main(args: argparse.Namespace) -> dict:
     """Pretrain; returns a summary (final step, last loss, output paths)."""
     dist = init_distributed(need_group=args.dist != "ddp")
+    watcher = PreemptionWatcher(args.output_dir)  # SIGUSR2/SIGTERM -> all ranks stop at one step, save, requeue
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     model = build_model(args)
@@ -167,6 +169,7 @@ def main(args: argparse.Namespace) -> dict:
         finished = train_one_epoch(
             backend, tracked(iter(loader), tracker), loss_fn, state, args, steps, logger, dist.device,
             rank=dist.rank, world_size=dist.world_size, save_fn=save, flops_per_clip=flops,
+            should_stop=watcher.should_stop,
         )
         if finished:
             if args.vis_every and (state.epoch + 1) % args.vis_every == 0:
@@ -179,6 +182,7 @@ def main(args: argparse.Namespace) -> dict:
         if state.global_step != last_saved[0]:
             save(state)
     logger.close()
+    watcher.finish()  # after a signal-stop: exits for requeue under submitit; returns otherwise
     summary = {"global_step": state.global_step, "epoch": state.epoch, "minutes": (time.time() - start) / 60,
                "output_dir": str(out), "checkpoint": str(find_latest(args.output_dir))}
     log.info("done: %s", summary)
