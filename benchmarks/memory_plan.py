@@ -1,0 +1,218 @@
+"""Memory per GPU for MAE-ST pretraining: parameters, gradients, optimizer state, activations.
+
+    python benchmarks/memory_plan.py --model mae_vit_huge_patch16 --batch_size 2 --mask_ratio 0.9 \
+        --precision bf16 --world_size 64            # every backend, with and without checkpointing
+    python benchmarks/memory_plan.py --calibrate     # check the activation formula against autograd (CPU)
+
+"computed" figures are analytic. Activations count the tensors autograd saves per transformer
+Block (ours: pre-norm, fused qkv, SDPA, timm Mlp with GELU) at the encoder's visible token count
+K + 1 and the decoder's full count L + 1; `--calibrate` measures the same on the CPU with
+torch.autograd.graph.saved_tensors_hooks and prints both. With a GPU, `--measure` runs one real
+step on one device (no sharding) and reports torch.cuda.max_memory_allocated, labelled "measured".
+Not counted: the CUDA context and allocator caching (~1-3 GB), NCCL buffers, DataLoader memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import create_model  # noqa: E402
+
+GiB = 2**30
+BACKENDS = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+# Saved bytes per (token x model dim) of one Block, from the tensors autograd keeps (see calibrate()):
+#   norm1 in, qkv in, q|k|v (one buffer, 3), attention out (= proj in: SDPA returns a [B, N, H, d] layout,
+#   so the reshape is a view), norm2 in, fc1 in, GELU in (4), fc2 in (4): 16 per token x dim.
+# fp32: 16 x 4 B. bf16 autocast (DDP): the residual stream and LayerNorm inputs stay fp32 (2 x 4 B), the rest
+# is bf16 (14 x 2 B). bf16 parameters (FSDP2 MixedPrecisionPolicy, DeepSpeed bf16): all 16 x 2 B.
+BYTES_PER_TOKEN_DIM = {"fp32": 64, "bf16_autocast": 36, "bf16_params": 32}
+
+
+def activation_kind(precision: str, backend: str) -> str:
+    """Which dtype layout the activations have for this precision and backend."""
+    if precision == "fp32":
+        return "fp32"
+    return "bf16_autocast" if backend == "ddp" else "bf16_params"
+
+
+def block_bytes(batch: int, tokens: int, dim: int, heads: int, kind: str) -> int:
+    """Bytes autograd saves in one Block's forward (plus LayerNorm statistics and the SDPA log-sum-exp)."""
+    per = BYTES_PER_TOKEN_DIM[kind]
+    stats = batch * tokens * (2 * 2 * 4 + heads * 4)  # mean+rstd of 2 LayerNorms, logsumexp per head (fp32)
+    return batch * tokens * dim * per + stats
+
+
+def model_shape(model_name: str, num_frames: int, input_size: int) -> dict:
+    """Parameter counts and token geometry of a factory model, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        m = create_model(model_name, img_size=input_size, num_frames=num_frames)
+    enc_block = sum(p.numel() for p in m.blocks[0].parameters())
+    return dict(
+        params=sum(p.numel() for p in m.parameters()),
+        block_params=enc_block,
+        dim=m.blocks[0].norm1.normalized_shape[0], heads=m.blocks[0].attn.num_heads, depth=len(m.blocks),
+        dec_dim=m.decoder_blocks[0].norm1.normalized_shape[0], dec_heads=m.decoder_blocks[0].attn.num_heads,
+        dec_depth=len(m.decoder_blocks), tokens=m.patch_embed.num_patches, cls=int(m.cls_embed),
+        pred_dim=m.decoder_pred.out_features, clip_values=3 * num_frames * input_size * input_size,
+    )
+
+
+def activations(shape: dict, batch: int, mask_ratio: float, kind: str, checkpointing: bool) -> int:
+    """Peak saved-activation bytes of one forward+backward."""
+    L = shape["tokens"]
+    n_enc = int(L * (1 - mask_ratio)) + shape["cls"]
+    n_dec = L + shape["cls"]
+    enc = block_bytes(batch, n_enc, shape["dim"], shape["heads"], kind)
+    dec = block_bytes(batch, n_dec, shape["dec_dim"], shape["dec_heads"], kind)
+    # Outside the blocks: the clip, the prediction and the fp32 loss target (+ its normalised copy).
+    head = batch * (shape["clip_values"] * 4 + n_dec * shape["pred_dim"] * (2 + 3 * 4))
+    if not checkpointing:
+        return shape["depth"] * enc + shape["dec_depth"] * dec + head
+    # Checkpointing keeps each block's input only and recomputes one block at a time in backward.
+    width = 4 if kind != "bf16_params" else 2
+    kept = batch * (shape["depth"] * n_enc * shape["dim"] + shape["dec_depth"] * n_dec * shape["dec_dim"]) * width
+    return kept + max(enc, dec) + head
+
+
+def states(shape: dict, backend: str, precision: str, world: int) -> tuple[float, float, float]:
+    """(parameter, gradient, optimizer) bytes per GPU; AdamW keeps two fp32 moments per parameter."""
+    P, W, half = shape["params"], world, precision != "fp32"
+    blk = shape["block_params"]
+    if backend == "ddp":  # full replica; DDP's gradient buckets hold a second copy of the grads
+        return 4 * P, 2 * 4 * P, 8 * P
+    if backend == "fsdp":  # sharded fp32; two blocks gathered at once (current + prefetch) in param dtype
+        gathered = 2 * blk * (2 if half else 4)
+        return 4 * P / W + gathered, 4 * P / W + gathered, 8 * P / W
+    stage = int(backend[-1])
+    model_bytes = 2 if half else 4
+    master = 4 * P / W if half else 0  # DeepSpeed keeps fp32 master weights, partitioned under ZeRO
+    params = (model_bytes * P / W if stage == 3 else model_bytes * P) + master
+    grads = model_bytes * P / W if stage >= 2 else model_bytes * P
+    return params, grads, 8 * P / W
+
+
+def plan(model: str, batch: int, mask_ratio: float, precision: str, world: int, backends: tuple[str, ...],
+         num_frames: int = 16, input_size: int = 224) -> list[dict]:
+    """Rows of the memory table (GiB per GPU), computed."""
+    shape = model_shape(model, num_frames, input_size)
+    rows = []
+    for backend in backends:
+        p, g, o = states(shape, backend, precision, world)
+        kind = activation_kind(precision, backend)
+        a0 = activations(shape, batch, mask_ratio, kind, False)
+        a1 = activations(shape, batch, mask_ratio, kind, True)
+        rows.append(dict(backend=backend, params=p / GiB, grads=g / GiB, optim=o / GiB, act=a0 / GiB,
+                         act_ckpt=a1 / GiB, total=(p + g + o + a0) / GiB, total_ckpt=(p + g + o + a1) / GiB))
+    return rows
+
+
+def format_table(rows: list[dict], title: str) -> str:
+    """Markdown table of plan() rows."""
+    head = ("| backend | params | grads | optimizer | activations | act. (ckpt) | total | total (ckpt) |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [f"{title}", "", head]
+    for r in rows:
+        lines.append(f"| {r['backend']} | " + " | ".join(f"{r[k]:.2f}" for k in
+                     ("params", "grads", "optim", "act", "act_ckpt", "total", "total_ckpt")) + " |")
+    return "\n".join(lines) + "\n\n(GiB per GPU, computed)"
+
+
+def saved_bytes(fn, *inputs: torch.Tensor, exclude: tuple[torch.Tensor, ...] = ()) -> int:
+    """Bytes of distinct storages autograd saves while running fn (parameters excluded)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    del out
+    return sum(seen.values())
+
+
+def calibrate(batch: int = 2, tokens: int = 197, dim: int = 128, heads: int = 4) -> list[tuple[str, int, int]]:
+    """(kind, measured, formula) saved bytes of one of our Blocks on the CPU."""
+    from models.video_vit import Block
+
+    torch.manual_seed(0)
+    block = Block(dim, heads, 4.0, qkv_bias=True)
+    params = tuple(block.parameters())
+    out = []
+    x = torch.randn(batch, tokens, dim, requires_grad=True)
+    out.append(("fp32", saved_bytes(block, x, exclude=params), block_bytes(batch, tokens, dim, heads, "fp32")))
+    xb = x.detach().bfloat16().requires_grad_()
+    half = Block(dim, heads, 4.0, qkv_bias=True).bfloat16()
+    out.append(("bf16_params", saved_bytes(half, xb, exclude=tuple(half.parameters())),
+                block_bytes(batch, tokens, dim, heads, "bf16_params")))
+    return out
+
+
+def measure(model: str, batch: int, mask_ratio: float, precision: str, checkpointing: bool,
+            num_frames: int = 16, input_size: int = 224) -> dict:
+    """One real step on one GPU (DDP layout, no sharding): peak bytes from torch.cuda.max_memory_allocated."""
+    dev = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    m = create_model(model, img_size=input_size, num_frames=num_frames).to(dev)
+    m.set_grad_checkpointing(checkpointing)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    clips = torch.randn(batch, 3, num_frames, input_size, input_size, device=dev)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    for _ in range(2):  # the second step has the optimizer state already allocated
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            loss = m(clips, mask_ratio)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated()
+    return dict(states=base / GiB, peak=peak / GiB, act=(peak - base) / GiB)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: print the computed table (and calibration / GPU measurement when asked)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="mae_vit_large_patch16")
+    p.add_argument("--batch_size", type=int, default=2, help="videos per GPU per micro-step")
+    p.add_argument("--repeat_aug", type=int, default=4, help="clips per video: the GPU sees batch x repeat_aug")
+    p.add_argument("--mask_ratio", type=float, default=0.9)
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--world_size", type=int, default=64)
+    p.add_argument("--backend", default="all", choices=["all", *BACKENDS])
+    p.add_argument("--num_frames", type=int, default=16)
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--calibrate", action="store_true", help="compare the Block formula with autograd's saved tensors")
+    p.add_argument("--measure", action="store_true", help="also run one step on this GPU (if there is one)")
+    a = p.parse_args(argv)
+    clips = a.batch_size * a.repeat_aug
+    backends = BACKENDS if a.backend == "all" else (a.backend,)
+    rows = plan(a.model, clips, a.mask_ratio, a.precision, a.world_size, backends, a.num_frames, a.input_size)
+    print(format_table(rows, f"{a.model}: {clips} clips/GPU ({a.batch_size} x repeat {a.repeat_aug}), "
+                             f"{a.num_frames}x{a.input_size}^2, mask {a.mask_ratio}, {a.precision}, "
+                             f"{a.world_size} GPUs"))
+    if a.calibrate:
+        for kind, measured, formula in calibrate():
+            print(f"calibration ({kind}, one Block, CPU): autograd saved {measured} B, formula {formula} B "
+                  f"({measured / formula:.3f}x)")
+    if a.measure:
+        if not torch.cuda.is_available():
+            print("measured: no GPU here; figures above are computed only")
+            return
+        for ckpt in (False, True):
+            m = measure(a.model, clips, a.mask_ratio, a.precision, ckpt, a.num_frames, a.input_size)
+            print(f"measured (1 GPU, ddp layout, ckpt={ckpt}): states {m['states']:.2f} GiB, "
+                  f"activations {m['act']:.2f} GiB, peak {m['peak']:.2f} GiB  [torch.cuda.max_memory_allocated]")
+
+
+if __name__ == "__main__":
+    main()
