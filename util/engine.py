@@ -20,7 +20,8 @@ import torch.distributed as torch_dist
 from util.logger import TrainLogger, peak_memory_gb
 from util.lr_sched import apply_lr, lr_at
 
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+# A loss function returns the loss, or (loss, {name: scalar tensor}) to log extra averaged metrics.
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor | tuple[torch.Tensor, dict]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,6 +94,7 @@ def train_one_epoch(
     window_norms: list[torch.Tensor] = []
     window_steps: list[int] = []
     window_failures = 0
+    window_extra: dict[str, list[torch.Tensor]] = {}
     clips = 0
     data_time = 0.0
     window_start = time.perf_counter()
@@ -117,6 +119,10 @@ def train_one_epoch(
             batch = to_device(batch, device)
             with backend.autocast():
                 loss = loss_fn(backend.module, batch)
+            if isinstance(loss, tuple):
+                loss, extra = loss
+                for key, value in extra.items():
+                    window_extra.setdefault(key, []).append(value.detach().float().reshape(()))
             backend.backward(loss, is_last_microstep=micro == accum - 1)
             loss = loss.detach()
             step_loss = loss if step_loss is None else step_loss + loss
@@ -155,6 +161,8 @@ def train_one_epoch(
             }
             if len(window_losses) == 1:
                 metrics["loss"] = float(losses[0])
+            for key, values in window_extra.items():
+                metrics[key] = float(torch.stack(values).mean())
             if window_norms:
                 metrics["grad_norm"] = float(torch.stack([n.float().reshape(()) for n in window_norms]).mean())
             if flops_per_clip and peak_flops:
@@ -162,7 +170,7 @@ def train_one_epoch(
                 metrics["mfu"] = flops_per_clip * clips / max(elapsed, 1e-9) / peak_flops
             mean_step = sum(step_times) / len(step_times)
             logger.log(state.global_step, metrics, eta_s=mean_step * max(total_steps - state.global_step, 0))
-            window_losses, window_norms, window_steps, step_times = [], [], [], []
+            window_losses, window_norms, window_steps, step_times, window_extra = [], [], [], [], {}
             clips, data_time, window_failures = 0, 0.0, 0
             window_start = time.perf_counter()
         if is_save:
