@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import torch.multiprocessing as mp
@@ -97,3 +98,19 @@ def test_trainer_checkpoint_resubmits_the_same_run_resuming_from_latest() -> Non
     assert isinstance(nxt, Trainer) and nxt.main_module == "main_pretrain"
     assert nxt.args.resume == "" and nxt.args.auto_resume and nxt.args.output_dir == "/job"
     assert args.resume == "/old/ckpt"  # the running job's own args are left alone
+
+
+def test_forked_child_dies_of_sigterm_as_usual(tmp_path: Path) -> None:
+    """DataLoader workers fork with the watcher's handler: in them SIGTERM must still terminate."""
+    watcher = PreemptionWatcher(tmp_path)
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: wait to be killed; exit 0 would mean the signal was swallowed
+            time.sleep(10)
+            os._exit(0)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        assert not watcher.should_stop()  # the parent saw nothing
+    finally:
+        watcher.close()

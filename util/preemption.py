@@ -66,6 +66,7 @@ class PreemptionWatcher:
         self.reason = ""
         self._flag = 0
         self._calls = 0
+        self._pid = os.getpid()
         self._group = None
         if self.distributed and dist.get_backend() != "gloo":
             # A CPU side group: reading the flag of an NCCL all_reduce would sync the GPU stream every check.
@@ -80,8 +81,9 @@ class PreemptionWatcher:
 
     # ------------------------------------------------------------------ signal side (no I/O, no collectives)
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self._flag == _SIGNAL and signum == signal.SIGTERM:
-            # A second SIGTERM means "now": fall back to the default action (e.g. a hung collective).
+        if os.getpid() != self._pid or (self._flag == _SIGNAL and signum == signal.SIGTERM):
+            # A forked DataLoader worker inherited this handler and must die as usual; a second SIGTERM
+            # means "now" (e.g. a hung collective): both fall back to the default action.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
