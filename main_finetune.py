@@ -46,6 +46,7 @@ from util.evaluate import confusion_matrix, evaluate, save_confusion_matrix
 from util.logger import TrainLogger
 from util.lr_sched import effective_lr
 from util.parallel import setup_parallel
+from util.preemption import PreemptionWatcher
 
 DEMO_CONFIG = str(Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml")
 log = logging.getLogger("mae_st.finetune")
@@ -75,6 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--rand_aug", default="rand-m7-n2-mstd0.5-inc1", help="timm RandAugment config ('': off)")
     g.add_argument("--reprob", type=float, default=0.25, help="random-erasing probability")
+    g.add_argument("--min_crop_scale", type=float, default=0.08, help="smallest random-resized-crop area share")
     g.add_argument("--hflip", action=BOOL, default=True, help="random horizontal flips (off for direction labels)")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval", action=BOOL, default=False, help="only test the weights (--resume, latest or --finetune)")
@@ -198,7 +200,7 @@ def main(args: argparse.Namespace) -> dict:
         data_path, "train", data_root=args.data_root or data_path, mode="finetune", num_frames=args.num_frames,
         sampling_rate=args.sampling_rate, crop_size=args.input_size, repeat_aug=args.repeat_aug, seed=args.seed,
         short_side_range=None if args.input_size < 160 else (256, 320), rand_aug=args.rand_aug or None,
-        reprob=args.reprob, hflip=args.hflip, max_failure_rate=args.max_failure_rate,
+        reprob=args.reprob, hflip=args.hflip, scale=(args.min_crop_scale, 1.0), max_failure_rate=args.max_failure_rate,
     )
     sampler = ResumableDistributedSampler(len(dataset), dist.world_size, dist.rank, shuffle=True, seed=args.seed,
                                           batch_size=args.batch_size)
@@ -241,13 +243,15 @@ def main(args: argparse.Namespace) -> dict:
             clips, target = mixup(clips, target)
         return criterion(module(clips), target)
 
+    watcher = PreemptionWatcher(args.output_dir)  # SIGUSR2/SIGTERM -> all ranks stop at one step, save, requeue
     start = time.time()
     finished, metrics = True, {}
     while state.epoch < args.epochs and finished:
         sampler.set_epoch(state.epoch)
         sampler.set_consumed(state.step_in_epoch * videos_per_step)
         finished = train_one_epoch(backend, tracked(iter(loader), tracker), loss_fn, state, args, steps, logger,
-                                   dist.device, rank=dist.rank, world_size=dist.world_size, save_fn=save)
+                                   dist.device, rank=dist.rank, world_size=dist.world_size, save_fn=save,
+                                   should_stop=watcher.should_stop)
         if finished:
             state.epoch += 1
             state.step_in_epoch = 0
@@ -260,6 +264,7 @@ def main(args: argparse.Namespace) -> dict:
         metrics = run_test(backend, test_loader, num_test_videos, args, dist, out, f"final, step {state.global_step}")
         logger.scalars(state.global_step, metrics, prefix=f"{args.eval_split}/")
     logger.close()
+    watcher.finish()  # after a signal-stop: exits for requeue under submitit; returns otherwise
     summary = {"global_step": state.global_step, "epoch": state.epoch, "minutes": (time.time() - start) / 60,
                "output_dir": str(out), "checkpoint": str(find_latest(args.output_dir)), "eval": metrics}
     log.info("done: %s", summary)
