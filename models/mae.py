@@ -7,6 +7,16 @@ regresses the (per-patch normalised) pixels of the hidden tokens.
 Targets: the decoder predicts `pred_t_dim` frames (default 8 of 16, i.e. every second frame), so a
 2-frame token regresses its first frame only. MAE-ST predicts 8 frames for 16-frame clips too; it
 halves the pixel head and the target work with no measured loss in accuracy.
+
+Options (constructor arguments, see models/adamae.py and models/masking.py for the why):
+- `mask_type="adaptive"`: AdaMAE's learned token sampler; the loss becomes
+  recon + sampler_loss_weight * policy-gradient loss, and `sampler_metrics` / `sampler_probs`
+  (detached) hold the last forward's sampler entropy, sampler loss and per-token probabilities.
+- `decoder_mask_ratio > 0` (training mode only): VideoMAE v2 decoder masking; the decoder gets the
+  visible tokens plus only a running-cell subset of the hidden ones. Then `pred` is [B, L, P] with
+  zeros for tokens the decoder did not predict, and the returned `mask` is 1 exactly where the loss
+  is taken (hidden from the encoder and kept by the decoder). In eval mode the decoder rebuilds
+  every hidden token, so validation losses and reconstruction images are those of the full model.
 """
 
 from __future__ import annotations
@@ -16,7 +26,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from models.masking import get_mask_sampler
+from models.adamae import AdaptiveTokenSampler, policy_gradient_loss, sampler_stats
+from models.masking import decoder_targets, get_mask_sampler
 from models.video_vit import (
     Block,
     PatchEmbed3D,
@@ -51,6 +62,8 @@ class MaskedAutoencoderViT(nn.Module):
         sep_pos_embed: bool = True,
         trunc_init: bool = False,
         mask_type: str = "random",
+        sampler_loss_weight: float = 1.0e-4,
+        decoder_mask_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         pred_t_dim = num_frames // 2 if pred_t_dim is None else pred_t_dim
@@ -67,7 +80,12 @@ class MaskedAutoencoderViT(nn.Module):
         self.t_pred_patch_size = pred_t_dim // t
         self.norm_pix_loss, self.cls_embed, self.sep_pos_embed = norm_pix_loss, cls_embed, sep_pos_embed
         self.mask_type = mask_type
-        self.mask_sampler = get_mask_sampler(mask_type)
+        self.mask_sampler = None if mask_type == "adaptive" else get_mask_sampler(mask_type)
+        self.sampler_loss_weight, self.decoder_mask_ratio = sampler_loss_weight, decoder_mask_ratio
+        if not 0.0 <= decoder_mask_ratio < 1.0:
+            raise ValueError(f"decoder_mask_ratio must be in [0, 1), got {decoder_mask_ratio}")
+        self.sampler_metrics: dict[str, torch.Tensor] = {}
+        self.sampler_probs: torch.Tensor | None = None
         self.grad_checkpointing = False
 
         # Encoder
@@ -84,6 +102,8 @@ class MaskedAutoencoderViT(nn.Module):
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
+        if mask_type == "adaptive":
+            self.adaptive_sampler = AdaptiveTokenSampler(embed_dim, num_patches, num_heads, mlp_ratio, norm_layer)
 
         # Decoder
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
@@ -114,11 +134,16 @@ class MaskedAutoencoderViT(nn.Module):
             elif name.endswith(("cls_token", "mask_token")):
                 (nn.init.trunc_normal_ if trunc_init else nn.init.normal_)(p, std=0.02)
         self.apply(partial(init_weights, trunc_init=trunc_init))
+        if self.mask_type == "adaptive":
+            # Zero logits at start: uniform sampling, i.e. exactly random masking for the same noise.
+            nn.init.zeros_(self.adaptive_sampler.head.weight)
 
     # ----------------------------------------------------------------- helpers
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every encoder and decoder block in backward (non-reentrant) to save memory."""
         self.grad_checkpointing = enable
+        if self.mask_type == "adaptive":
+            self.adaptive_sampler.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (tokens and positional embeddings)."""
@@ -172,9 +197,15 @@ class MaskedAutoencoderViT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed, keep the visible tokens, encode: (latent [B, (1+)K, D], mask [B, L], ids_restore)."""
         B = clips.shape[0]
-        ids_keep, ids_restore, mask = self.mask_sampler(B, self.grid_size, mask_ratio, noise=noise, device=clips.device)
-        # Embedding is per token, so embed only the visible tubelets: 10x less work at 90% masking.
-        x = self.patch_embed.embed(self.patch_embed.tubelets(clips, ids_keep))
+        if self.mask_type == "adaptive":
+            # The sampler reads every token's embedding; the encoder then takes its visible ones.
+            tokens = self.patch_embed(clips)
+            (ids_keep, ids_restore, mask), self._sampler_log_probs = self.adaptive_sampler.sample(tokens, mask_ratio, noise)
+            x = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        else:
+            ids_keep, ids_restore, mask = self.mask_sampler(B, self.grid_size, mask_ratio, noise=noise, device=clips.device)
+            # Embedding is per token, so embed only the visible tubelets: 10x less work at 90% masking.
+            x = self.patch_embed.embed(self.patch_embed.tubelets(clips, ids_keep))
         pos, cls_pos = self._pos_table(decoder=False)
         x = x + pos[0][ids_keep]
         if self.cls_embed:
@@ -201,23 +232,60 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:] if self.cls_embed else x
 
-    def forward_loss(self, clips: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over hidden tokens only (normalised per patch when norm_pix_loss)."""
+    def forward_decoder_subset(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, ids_target: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode the visible tokens plus mask tokens at `ids_target` [B, M] only: pred [B, L, P], zeros elsewhere."""
+        x = self.decoder_embed(latent)
+        B, L = ids_restore.shape
+        if self.cls_embed:
+            x = x[:, 1:]  # as in forward_decoder, the decoder has its own class token
+        K, M = x.shape[1], ids_target.shape[1]
+        ids_keep = ids_restore.argsort(dim=1)[:, :K]  # the encoder's token order
+        pos, cls_pos = self._pos_table(decoder=True)
+        # Attention is order-free given the positions: [visible..., targets...] needs no un-shuffle.
+        x = torch.cat([x, self.mask_token.expand(B, M, -1)], dim=1) + pos[0][torch.cat([ids_keep, ids_target], 1)]
+        if self.cls_embed:
+            x = torch.cat([(self.decoder_cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
+        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing)
+        out = self.decoder_pred(self.decoder_norm(x[:, -M:]))  # no head work for dropped or visible tokens
+        pred = out.new_zeros(B, L, out.shape[-1])
+        return pred.scatter(1, ids_target.unsqueeze(-1).expand(-1, -1, out.shape[-1]), out)
+
+    def token_errors(self, clips: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Per-token mean squared error [B, L] against the (per-patch normalised) target pixels."""
         target = self.patchify(self.target_frames(clips)).float()
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        per_token = ((pred.float() - target) ** 2).mean(dim=-1)
-        return (per_token * mask).sum() / mask.sum()
+        return ((pred.float() - target) ** 2).mean(dim=-1)
+
+    def forward_loss(self, clips: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over hidden tokens only (normalised per patch when norm_pix_loss)."""
+        return (self.token_errors(clips, pred) * mask).sum() / mask.sum()
 
     def forward(
         self, clips: torch.Tensor, mask_ratio: float = 0.9, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Masked reconstruction of clips [B, C, T, H, W]: (loss, pred [B, L, u*p*p*C], mask [B, L])."""
         latent, mask, ids_restore = self.forward_encoder(clips, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(clips, pred, mask), pred, mask
+        if self.decoder_mask_ratio > 0 and self.training:
+            num_hidden = ids_restore.shape[1] - latent.shape[1] + int(self.cls_embed)
+            ids_target = decoder_targets(mask, self.grid_size, self.decoder_mask_ratio, noise, num_hidden)
+            pred = self.forward_decoder_subset(latent, ids_restore, ids_target)
+            mask = torch.zeros_like(mask).scatter(1, ids_target, 1.0)  # 1 where the loss is taken
+        else:
+            pred = self.forward_decoder(latent, ids_restore)
+        errors = self.token_errors(clips, pred)
+        loss = (errors * mask).sum() / mask.sum()
+        if self.mask_type == "adaptive":
+            log_probs = self.__dict__.pop("_sampler_log_probs")
+            sampler_loss = policy_gradient_loss(log_probs, errors, mask)
+            loss = loss + self.sampler_loss_weight * sampler_loss
+            self.sampler_metrics = {"sampler_loss": sampler_loss.detach(), **sampler_stats(log_probs)}
+            self.sampler_probs = log_probs.detach().exp()
+        return loss, pred, mask
 
 
 # Encoder sizes: (embed_dim, depth, num_heads). Decoder defaults follow MAE-ST: 512-d, 4 blocks, 16 heads.

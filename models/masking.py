@@ -120,6 +120,51 @@ MASK_SAMPLERS: dict[str, Callable[..., MaskOutput]] = {
 }
 
 
+# Every --mask_type: the samplers above plus AdaMAE's learned one (a module, models/adamae.py, built
+# by the model because it needs the patch embeddings; it is not a plain function of the noise).
+MASK_TYPES: tuple[str, ...] = (*MASK_SAMPLERS, "adaptive")
+
+
+def running_cell_rank(grid: Grid, device: torch.device | str | None = None) -> torch.Tensor:
+    """Rank 0..3 of each token [L] inside its 2x2 spatial cell, rotated by one position per time step.
+
+    VideoMAE v2's running cell: keeping the tokens of rank < 4 * (1 - ratio) keeps the same share of
+    every cell in every frame (no region goes unsupervised) while the kept positions move with time,
+    so a token dropped at time t is reconstructed at a neighbouring time; video is redundant along
+    time, so little signal is lost while the decoder sees half the tokens at ratio 0.5.
+    """
+    t, h, w = grid
+    tt = torch.arange(t, device=device).view(t, 1, 1)
+    # Cell positions in cyclic order (0,0) (0,1) (1,1) (1,0): a rank < 2 window is a cell edge
+    # that rotates round the cell, instead of jumping diagonally.
+    hh = torch.arange(h, device=device).view(1, h, 1) % 2
+    ww = torch.arange(w, device=device).view(1, 1, w) % 2
+    pos = hh * 2 + (ww ^ hh)  # (0,0)->0, (0,1)->1, (1,1)->2, (1,0)->3
+    return ((pos - tt) % 4).reshape(-1)
+
+
+def decoder_targets(mask: torch.Tensor, grid: Grid, ratio: float, noise: torch.Tensor | None = None,
+                    num_hidden: int | None = None) -> torch.Tensor:
+    """Hidden tokens the decoder reconstructs under running-cell decoder masking: ids [B, M].
+
+    M = int(hidden * (1 - ratio)) with hidden = L - K, the same for every sample so batches stay dense;
+    hidden tokens are taken in running-cell rank order (ties broken by a hash of the per-sample noise),
+    so when the encoder mask hides about as many rank<keep tokens as needed, the kept set is the
+    running-cell pattern itself, and otherwise it is filled from the next rank.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"decoder_mask_ratio must be in [0, 1), got {ratio}")
+    B, L = mask.shape
+    # Pass num_hidden (L - K, known from shapes) to avoid reading the mask back to the host.
+    hidden = int(mask[0].sum().item()) if num_hidden is None else num_hidden
+    M = max(1, int(hidden * (1 - ratio)))
+    rank = running_cell_rank(grid, mask.device).float().expand(B, L)
+    # Scaled so the tie-break does not follow the encoder's own ordering of the same noise.
+    tie = torch.frac(noise.float() * 104729.0) if noise is not None else torch.zeros(B, L, device=mask.device)
+    score = rank + tie + (1.0 - mask) * 8.0  # visible tokens last: never targets
+    return score.argsort(dim=1, stable=True)[:, :M]
+
+
 def get_mask_sampler(name: str) -> Callable[..., MaskOutput]:
     """Look up a sampler by name, with the valid names in the error."""
     if name not in MASK_SAMPLERS:

@@ -1,0 +1,108 @@
+"""AdaMAE's adaptive token sampler (Bandara et al., 2022): learn which tokens the encoder sees.
+
+A small network (its own positional embedding, one transformer `Block`, a linear layer to one logit
+per token) reads the patch embeddings of *all* tokens and gives a categorical distribution `p` over
+them (softmax over the L tokens). The K visible tokens are drawn from `p` without replacement, for
+the whole batch at once, by Gumbel top-k: keep the K largest `log p + g`, with Gumbel noise `g` made
+from the per-sample uniform mask noise of the data side, so the draw stays a deterministic function
+of the sample (independent of ranks and workers, exact on resume).
+
+Training signal (REINFORCE, reconstruction error as the reward):
+    sampler_loss = -mean over hidden tokens of log p(token) * detached reconstruction error
+so hidden tokens that were hard to rebuild become more likely to be *visible* next time: the encoder
+is shown the informative (moving, textured) regions and masks the redundant background, which is
+what lets AdaMAE mask 95% of a clip.
+
+Design choices:
+- The sampler reads *detached* patch embeddings. The paper feeds it the patch embeddings; we stop
+  its gradient there so that the high-variance, 1e-4-weighted REINFORCE term never moves the
+  encoder's patch embedding: the encoder is trained by reconstruction only, as in MAE, and the
+  sampler by the policy gradient only.
+- The reconstruction loss cannot reach the sampler: the sampled indices are integers and the
+  logits enter nothing but the policy-gradient term.
+- The Gumbel noise is built from `1 - u`, so with equal logits the sampler keeps exactly the tokens
+  random masking keeps for the same noise (a untrained sampler starts as random masking, in law).
+- The block is a plain `models.video_vit.Block`, so FSDP2 / ZeRO / activation checkpointing wrap it
+  like every other block, from outside.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from models.masking import MaskOutput, masks_from_scores
+from models.video_vit import Block, run_blocks
+
+# Clamp the uniform noise away from 0 and 1: -log(-log(u)) is infinite at both ends.
+_EPS = 1.0e-6
+
+
+def gumbel_from_uniform(noise: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise from uniform noise in [0, 1): g = -log(-log(1 - u)) (monotone decreasing in u)."""
+    u = (1.0 - noise.float()).clamp(_EPS, 1.0 - _EPS)
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_top_k(logits: torch.Tensor, noise: torch.Tensor, ratio: float) -> MaskOutput:
+    """Sample K = int(L * (1 - ratio)) distinct tokens per row from softmax(logits) (Gumbel top-k).
+
+    Returns the mask-sampler triple (ids_keep [B, K], ids_restore [B, L], mask [B, L], 1 = hidden).
+    """
+    # masks_from_scores keeps the K *lowest* scores: negate the perturbed log-probabilities.
+    score = -(torch.log_softmax(logits.float(), dim=-1) + gumbel_from_uniform(noise))
+    return masks_from_scores(score.detach(), ratio)
+
+
+def policy_gradient_loss(log_probs: torch.Tensor, token_error: torch.Tensor, weight_mask: torch.Tensor) -> torch.Tensor:
+    """-mean(log p * detached error) over the tokens where weight_mask is 1 (hidden tokens with a loss)."""
+    reward = token_error.detach().float() * weight_mask
+    return -(log_probs * reward).sum() / weight_mask.sum().clamp_min(1.0)
+
+
+class AdaptiveTokenSampler(nn.Module):
+    """Token-sampling network: patch embeddings [B, L, D] -> per-token logits [B, L]."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_tokens: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+    ) -> None:
+        super().__init__()
+        # Its own table (not the encoder's): the sampler's notion of position is trained by the
+        # policy gradient only. Name contains "pos_embed" so MAE init / no-weight-decay apply.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)])
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, 1)
+        self.grad_checkpointing = False
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L] of the sampling distribution over the L tokens of `tokens` [B, L, D]."""
+        x = run_blocks(self.blocks, tokens + self.pos_embed, self.grad_checkpointing)
+        return self.head(self.norm(x)).squeeze(-1).float()
+
+    def sample(
+        self, tokens: torch.Tensor, ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[MaskOutput, torch.Tensor]:
+        """Draw the visible tokens: ((ids_keep, ids_restore, mask), log-probabilities [B, L] with grad)."""
+        B, L = tokens.shape[:2]
+        if noise is None:
+            noise = torch.rand(B, L, device=tokens.device)
+        elif noise.shape != (B, L):
+            raise ValueError(f"mask noise must have shape [batch, tokens] = {(B, L)}, got {tuple(noise.shape)}")
+        logits = self(tokens.detach())
+        log_probs = torch.log_softmax(logits, dim=-1)
+        return gumbel_top_k(logits.detach(), noise, ratio), log_probs
+
+
+def sampler_stats(log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Detached logging scalars of the sampling distribution: mean entropy (nats) and max probability."""
+    lp = log_probs.detach().float()
+    p = lp.exp()
+    return {"sampler_entropy": -(p * lp).sum(-1).mean(), "sampler_max_prob": p.max(-1).values.mean()}

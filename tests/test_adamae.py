@@ -1,0 +1,146 @@
+"""AdaMAE adaptive sampler: the mask contract, Gumbel top-k sampling, where its gradient comes from,
+and that the policy gradient moves probability towards hard-to-reconstruct tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models import create_model
+from models.adamae import AdaptiveTokenSampler, gumbel_top_k, policy_gradient_loss
+from models.masking import num_visible, random_masking
+
+TINY = dict(img_size=32, num_frames=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, depth=2)
+
+
+def adaptive_mae(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("mae_vit_micro_patch8", mask_type="adaptive", **{**TINY, **kw})
+
+
+def random_head(model: torch.nn.Module, seed: int = 1) -> None:
+    """Give the (zero-initialised) sampler head random weights, so the distribution is not uniform."""
+    with torch.no_grad():
+        model.adaptive_sampler.head.weight.copy_(torch.randn(model.adaptive_sampler.head.weight.shape,
+                                                             generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9, 0.95])
+def test_keeps_exactly_k_distinct_tokens(ratio: float) -> None:
+    B, L = 5, 200
+    logits = torch.randn(B, L, generator=torch.Generator().manual_seed(0)) * 3
+    noise = torch.rand(B, L, generator=torch.Generator().manual_seed(1))
+    ids_keep, ids_restore, mask = gumbel_top_k(logits, noise, ratio)
+    K = num_visible(L, ratio)
+    assert ids_keep.shape == (B, K) and ids_restore.shape == (B, L) and mask.shape == (B, L)
+    assert torch.equal((mask == 0).sum(1), torch.full((B,), K))
+    for b in range(B):
+        assert ids_keep[b].unique().numel() == K
+        assert torch.all(mask[b, ids_keep[b]] == 0)
+    # Deterministic in the noise (a resume or another rank layout draws the same tokens).
+    assert torch.equal(gumbel_top_k(logits, noise.clone(), ratio)[0], ids_keep)
+
+
+def test_model_mask_contract_and_metrics_at_95_percent() -> None:
+    model = adaptive_mae()
+    random_head(model)
+    clips, noise = torch.randn(3, 3, 4, 32, 32), torch.rand(3, 32)
+    loss, pred, mask = model(clips, 0.95, noise)
+    assert pred.shape == (3, 32, 8 * 8 * 3)
+    assert torch.equal((mask == 0).sum(1), torch.full((3,), num_visible(32, 0.95)))
+    m = model.sampler_metrics
+    assert set(m) >= {"sampler_entropy", "sampler_loss"} and all(not v.requires_grad for v in m.values())
+    assert 0 < float(m["sampler_entropy"]) <= math.log(32) + 1e-5
+    assert model.sampler_probs.shape == (3, 32) and torch.allclose(model.sampler_probs.sum(1), torch.ones(3))
+    assert torch.isfinite(loss)
+
+
+def test_untrained_sampler_is_random_masking_for_the_same_noise() -> None:
+    """Zero-initialised logits: the Gumbel draw keeps exactly the tokens random masking keeps."""
+    model = adaptive_mae()
+    noise = torch.rand(4, 32, generator=torch.Generator().manual_seed(2))
+    _, _, mask = model(torch.randn(4, 3, 4, 32, 32), 0.75, noise)
+    assert torch.equal(mask, random_masking(4, (2, 4, 4), 0.75, noise=noise)[2])
+
+
+def test_gumbel_top_1_follows_the_distribution() -> None:
+    """With K = 1, the kept token is a draw from softmax(logits): frequencies match the probabilities."""
+    L, draws = 6, 20000
+    logits = torch.tensor([2.0, 1.0, 0.0, 0.0, -1.0, -3.0])
+    noise = torch.rand(draws, L, generator=torch.Generator().manual_seed(0))
+    ids_keep, _, _ = gumbel_top_k(logits.expand(draws, L), noise, 1 - 1.5 / L)  # K = int(1.5) = 1
+    freq = torch.bincount(ids_keep[:, 0], minlength=L).float() / draws
+    assert torch.allclose(freq, logits.softmax(0), atol=0.015), (freq, logits.softmax(0))
+
+
+def sampler_grads(model: torch.nn.Module) -> list[torch.Tensor | None]:
+    return [p.grad for p in model.adaptive_sampler.parameters()]
+
+
+def test_reconstruction_loss_does_not_reach_the_sampler() -> None:
+    clips, noise = torch.randn(2, 3, 4, 32, 32), torch.rand(2, 32)
+    model = adaptive_mae(sampler_loss_weight=0.0)  # loss = reconstruction only
+    random_head(model)
+    model(clips, 0.75, noise)[0].backward()
+    assert all(g is None or not g.any() for g in sampler_grads(model))
+    embed_grad_recon = model.patch_embed.proj.weight.grad.clone()
+
+    model = adaptive_mae(sampler_loss_weight=1.0)  # same weights, plus the policy-gradient term
+    random_head(model)
+    model(clips, 0.75, noise)[0].backward()
+    grads = sampler_grads(model)
+    assert all(g is not None for g in grads)
+    assert model.adaptive_sampler.head.weight.grad.abs().sum() > 0
+    assert model.adaptive_sampler.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    # The sampler reads detached embeddings: the policy gradient never moves the encoder's patch embedding.
+    assert torch.allclose(model.patch_embed.proj.weight.grad, embed_grad_recon, atol=1e-7)
+
+
+def test_policy_gradient_raises_probability_of_high_error_tokens() -> None:
+    """A fixed error map (high on 4 tokens): a few Adam steps move probability mass onto those tokens."""
+    torch.manual_seed(0)
+    L, D, B, ratio = 32, 32, 8, 0.75
+    sampler = AdaptiveTokenSampler(D, L, num_heads=4)
+    tokens = torch.randn(B, L, D, generator=torch.Generator().manual_seed(1))
+    hot = torch.tensor([3, 10, 17, 29])
+    error = torch.full((B, L), 0.1)
+    error[:, hot] = 1.0
+    opt = torch.optim.Adam(sampler.parameters(), lr=1e-2)
+
+    def mass_on_hot() -> float:
+        with torch.no_grad():
+            return float(sampler(tokens).softmax(-1)[:, hot].sum(-1).mean())
+
+    before = mass_on_hot()
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        (_, _, mask), log_probs = sampler.sample(tokens, ratio, torch.rand(B, L, generator=gen))
+        loss = policy_gradient_loss(log_probs, error, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = mass_on_hot()
+    assert after > before + 0.1, (before, after)
+
+
+def test_grad_checkpointing_same_loss_and_sampler_grads() -> None:
+    clips, noise = torch.randn(2, 3, 4, 32, 32), torch.rand(2, 32)
+    out = []
+    for ckpt in (False, True):
+        model = adaptive_mae(sampler_loss_weight=1.0)
+        random_head(model)
+        model.set_grad_checkpointing(ckpt)
+        loss = model(clips, 0.9, noise)[0]
+        loss.backward()
+        out.append((loss.detach(), model.adaptive_sampler.blocks[0].mlp.fc1.weight.grad.clone()))
+    assert torch.allclose(out[0][0], out[1][0]) and torch.allclose(out[0][1], out[1][1], atol=1e-6)
+
+
+def test_state_dict_keys_of_other_mask_types_unchanged() -> None:
+    """The sampler adds its own keys only to adaptive models; random models keep their keys."""
+    plain = set(create_model("mae_vit_micro_patch8", **TINY).state_dict())
+    ada = set(adaptive_mae().state_dict())
+    assert plain < ada and all(k.startswith("adaptive_sampler.") for k in ada - plain)
+    assert "adaptive_sampler.pos_embed" in adaptive_mae().no_weight_decay()
