@@ -71,9 +71,10 @@ class AdaptiveTokenSampler(nn.Module):
         num_tokens: int,
         num_heads: int,
         mlp_ratio: float = 4.0,
-        norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: type[nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         # Its own table (not the encoder's): the sampler's notion of position is trained by the
         # policy gradient only. Name contains "pos_embed" so MAE init / no-weight-decay apply.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
