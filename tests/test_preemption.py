@@ -104,10 +104,13 @@ def test_forked_child_dies_of_sigterm_as_usual(tmp_path: Path) -> None:
     """DataLoader workers fork with the watcher's handler: in them SIGTERM must still terminate."""
     watcher = PreemptionWatcher(tmp_path)
     try:
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: wait to be killed; exit 0 would mean the signal was swallowed
+            os.write(ready_w, b"1")  # signals that land inside fork() itself are dropped by Python: wait for this
             time.sleep(10)
             os._exit(0)
+        os.read(ready_r, 1)
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
