@@ -25,8 +25,9 @@ from datasets import (
     collate_clips,
     ensure_synthetic_dataset,
 )
+from datasets.image_folder import build_image_folder_dataset, ensure_synthetic_image_folder
 from models import create_model
-from models.masking import MASK_SAMPLERS
+from models.masking import MASK_TYPES
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from util.config import BOOL, add_common_args, parse_args, save_config
 from util.distributed import barrier, cleanup, init_distributed
@@ -48,7 +49,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_common_args(parser)
     g = parser.add_argument_group("masked autoencoder")
     g.add_argument("--mask_ratio", type=float, default=0.9, help="share of tokens hidden from the encoder")
-    g.add_argument("--mask_type", default="random", choices=sorted(MASK_SAMPLERS), help="mask sampler")
+    g.add_argument("--mask_type", default="random", choices=sorted(MASK_TYPES),
+                   help="mask sampler; adaptive: AdaMAE's learned sampler (models/adamae.py)")
+    g.add_argument("--sampler_loss_weight", type=float, default=1e-4, help="weight of the adaptive sampler's loss")
+    g.add_argument("--decoder_mask_ratio", type=float, default=0.0,
+                   help="share of hidden tokens the decoder skips (running cell; 0: off, 0.5 recommended)")
+    g.add_argument("--data_format", default="video", choices=["video", "image_folder"],
+                   help="video list files, or a folder of class subfolders of images (image MAE, num_frames 1)")
     g.add_argument("--norm_pix_loss", action=BOOL, default=True, help="regress per-patch normalised pixels")
     g.add_argument("--pred_t_dim", type=int, default=8, help="frames the decoder predicts (every T/pred_t_dim-th)")
     g.add_argument("--trunc_init", action=BOOL, default=False, help="trunc-normal instead of xavier init")
@@ -68,6 +75,8 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
         t_patch_size=args.t_patch_size,
         pred_t_dim=args.pred_t_dim,
         mask_type=args.mask_type,
+        sampler_loss_weight=args.sampler_loss_weight,
+        decoder_mask_ratio=args.decoder_mask_ratio,
         norm_pix_loss=args.norm_pix_loss,
         cls_embed=args.cls_embed,
         sep_pos_embed=args.sep_pos_embed,
@@ -82,6 +91,11 @@ def resolve_data_path(args: argparse.Namespace, is_main: bool) -> str:
     """--data_path, or generated motion videos (made once by rank 0, cached) when it is empty."""
     if args.data_path:
         return args.data_path
+    if args.data_format == "image_folder":
+        if is_main:
+            ensure_synthetic_image_folder(size=args.synthetic_size)
+        barrier()
+        return ensure_synthetic_image_folder(size=args.synthetic_size)
     kw = dict(num_videos=args.synthetic_videos, size=args.synthetic_size, seed=0)
     if is_main:
         ensure_synthetic_dataset(**kw)
@@ -106,13 +120,17 @@ def main(args: argparse.Namespace) -> dict:
     model = build_model(args)
     num_tokens = model.patch_embed.num_patches
     data_path = resolve_data_path(args, dist.is_main)
-    dataset = build_video_dataset(
-        data_path, "train", data_root=args.data_root or data_path, mode="pretrain",
-        num_frames=args.num_frames, sampling_rate=args.sampling_rate, crop_size=args.input_size,
-        repeat_aug=args.repeat_aug, seed=args.seed, mask_noise_tokens=num_tokens,
-        short_side_range=None if args.input_size < 160 else (256, 320),
-        max_failure_rate=args.max_failure_rate,
-    )
+    if args.data_format == "image_folder":
+        dataset = build_image_folder_dataset(data_path, "train", crop_size=args.input_size, repeat_aug=args.repeat_aug,
+                                             seed=args.seed, mask_noise_tokens=num_tokens)
+    else:
+        dataset = build_video_dataset(
+            data_path, "train", data_root=args.data_root or data_path, mode="pretrain",
+            num_frames=args.num_frames, sampling_rate=args.sampling_rate, crop_size=args.input_size,
+            repeat_aug=args.repeat_aug, seed=args.seed, mask_noise_tokens=num_tokens,
+            short_side_range=None if args.input_size < 160 else (256, 320),
+            max_failure_rate=args.max_failure_rate,
+        )
     if args.lr is None:
         args.lr = effective_lr(args.blr, args.batch_size, args.repeat_aug, args.accum_iter, dist.world_size)
     backend = setup_parallel(model, args, dist)
@@ -158,8 +176,10 @@ def main(args: argparse.Namespace) -> dict:
         save_checkpoint(backend, args.output_dir, f"step-{st.global_step}", trainer_state, keep_last=args.keep_last)
         last_saved[0] = st.global_step
 
-    def loss_fn(module: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return module(batch["clips"], args.mask_ratio, batch["noise"])[0]
+    def loss_fn(module: torch.nn.Module, batch: dict) -> torch.Tensor | tuple[torch.Tensor, dict]:
+        loss = module(batch["clips"], args.mask_ratio, batch["noise"])[0]
+        # The adaptive sampler leaves its entropy and loss on the plain model (same object when wrapped).
+        return (loss, backend.unwrapped.sampler_metrics) if args.mask_type == "adaptive" else loss
 
     start = time.time()
     finished = True

@@ -1,4 +1,5 @@
-"""Reconstruction images: original / masked / reconstructed target frames of one fixed clip."""
+"""Reconstruction images: original / masked / reconstructed target frames of one fixed clip, plus,
+for the adaptive (AdaMAE) sampler, a row with its per-token sampling probability as a heat map."""
 
 from __future__ import annotations
 
@@ -10,8 +11,26 @@ from torchvision.utils import make_grid, save_image
 MEAN, STD = 0.45, 0.225
 
 
-def reconstruction_grid(model: torch.nn.Module, clips: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A [3, H, W] image in [0, 1]: rows of original, masked and reconstructed frames of clip 0.
+def probability_heat_map(model: torch.nn.Module, probs: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Per-token probabilities [L] of clip 0 as a black-red-yellow-white map [T_pred, C, H, W] over its frames.
+
+    Scaled by the clip's largest probability (a uniform sampler shows as flat mid-red), and blended
+    with the frames' brightness so the hot spots can be matched to the content.
+    """
+    t, h, w = model.grid_size
+    p = model.patch_size
+    heat = probs.float().reshape(t, h, w)
+    heat = heat / heat.max().clamp_min(1e-12)
+    heat = heat.repeat_interleave(model.t_pred_patch_size, 0).repeat_interleave(p, 1).repeat_interleave(p, 2)
+    ramp = torch.stack([(3 * heat).clamp(0, 1), (3 * heat - 1).clamp(0, 1), (3 * heat - 2).clamp(0, 1)], dim=1)
+    gray = (frames * STD + MEAN).clamp(0, 1).mean(dim=1, keepdim=True)  # [T_pred, 1, H, W]
+    return 0.75 * ramp + 0.25 * gray
+
+
+def reconstruction_grid(model: torch.nn.Module, clips: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                        probs: torch.Tensor | None = None) -> torch.Tensor:
+    """A [3, H, W] image in [0, 1]: rows of original, masked and reconstructed frames of clip 0, and
+    with `probs` [B, L] (the adaptive sampler's) a fourth row: the sampling probability heat map.
 
     `model` is the plain (unwrapped) MAE: only its patchify/unpatchify helpers are used.
     """
@@ -28,6 +47,8 @@ def reconstruction_grid(model: torch.nn.Module, clips: torch.Tensor, pred: torch
     rows = [model.unpatchify(x)[0] for x in (target, masked, recon)]  # each [C, T, H, W]
     frames = torch.cat([r.permute(1, 0, 2, 3) for r in rows])  # [3T, C, H, W]
     frames = (frames * STD + MEAN).clamp(0, 1)
+    if probs is not None:
+        frames = torch.cat([frames, probability_heat_map(model, probs[0], rows[0].permute(1, 0, 2, 3))])
     return make_grid(frames, nrow=rows[0].shape[1], padding=1, pad_value=1.0)
 
 
@@ -51,7 +72,9 @@ def save_reconstruction(
     with autocast():
         _, pred, mask = module(clips, mask_ratio, noise)
     module.train(was_training)
-    grid = reconstruction_grid(plain_model, clips, pred, mask)
+    # The adaptive sampler leaves its last probabilities on the plain model (None for other samplers).
+    probs = getattr(plain_model, "sampler_probs", None)
+    grid = reconstruction_grid(plain_model, clips, pred, mask, probs)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, str(path))
