@@ -34,14 +34,13 @@ from datasets import (
     VideoMixup,
     build_video_dataset,
     collate_clips,
-    ensure_synthetic_dataset,
 )
-from main_pretrain import tracked
+from main_pretrain import resolve_data_path, tracked
 from models import create_model
 from models.convert import load_pretrained
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from util.config import BOOL, add_common_args, parse_args, save_config
-from util.distributed import barrier, cleanup, init_distributed
+from util.distributed import cleanup, init_distributed
 from util.engine import TrainState, steps_in_epoch, train_one_epoch
 from util.evaluate import confusion_matrix, evaluate, save_confusion_matrix
 from util.logger import TrainLogger
@@ -97,17 +96,6 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         drop_path_rate=0.0 if args.linprobe else args.drop_path_rate, dropout=0.0 if args.linprobe else args.dropout,
         global_pool=args.global_pool,
     )
-
-
-def resolve_data_path(args: argparse.Namespace, is_main: bool) -> str:
-    """--data_path, or the generated motion videos (made once by rank 0, cached) when it is empty."""
-    if args.data_path:
-        return args.data_path
-    kw = dict(num_videos=args.synthetic_videos, size=args.synthetic_size, seed=0)
-    if is_main:
-        ensure_synthetic_dataset(**kw)
-    barrier()
-    return ensure_synthetic_dataset(**kw)
 
 
 def to_linear_probe(model: nn.Module) -> nn.Module:

@@ -30,9 +30,9 @@ from models import create_model
 from models.masking import MASK_TYPES
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from util.config import BOOL, add_common_args, parse_args, save_config
-from util.distributed import barrier, cleanup, init_distributed
-from util.engine import TrainState, steps_in_epoch, train_one_epoch
-from util.flops import mae_flops_per_clip
+from util.distributed import DistInfo, barrier, cleanup, init_distributed
+from util.engine import TrainState, steps_in_epoch, to_device, train_one_epoch
+from util.flops import device_peak_flops, mae_flops_per_clip
 from util.logger import TrainLogger
 from util.lr_sched import effective_lr
 from util.parallel import setup_parallel
@@ -91,7 +91,7 @@ def resolve_data_path(args: argparse.Namespace, is_main: bool) -> str:
     """--data_path, or generated motion videos (made once by rank 0, cached) when it is empty."""
     if args.data_path:
         return args.data_path
-    if args.data_format == "image_folder":
+    if getattr(args, "data_format", "video") == "image_folder":  # fine-tuning has no such flag
         if is_main:
             ensure_synthetic_image_folder(size=args.synthetic_size)
         barrier()
@@ -111,6 +111,38 @@ def tracked(batches: Iterator[dict], tracker: FailureTracker) -> Iterator[dict]:
         yield batch
 
 
+def build_dataset(
+    args: argparse.Namespace, data_path: str, num_tokens: int, normalize: bool = True
+) -> torch.utils.data.Dataset:
+    """The training set (videos or an image folder) with per-sample mask noise for `num_tokens` tokens."""
+    if args.data_format == "image_folder":
+        return build_image_folder_dataset(data_path, "train", crop_size=args.input_size, repeat_aug=args.repeat_aug,
+                                          seed=args.seed, mask_noise_tokens=num_tokens)
+    return build_video_dataset(
+        data_path, "train", data_root=args.data_root or data_path, mode="pretrain",
+        num_frames=args.num_frames, sampling_rate=args.sampling_rate, crop_size=args.input_size,
+        repeat_aug=args.repeat_aug, seed=args.seed, mask_noise_tokens=num_tokens, normalize=normalize,
+        short_side_range=None if args.input_size < 160 else (256, 320),
+        max_failure_rate=args.max_failure_rate,
+    )
+
+
+def build_loader(
+    args: argparse.Namespace, dataset: torch.utils.data.Dataset, dist: DistInfo
+) -> tuple[ResumableDistributedSampler, torch.utils.data.DataLoader]:
+    """Resumable sampler + DataLoader: persistent workers, prefetching, pinned memory on GPU."""
+    sampler = ResumableDistributedSampler(
+        len(dataset), dist.world_size, dist.rank, shuffle=True, seed=args.seed, batch_size=args.batch_size
+    )
+    workers = args.num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=args.pin_mem and dist.device.type == "cuda", drop_last=True, collate_fn=collate_clips,
+        persistent_workers=workers > 0, prefetch_factor=args.prefetch_factor if workers > 0 else None,
+    )
+    return sampler, loader
+
+
 def main(args: argparse.Namespace) -> dict:
     """Pretrain; returns a summary (final step, last loss, output paths)."""
     dist = init_distributed(need_group=args.dist != "ddp")
@@ -120,29 +152,12 @@ def main(args: argparse.Namespace) -> dict:
     model = build_model(args)
     num_tokens = model.patch_embed.num_patches
     data_path = resolve_data_path(args, dist.is_main)
-    if args.data_format == "image_folder":
-        dataset = build_image_folder_dataset(data_path, "train", crop_size=args.input_size, repeat_aug=args.repeat_aug,
-                                             seed=args.seed, mask_noise_tokens=num_tokens)
-    else:
-        dataset = build_video_dataset(
-            data_path, "train", data_root=args.data_root or data_path, mode="pretrain",
-            num_frames=args.num_frames, sampling_rate=args.sampling_rate, crop_size=args.input_size,
-            repeat_aug=args.repeat_aug, seed=args.seed, mask_noise_tokens=num_tokens,
-            short_side_range=None if args.input_size < 160 else (256, 320),
-            max_failure_rate=args.max_failure_rate,
-        )
+    # On a GPU the loader ships uint8 clips and the engine normalises them on the device.
+    dataset = build_dataset(args, data_path, num_tokens, normalize=dist.device.type != "cuda")
     if args.lr is None:
         args.lr = effective_lr(args.blr, args.batch_size, args.repeat_aug, args.accum_iter, dist.world_size)
     backend = setup_parallel(model, args, dist)
-
-    sampler = ResumableDistributedSampler(
-        len(dataset), dist.world_size, dist.rank, shuffle=True, seed=args.seed, batch_size=args.batch_size
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and dist.device.type == "cuda", drop_last=True, collate_fn=collate_clips,
-        persistent_workers=args.num_workers > 0,
-    )
+    sampler, loader = build_loader(args, dataset, dist)
     steps = steps_in_epoch(len(dataset), args.batch_size, dist.world_size, args.accum_iter)
     videos_per_step = args.batch_size * dist.world_size * args.accum_iter
 
@@ -158,13 +173,16 @@ def main(args: argparse.Namespace) -> dict:
         args.epochs * steps, args.max_steps or args.epochs * steps))
     tracker = FailureTracker(args.max_failure_rate)
     flops = mae_flops_per_clip(model, args.mask_ratio)["train_step"]
+    peak, peak_source = device_peak_flops(dist.device, args.precision)
     log.info(
-        "%s: %.1fM params, %d train videos, %d steps/epoch, %d clips/step, lr %.2e, %s on %d rank(s)",
+        "%s: %.1fM params, %d train videos, %d steps/epoch, %d clips/step, lr %.2e, %s on %d rank(s); "
+        "%.1f GFLOP per clip (fwd+bwd), MFU against %.1f TFLOP/s (%s)",
         args.model, sum(p.numel() for p in model.parameters()) / 1e6, len(dataset), steps,
-        videos_per_step * args.repeat_aug, args.lr, args.dist, dist.world_size,
+        videos_per_step * args.repeat_aug, args.lr, args.dist, dist.world_size, flops / 1e9, peak / 1e12, peak_source,
     )
     vis_item = dataset[(0, 0)]  # a fixed clip and mask for the reconstruction images
-    vis_clips, vis_noise = vis_item["clips"][:1].to(dist.device), vis_item["noise"][:1].to(dist.device)
+    vis = to_device({"clips": vis_item["clips"][:1], "noise": vis_item["noise"][:1]}, dist.device)
+    vis_clips, vis_noise = vis["clips"], vis["noise"]
     last_saved = [state.global_step]
 
     def save(st: TrainState) -> None:
@@ -188,7 +206,7 @@ def main(args: argparse.Namespace) -> dict:
         sampler.set_consumed(state.step_in_epoch * videos_per_step)
         finished = train_one_epoch(
             backend, tracked(iter(loader), tracker), loss_fn, state, args, steps, logger, dist.device,
-            rank=dist.rank, world_size=dist.world_size, save_fn=save, flops_per_clip=flops,
+            rank=dist.rank, world_size=dist.world_size, save_fn=save, flops_per_clip=flops, peak_flops=peak,
             should_stop=watcher.should_stop,
         )
         if finished:

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import create_model  # noqa: E402
 from models.masking import num_visible  # noqa: E402
-from util.flops import mae_flops_per_clip, masked_autoencoder_flops  # noqa: E402
+from util.flops import mae_flops_per_clip, masked_autoencoder_flops, matmul_peak_flops  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -113,16 +113,7 @@ def peak_memory(device: torch.device) -> int:
 
 def matmul_peak_gflops(device: torch.device, n: int, repeats: int = 5) -> float:
     """Best-of-N fp32 GFLOP/s of an n x n x n torch.mm: this machine's practical matmul peak."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return matmul_peak_flops(device, n, repeats) / 1e9
 
 
 def autocast(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
