@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-rows", type=int, default=12)
     p.add_argument("--mm-size", type=int, default=4096, help="side of the square fp32 matmul timed as peak")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask-sweep", default="", help="e.g. 0,0.75,0.9,0.95: step time against the FLOP ratio")
     return p.parse_args(argv)
 
 
@@ -296,6 +297,27 @@ def report(results: list[Result], args: argparse.Namespace, peak: float, device:
     return out
 
 
+def mask_sweep(args: argparse.Namespace, device: torch.device, clips: torch.Tensor, noise: torch.Tensor) -> str:
+    """Our step at several mask ratios (timed in turn): measured speed-up against the FLOP ratio."""
+    benches = []
+    for ratio in (float(r) for r in args.mask_sweep.split(",")):
+        sub = argparse.Namespace(**{**vars(args), "mask_ratio": ratio})
+        bench = bench_ours(sub, device, clips, noise)
+        bench.result.name = f"{ratio:.2f}"
+        benches.append(bench)
+    run_interleaved(benches, argparse.Namespace(**{**vars(args), "profile": False}), device)
+    base = benches[0].result
+    lines = [f"\n## masking speed-up: {args.model}, {args.frames}x{args.img}x{args.img}, batch {args.batch}, "
+             f"{args.dtype}, {device.type}\n",
+             "| mask ratio | median step (s) | speed-up vs first | FLOP ratio | speed-up / FLOP ratio |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for b in benches:
+        r = b.result
+        speedup, flop_ratio = base.median / r.median, base.flops_analytic / r.flops_analytic
+        lines.append(f"| {r.name} | {r.median:.3f} | {speedup:.2f}x | {flop_ratio:.2f}x | {speedup / flop_ratio:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print the table."""
     args = parse_args(argv)
@@ -312,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     del probe
     noise = torch.rand(args.batch, L, device=device)
 
+    if args.mask_sweep:
+        print(mask_sweep(args, device, clips, noise))
+        return
     benches = [bench_ours(args, device, clips, noise)]
     if args.peer == "hf":
         gc.collect()
