@@ -56,6 +56,8 @@ def test_demo_writes_logs_checkpoint_tensorboard_and_images(tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = losses(out)
     assert sorted(steps) == list(range(1, len(steps) + 1)) and len(steps) >= 4
+    first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert {"lr", "grad_norm", "clips_per_s", "data_wait", "mfu", "mem_gb"} <= first.keys()
     assert (out / "checkpoints" / "latest").resolve().name == f"step-{max(steps)}"
     assert (out / "checkpoints" / f"step-{max(steps)}" / "trainer_state.pt").is_file()
     assert any((out / "tensorboard").iterdir())
