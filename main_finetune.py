@@ -38,7 +38,7 @@ from datasets import (
 from main_pretrain import resolve_data_path, tracked
 from models import create_model
 from models.convert import load_pretrained
-from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from util.checkpoint import find_latest, finish_pending_save, load_checkpoint, save_checkpoint
 from util.config import BOOL, add_common_args, parse_args, save_config
 from util.distributed import cleanup, init_distributed
 from util.engine import TrainState, steps_in_epoch, train_one_epoch
@@ -186,7 +186,7 @@ def main(args: argparse.Namespace) -> dict:
     backend = setup_parallel(model, args, dist)
     state = TrainState()
     if resume:
-        state.load_state_dict(load_checkpoint(backend, resume)["train"])
+        state.load_state_dict(load_checkpoint(backend, resume))
         log.info("resumed from %s at epoch %d, step %d of the epoch", resume, state.epoch, state.step_in_epoch)
     elif args.eval and not args.finetune:
         raise ValueError(f"--eval needs weights: --resume DIR, a checkpoint in {out}, or --finetune FILE")
@@ -227,11 +227,12 @@ def main(args: argparse.Namespace) -> dict:
 
     def save(st: TrainState) -> None:
         trainer_state = {
-            "train": st.state_dict(),
+            **st.state_dict(),  # epoch, step_in_epoch, global_step at the top: `util.checkpoint info` shows them
             "sampler": {"epoch": st.epoch, "consumed": st.step_in_epoch * videos_per_step},
             "config": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
         }
-        save_checkpoint(backend, args.output_dir, f"step-{st.global_step}", trainer_state, keep_last=args.keep_last)
+        save_checkpoint(backend, args.output_dir, f"step-{st.global_step}", trainer_state, keep_last=args.keep_last,
+                        async_save=args.async_save)
         last_saved[0] = st.global_step
 
     def loss_fn(module: nn.Module, batch: dict) -> torch.Tensor:
@@ -263,6 +264,7 @@ def main(args: argparse.Namespace) -> dict:
     if finished:
         metrics = run_test(backend, test_loader, num_test_videos, args, dist, out, f"final, step {state.global_step}")
         logger.scalars(state.global_step, metrics, prefix=f"{args.eval_split}/")
+    finish_pending_save(wait=True)
     logger.close()
     watcher.finish()  # after a signal-stop: exits for requeue under submitit; returns otherwise
     summary = {"global_step": state.global_step, "epoch": state.epoch, "minutes": (time.time() - start) / 60,

@@ -28,7 +28,7 @@ from datasets import (
 from datasets.image_folder import build_image_folder_dataset, ensure_synthetic_image_folder
 from models import create_model
 from models.masking import MASK_TYPES
-from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from util.checkpoint import find_latest, finish_pending_save, load_checkpoint, save_checkpoint
 from util.config import BOOL, add_common_args, parse_args, save_config
 from util.distributed import DistInfo, barrier, cleanup, init_distributed
 from util.engine import TrainState, steps_in_epoch, to_device, train_one_epoch
@@ -165,7 +165,7 @@ def main(args: argparse.Namespace) -> dict:
     resume = args.resume or (find_latest(args.output_dir) if args.auto_resume else None)
     if resume:
         trainer_state = load_checkpoint(backend, resume)
-        state.load_state_dict(trainer_state["train"])
+        state.load_state_dict(trainer_state)
         log.info("resumed from %s at epoch %d, step %d of the epoch", resume, state.epoch, state.step_in_epoch)
     if dist.is_main:
         save_config(args, out / "config.yaml", get_args_parser())
@@ -187,11 +187,12 @@ def main(args: argparse.Namespace) -> dict:
 
     def save(st: TrainState) -> None:
         trainer_state = {
-            "train": st.state_dict(),
+            **st.state_dict(),  # epoch, step_in_epoch, global_step at the top: `util.checkpoint info` shows them
             "sampler": {"epoch": st.epoch, "consumed": st.step_in_epoch * videos_per_step},
             "config": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
         }
-        save_checkpoint(backend, args.output_dir, f"step-{st.global_step}", trainer_state, keep_last=args.keep_last)
+        save_checkpoint(backend, args.output_dir, f"step-{st.global_step}", trainer_state, keep_last=args.keep_last,
+                        async_save=args.async_save)
         last_saved[0] = st.global_step
 
     def loss_fn(module: torch.nn.Module, batch: dict) -> torch.Tensor | tuple[torch.Tensor, dict]:
@@ -219,6 +220,7 @@ def main(args: argparse.Namespace) -> dict:
             state.step_in_epoch = 0
         if state.global_step != last_saved[0]:
             save(state)
+    finish_pending_save(wait=True)
     logger.close()
     watcher.finish()  # after a signal-stop: exits for requeue under submitit; returns otherwise
     summary = {"global_step": state.global_step, "epoch": state.epoch, "minutes": (time.time() - start) / 60,

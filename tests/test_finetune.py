@@ -47,7 +47,7 @@ def pretraining_folder(out: Path) -> Path:
     args = argparse.Namespace(dist="ddp", precision="fp32", grad_ckpt=False, compile=False, clip_grad=0.0,
                               accum_iter=1, weight_decay=0.05, lr=1e-3)
     backend = setup_parallel(mae, args, DistInfo(0, 1, 0, torch.device("cpu"), True))
-    save_checkpoint(backend, out, "step-1", {"train": {"epoch": 1, "step_in_epoch": 0, "global_step": 1}})
+    save_checkpoint(backend, out, "step-1", {"epoch": 1, "step_in_epoch": 0, "global_step": 1})
     return out
 
 

@@ -133,7 +133,7 @@ def test_usr2_to_local_tasks_saves_on_all_ranks_requeues_and_resumes_exactly(
 
     assert stop_step % 8, "the stop landed on an epoch end: retry"  # mid-epoch: made by the stop request only
     state = torch.load(job_dir / "checkpoints" / f"step-{stop_step}" / "trainer_state.pt", weights_only=True)
-    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["train"]["global_step"] == stop_step
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["global_step"] == stop_step
     for task in (0, 1):
         err = task_log(job, job_dir, task)
         assert "caught SIGUSR2" in err and "exiting for requeue" in err, err[-2000:]

@@ -70,8 +70,11 @@ def test_demo_writes_logs_checkpoint_tensorboard_and_images(tmp_path: Path) -> N
     assert losses(out) == steps
 
 
-@pytest.mark.parametrize("backend", [["--dist", "ddp"], ["--dist", "fsdp"], ["--dist", "deepspeed", "--zero_stage", "2"]],
-                         ids=["ddp", "fsdp", "zero2"])
+@pytest.mark.parametrize(
+    "backend",
+    [["--dist", "ddp"], ["--dist", "fsdp", "--async_save"], ["--dist", "deepspeed", "--zero_stage", "2"]],
+    ids=["ddp", "fsdp-async-save", "zero2"],
+)
 def test_exact_resume_after_sigkill(tmp_path: Path, backend: list[str]) -> None:
     """A run SIGKILLed after a mid-epoch save, then resumed, logs the same losses as one uninterrupted run."""
     args = ["--epochs", "4", "--save_every", "3", "--precision", "fp32", *backend]  # 6 steps/epoch on 2 ranks

@@ -113,10 +113,51 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
 
 
 # ----------------------------------------------------------------------------- save / load
+# An asynchronous save in flight: (future, tmp dir, final dir, keep_last). Rank 0 finishes it.
+_pending: tuple | None = None
+
+
+def _finalize(tmp: Path, final: Path, keep_last: int) -> None:
+    """Rank 0: make a fully written `<name>.tmp` the checkpoint `<name>` and point `latest` at it."""
+    root = final.parent
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving a step after a resume: the new save wins
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _point_latest(root, final.name)
+    _prune(root, keep_last)
+
+
+def finish_pending_save(wait: bool = True) -> None:
+    """Complete an asynchronous save: rename it and move `latest` once its data is all written.
+
+    Cheap to call every step with wait=False. Rank 0's DCP future resolves only after every rank's
+    shards are written and the metadata is committed, so rank 0 can finish it alone.
+    """
+    global _pending
+    if _pending is None:
+        return
+    future, tmp, final, keep_last = _pending
+    if not wait and not future.done():
+        return
+    future.result()  # re-raises a failed write here, in the training thread
+    _pending = None
+    if du.is_main_process():
+        _finalize(tmp, final, keep_last)
+
+
 def save_checkpoint(
-    backend: Backend, output_dir: str | Path, name: str, trainer_state: dict, keep_last: int = 3
+    backend: Backend, output_dir: str | Path, name: str, trainer_state: dict, keep_last: int = 3,
+    async_save: bool = False,
 ) -> Path:
-    """Collective save into OUT/checkpoints/<name>/ via <name>.tmp/; `latest` moves only once it is complete."""
+    """Collective save into OUT/checkpoints/<name>/ via <name>.tmp/; `latest` moves only once it is complete.
+
+    With `async_save` (FSDP2) the shards are written in the background and the checkpoint is
+    finished by `finish_pending_save` (the engine polls it every step, the mains wait at the end).
+    """
+    global _pending
+    finish_pending_save(wait=True)  # one save in flight at a time
     root = Path(output_dir) / "checkpoints"
     tmp, final = root / f"{name}.tmp", root / name
     if du.is_main_process():
@@ -125,7 +166,7 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     du.barrier()
-    backend.save(tmp / STATE_DIR)
+    future = backend.save(tmp / STATE_DIR, async_save=True) if async_save else backend.save(tmp / STATE_DIR)
     rngs = du.all_gather_object(rng_state())
     if du.is_main_process():
         state = dict(trainer_state)
@@ -135,15 +176,12 @@ def save_checkpoint(
             import yaml
 
             (tmp / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
+    if future is not None:
+        _pending = (future, tmp, final, keep_last)
+        return final
     du.barrier()  # every rank's shards are written
     if du.is_main_process():
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step after a resume: the new save wins
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _point_latest(root, name)
-        _prune(root, keep_last)
+        _finalize(tmp, final, keep_last)
     du.barrier()  # nobody runs on (or gets killed) believing a save exists before `latest` names it
     return final
 

@@ -73,6 +73,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--auto_resume", action=BOOL, default=True, help="resume from OUT/checkpoints/latest")
     g.add_argument("--save_every", type=int, default=1000, help="optimiser steps between saves (0: epoch ends only)")
     g.add_argument("--keep_last", type=int, default=3, help="checkpoints to keep")
+    g.add_argument("--async_save", action=BOOL, default=False,
+                   help="write FSDP2 checkpoints in the background (DCP async_save); other backends save in line")
     g.add_argument("--log_every", type=int, default=20, help="optimiser steps between log lines")
     return parser
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as torch_dist
 
 from datasets.transforms import normalize_clips
+from util.checkpoint import finish_pending_save
 from util.logger import TrainLogger, peak_memory_gb
 from util.lr_sched import apply_lr, lr_at
 
@@ -136,6 +137,7 @@ def train_one_epoch(
             step_loss = loss if step_loss is None else step_loss + loss
             clips += batch["clips"].shape[0]
         grad_norm = backend.step()
+        finish_pending_save(wait=False)  # an asynchronous checkpoint becomes `latest` once fully written
         state.step_in_epoch = step + 1
         state.global_step += 1
         window_losses.append(step_loss / accum)

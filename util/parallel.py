@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 
@@ -105,8 +106,11 @@ class Backend:
         """Clip, optimizer step, zero grads; returns the pre-clip grad norm (a tensor, no host sync)."""
         raise NotImplementedError
 
-    def save(self, path: str | Path) -> None:
-        """Write model + optimizer state into directory `path` (collective)."""
+    def save(self, path: str | Path, async_save: bool = False) -> Future | None:
+        """Write model + optimizer state into directory `path` (collective).
+
+        Backends without asynchronous I/O ignore `async_save`, save before returning and return None.
+        """
         raise NotImplementedError
 
     def load(self, path: str | Path) -> None:
@@ -178,7 +182,7 @@ class DDPBackend(Backend):
         self._micro = 0
         return norm
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, async_save: bool = False) -> Future | None:
         """One torch.save file written by rank 0: {'model', 'optimizer', 'scaler'} with plain names."""
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=opts)
@@ -221,6 +225,7 @@ class FSDPBackend(Backend):
         for unit in block_units(model):
             fully_shard(unit, **kw)
         fully_shard(model, **kw)
+        self._ckpt_group = None  # gloo group for asynchronous saves, made on first use (collectively)
         # Build groups after sharding: the parameters are now DTensors (replaced in place).
         self.optimizer = build_adamw(param_groups(model, args.weight_decay, getattr(args, "layer_decay", None)), args.lr, info.device)
 
@@ -236,12 +241,23 @@ class FSDPBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def save(self, path: str | Path) -> None:
-        """Sharded DCP checkpoint: every rank writes its shards."""
+    def save(self, path: str | Path, async_save: bool = False) -> Future | None:
+        """Sharded DCP checkpoint: every rank writes its shards; async returns a Future instead of waiting.
+
+        Async saving copies the state to CPU memory now and writes it from a background thread, so
+        training goes on during the write. The thread's collectives run on a gloo group of their own:
+        sharing the training group with a second thread could interleave collectives.
+        """
         import torch.distributed.checkpoint as dcp
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        state = {"model": model_sd, "optim": optim_sd}
+        if not async_save:
+            dcp.save(state, checkpoint_id=str(path))
+            return None
+        if self._ckpt_group is None:
+            self._ckpt_group = dist.new_group(backend="gloo")
+        return dcp.async_save(state, checkpoint_id=str(path), process_group=self._ckpt_group)
 
     def load(self, path: str | Path) -> None:
         """Load a DCP checkpoint saved by any number of ranks (resharded on read)."""
@@ -350,7 +366,7 @@ class DeepSpeedBackend(Backend):
                 out[clean_name(name)] = b.detach().cpu().clone()
         return out
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, async_save: bool = False) -> Future | None:
         """DeepSpeed's own sharded format under `path/zero/` (every rank writes its partition)."""
         self.engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG)
 
