@@ -11,6 +11,7 @@ Set the lr through `backend.param_groups` (re-read it after `load`: loading repl
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import copy
@@ -63,7 +64,7 @@ def apply_block_wrappers(model: nn.Module, grad_ckpt: bool, compile_blocks: bool
             unit.compile()  # in place (no `_orig_mod.` in names), like torchtitan's per-block compile
 
 
-class Backend:
+class Backend(abc.ABC):
     """Common interface; subclasses fill in wrapping, backward, step and checkpoint I/O."""
 
     name = "base"
@@ -98,24 +99,24 @@ class Backend:
             return {}
         return {clean_name(k): v.detach().float().cpu().clone() for k, v in sd.items()}
 
+    @abc.abstractmethod
     def backward(self, loss: torch.Tensor, is_last_microstep: bool = True) -> None:
         """Backpropagate loss / accum_iter; gradients are synchronised only on the last micro-step."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def step(self) -> torch.Tensor | None:
         """Clip, optimizer step, zero grads; returns the pre-clip grad norm (a tensor, no host sync)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def save(self, path: str | Path, async_save: bool = False) -> Future | None:
         """Write model + optimizer state into directory `path` (collective).
 
         Backends without asynchronous I/O ignore `async_save`, save before returning and return None.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load(self, path: str | Path) -> None:
         """Restore model + optimizer state from directory `path` (collective)."""
-        raise NotImplementedError
 
 
 class DDPBackend(Backend):
