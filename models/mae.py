@@ -30,11 +30,13 @@ from models.adamae import AdaptiveTokenSampler, policy_gradient_loss, sampler_st
 from models.masking import decoder_targets, get_mask_sampler
 from models.video_vit import (
     Block,
+    LayerNorm6,
     PatchEmbed3D,
+    add_pos_embed,
     init_weights,
     layer_id_for,
+    pos_tables,
     run_blocks,
-    separable_pos_table,
 )
 
 
@@ -53,7 +55,7 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_depth: int = 4,
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
-        norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: type[nn.Module] = LayerNorm6,
         norm_pix_loss: bool = True,
         num_frames: int = 16,
         t_patch_size: int = 2,
@@ -91,13 +93,7 @@ class MaskedAutoencoderViT(nn.Module):
         # Encoder
         if cls_embed:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        if sep_pos_embed:
-            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, embed_dim))
-            self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, embed_dim))
-            if cls_embed:
-                self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        else:
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + int(cls_embed), embed_dim))
+        add_pos_embed(self, "", self.grid_size, embed_dim, cls_embed, sep_pos_embed)
         self.blocks = nn.ModuleList(
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
         )
@@ -110,13 +106,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         if cls_embed:
             self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        if sep_pos_embed:
-            self.decoder_pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, decoder_embed_dim))
-            self.decoder_pos_embed_temporal = nn.Parameter(torch.zeros(1, t, decoder_embed_dim))
-            if cls_embed:
-                self.decoder_pos_embed_class = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        else:
-            self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + int(cls_embed), decoder_embed_dim))
+        add_pos_embed(self, "decoder_", self.grid_size, decoder_embed_dim, cls_embed, sep_pos_embed)
         self.decoder_blocks = nn.ModuleList(
             [
                 Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
@@ -183,13 +173,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _pos_table(self, decoder: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(patch position table [1, L, D], class position [1, 1, D] or None) of encoder or decoder."""
-        pre = "decoder_" if decoder else ""
-        if self.sep_pos_embed:
-            table = separable_pos_table(getattr(self, pre + "pos_embed_spatial"), getattr(self, pre + "pos_embed_temporal"))
-            cls = getattr(self, pre + "pos_embed_class") if self.cls_embed else None
-            return table, cls
-        full = getattr(self, pre + "pos_embed")
-        return (full[:, 1:], full[:, :1]) if self.cls_embed else (full, None)
+        return pos_tables(self, "decoder_" if decoder else "", self.cls_embed, self.sep_pos_embed)
 
     # ----------------------------------------------------------------- forward
     def forward_encoder(

@@ -8,12 +8,16 @@ always flattened in (t, h, w) order: token `l = t * H'W' + h * W' + w`.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+# MAE's norm: LayerNorm with eps 1e-6 (a module-level constant so it can be an argument default).
+LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 
 
 class PatchEmbed3D(nn.Module):
@@ -145,6 +149,31 @@ def separable_pos_table(spatial: torch.Tensor, temporal: torch.Tensor) -> torch.
     """Sum spatial [1, H'W', D] and temporal [1, T', D] tables into [1, T'H'W', D], (t, h, w) order."""
     t, hw = temporal.shape[1], spatial.shape[1]
     return spatial.repeat(1, t, 1) + torch.repeat_interleave(temporal, hw, dim=1)
+
+
+def add_pos_embed(module: nn.Module, prefix: str, grid: tuple[int, int, int], dim: int, cls_embed: bool,
+                  sep_pos_embed: bool) -> None:
+    """Register learned position tables under MAE-ST's names: `{prefix}pos_embed_{spatial,temporal,class}`
+    (separable) or one joint `{prefix}pos_embed` [1, (1+) T'H'W', D], so official weights load by name."""
+    t, h, w = grid
+    if sep_pos_embed:
+        setattr(module, prefix + "pos_embed_spatial", nn.Parameter(torch.zeros(1, h * w, dim)))
+        setattr(module, prefix + "pos_embed_temporal", nn.Parameter(torch.zeros(1, t, dim)))
+        if cls_embed:
+            setattr(module, prefix + "pos_embed_class", nn.Parameter(torch.zeros(1, 1, dim)))
+    else:
+        setattr(module, prefix + "pos_embed", nn.Parameter(torch.zeros(1, t * h * w + int(cls_embed), dim)))
+
+
+def pos_tables(module: nn.Module, prefix: str, cls_embed: bool, sep_pos_embed: bool
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(patch position table [1, L, D], class-token position [1, 1, D] or None) registered by add_pos_embed."""
+    if sep_pos_embed:
+        table = separable_pos_table(getattr(module, prefix + "pos_embed_spatial"),
+                                    getattr(module, prefix + "pos_embed_temporal"))
+        return table, getattr(module, prefix + "pos_embed_class") if cls_embed else None
+    full = getattr(module, prefix + "pos_embed")
+    return (full[:, 1:], full[:, :1]) if cls_embed else (full, None)
 
 
 def resize_spatial_pos_embed(pe: torch.Tensor, new_hw: tuple[int, int]) -> torch.Tensor:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
-from models.video_vit import Block, PatchEmbed3D, init_weights, layer_id_for, run_blocks, separable_pos_table
+from models.video_vit import (
+    Block,
+    LayerNorm6,
+    PatchEmbed3D,
+    add_pos_embed,
+    init_weights,
+    layer_id_for,
+    pos_tables,
+    run_blocks,
+)
 
 
 class VisionTransformer(nn.Module):
@@ -27,7 +34,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         dropout: float = 0.5,
         attn_drop_rate: float = 0.0,
-        norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: type[nn.Module] = LayerNorm6,
         num_frames: int = 16,
         t_patch_size: int = 2,
         cls_embed: bool = False,
@@ -44,13 +51,7 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
         if cls_embed:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        if sep_pos_embed:
-            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, embed_dim))
-            self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, embed_dim))
-            if cls_embed:
-                self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        else:
-            self.pos_embed = nn.Parameter(torch.zeros(1, t * h * w + int(cls_embed), embed_dim))
+        add_pos_embed(self, "", self.grid_size, embed_dim, cls_embed, sep_pos_embed)
         # Stochastic depth grows linearly with depth, as in MAE fine-tuning.
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
@@ -94,12 +95,8 @@ class VisionTransformer(nn.Module):
         """Pooled clip embedding [B, D]."""
         x = self.patch_embed(clips)
         B = x.shape[0]
-        if self.sep_pos_embed:
-            x = x + separable_pos_table(self.pos_embed_spatial, self.pos_embed_temporal)
-            cls_pos = self.pos_embed_class if self.cls_embed else None
-        else:
-            x = x + self.pos_embed[:, int(self.cls_embed):]
-            cls_pos = self.pos_embed[:, :1] if self.cls_embed else None
+        pos, cls_pos = pos_tables(self, "", self.cls_embed, self.sep_pos_embed)
+        x = x + pos
         if self.cls_embed:
             x = torch.cat([(self.cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
