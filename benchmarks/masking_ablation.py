@@ -1,7 +1,7 @@
 """Masking ablation at toy scale: mask type x ratio -> linear-probe accuracy, step time; where AdaMAE
 looks; what decoder masking saves on a ViT-B 16x224 step.
 
-    python benchmarks/masking_ablation.py --quick          # ~10 min on 2 CPU cores
+    python benchmarks/masking_ablation.py --quick          # ~20 min on 2 shared CPU cores
     python benchmarks/masking_ablation.py                  # longer runs, main_finetune.py --linprobe
 
 1. Ablation (the toy counterpart of MAE-ST's mask-type / mask-ratio tables): on the generated motion
@@ -262,7 +262,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     """Run the three parts and print their tables."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short runs (~10 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="short runs (~20 min on 2 shared CPU cores)")
     p.add_argument("--steps", type=int, default=None, help="pretraining steps per run (120; quick 40)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--videos", type=int, default=96, help="generated videos (70%% train, 30%% probe test)")
