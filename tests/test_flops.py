@@ -44,3 +44,16 @@ def test_vit_forward_flops_match_counter_on_meta() -> None:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(clips)
     assert counter.get_total_flops() == vit_flops_per_clip(model)["forward"]
+
+
+@pytest.mark.parametrize("kw", [{"decoder_mask_ratio": 0.5}, {"mask_type": "adaptive"}],
+                         ids=["decoder-masking", "adaptive"])
+def test_analytic_count_follows_decoder_masking_and_adaptive_sampler(kw: dict) -> None:
+    """MFU stays honest for AdaMAE and decoder masking: the count matches the counter within 1%."""
+    with torch.device("meta"):
+        model = create_model("mae_vit_base_patch16", **kw).train()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.empty(1, 3, 16, 224, 224), 0.9, torch.rand(1, 1568))
+    analytic = mae_flops_per_clip(model, 0.9)["forward"]
+    assert abs(analytic - counter.get_total_flops()) <= 0.01 * analytic

@@ -44,15 +44,17 @@ def masked_autoencoder_flops(
     num_prefix: int = 0,
     num_pred_tokens: int | None = None,
     num_embed_tokens: int | None = None,
+    num_decoder_patches: int | None = None,
 ) -> dict[str, int]:
     """Forward FLOPs per clip of an MAE, by part, plus "forward" and "train_step" totals.
 
     `num_prefix` class tokens ride along in encoder and decoder; the prediction head runs on
     `num_pred_tokens` tokens (default: every decoder token, as MAE-ST does; VideoMAE: masked only);
-    the patch embedding on `num_embed_tokens` (default: all patches; ours embeds visible ones only).
+    the patch embedding on `num_embed_tokens` (default: all patches; ours embeds visible ones only);
+    the decoder on `num_decoder_patches` patch tokens (default: all; fewer with decoder masking).
     """
     enc_tokens = num_visible + num_prefix
-    dec_tokens = num_patches + num_prefix
+    dec_tokens = (num_patches if num_decoder_patches is None else num_decoder_patches) + num_prefix
     pred_tokens = dec_tokens if num_pred_tokens is None else num_pred_tokens
     embed_tokens = num_patches if num_embed_tokens is None else num_embed_tokens
     enc = block_flops(enc_tokens, enc_dim, enc_mlp)
@@ -72,17 +74,28 @@ def masked_autoencoder_flops(
 
 
 def mae_flops_per_clip(model: nn.Module, mask_ratio: float) -> dict[str, int]:
-    """Analytic FLOPs per clip of our `MaskedAutoencoderViT` at a mask ratio (see module doc)."""
+    """Analytic FLOPs per clip of our `MaskedAutoencoderViT` at a mask ratio (see module doc).
+
+    Counts the training-mode model: decoder masking shrinks the decoder's tokens, and AdaMAE's
+    sampler adds one block over every patch (which then must all be embedded).
+    """
     from models.masking import num_visible  # local: keep this module importable without models
 
     pe = model.patch_embed
     num_patches = pe.num_patches
     visible = num_visible(num_patches, mask_ratio)
+    decoder_patches = num_patches
+    if getattr(model, "decoder_mask_ratio", 0.0) > 0:
+        hidden = num_patches - visible
+        decoder_patches = visible + max(1, int(hidden * (1 - model.decoder_mask_ratio)))
+    sampler = getattr(model, "adaptive_sampler", None)
     enc_blk, dec_blk = model.blocks[0], model.decoder_blocks[0]
-    return masked_autoencoder_flops(
+    parts = masked_autoencoder_flops(
         num_patches=num_patches,
         num_visible=visible,
-        num_embed_tokens=visible,  # forward_encoder embeds only the visible tubelets
+        # forward_encoder embeds only the visible tubelets, unless the sampler needs them all
+        num_embed_tokens=num_patches if sampler is not None else visible,
+        num_decoder_patches=decoder_patches,
         patch_dim=pe.proj.weight[0].numel(),
         enc_dim=enc_blk.attn.qkv.in_features,
         enc_depth=len(model.blocks),
@@ -93,6 +106,16 @@ def mae_flops_per_clip(model: nn.Module, mask_ratio: float) -> dict[str, int]:
         pred_dim=model.decoder_pred.out_features,
         num_prefix=int(model.cls_embed),
     )
+    if sampler is not None:
+        extra = 0
+        for blk in sampler.blocks:
+            one = block_flops(num_patches, blk.attn.qkv.in_features, blk.mlp.fc1.out_features)
+            extra += one["linear"] + one["attention"]
+        extra += 2 * num_patches * sampler.head.in_features * sampler.head.out_features
+        parts["sampler"] = extra
+        parts["forward"] += extra
+        parts["train_step"] = TRAIN_STEP_FACTOR * parts["forward"]
+    return parts
 
 
 def vit_flops_per_clip(model: nn.Module) -> dict[str, int]:
