@@ -296,7 +296,8 @@ def adapt_to_model(canon: StateDict, model: nn.Module, fmt: str = "ours") -> tup
     mine = model.state_dict()
     canon = dict(canon)
     if not any(k.startswith("decoder_") for k in mine):
-        for k in [k for k in canon if k.startswith(("decoder_", "mask_token", "decoder."))]:
+        # Pretraining-only parts: the decoder and AdaMAE's token sampler.
+        for k in [k for k in canon if k.startswith(("decoder_", "mask_token", "decoder.", "adaptive_sampler."))]:
             report.dropped.append(k)
             del canon[k]
     # Pretrained encoders end in `norm`; a mean-pooling classifier applies that norm as `fc_norm`.
