@@ -40,7 +40,7 @@ from models import create_model
 from models.convert import load_pretrained
 from util.checkpoint import find_latest, finish_pending_save, load_checkpoint, save_checkpoint
 from util.config import BOOL, add_common_args, parse_args, save_config
-from util.distributed import cleanup, init_distributed
+from util.distributed import cleanup, init_distributed, set_cpu_threads
 from util.engine import TrainState, steps_in_epoch, train_one_epoch
 from util.evaluate import confusion_matrix, evaluate, save_confusion_matrix
 from util.logger import TrainLogger
@@ -168,6 +168,7 @@ def run_test(backend, loader, num_videos: int, args: argparse.Namespace, dist, o
 def main(args: argparse.Namespace) -> dict:
     """Fine-tune (or only test with --eval); returns a summary with the final test metrics."""
     dist = init_distributed(need_group=args.dist != "ddp")
+    set_cpu_threads(dist, args.num_workers)
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     model = build_model(args)

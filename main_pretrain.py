@@ -30,7 +30,7 @@ from models import create_model
 from models.masking import MASK_TYPES
 from util.checkpoint import find_latest, finish_pending_save, load_checkpoint, save_checkpoint
 from util.config import BOOL, add_common_args, parse_args, save_config
-from util.distributed import DistInfo, barrier, cleanup, init_distributed
+from util.distributed import DistInfo, barrier, cleanup, init_distributed, set_cpu_threads
 from util.engine import TrainState, steps_in_epoch, to_device, train_one_epoch
 from util.flops import device_peak_flops, mae_flops_per_clip
 from util.logger import TrainLogger
@@ -146,6 +146,7 @@ def build_loader(
 def main(args: argparse.Namespace) -> dict:
     """Pretrain; returns a summary (final step, last loss, output paths)."""
     dist = init_distributed(need_group=args.dist != "ddp")
+    set_cpu_threads(dist, args.num_workers)
     watcher = PreemptionWatcher(args.output_dir)  # SIGUSR2/SIGTERM -> all ranks stop at one step, save, requeue
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)

@@ -40,7 +40,7 @@ from main_pretrain import (  # noqa: E402
     resolve_data_path,
 )
 from util.config import parse_args  # noqa: E402
-from util.distributed import init_distributed  # noqa: E402
+from util.distributed import init_distributed, set_cpu_threads  # noqa: E402
 from util.engine import TrainState, to_device, train_one_epoch  # noqa: E402
 from util.flops import device_peak_flops, mae_flops_per_clip  # noqa: E402
 from util.logger import TrainLogger, peak_memory_gb  # noqa: E402
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     args.log_every, args.save_every, args.max_steps, args.epochs = 10**9, 0, 0, 10**6
     modes = ["model"] if bargs.no_data else bargs.modes.split(",")
     dist = init_distributed(need_group=args.dist != "ddp")
+    threads = set_cpu_threads(dist, args.num_workers)
     model = build_model(args)
     dataset = build_dataset(args, resolve_data_path(args, dist.is_main), model.patch_embed.num_patches,
                             normalize=dist.device.type != "cuda")
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{args.model} {args.num_frames}x{args.input_size}, mask {args.mask_ratio}, {args.precision}, "
           f"{args.dist} x{dist.world_size}, {clips_per_step} clips/step/rank, {args.num_workers} workers, "
-          f"grad_ckpt={args.grad_ckpt}, compile={args.compile} on {device}")
+          f"grad_ckpt={args.grad_ckpt}, compile={args.compile} on {device}, {threads} compute thread(s)")
     print(f"{flops / 1e9:.2f} GFLOP per clip (fwd+bwd); peak {peak / 1e12:.3f} TFLOP/s ({peak_source}); "
           f"{n} steps per mode ({bargs.warmup} warm-up)\n")
     print("| mode | clips/s per rank | step (s) | data wait | MFU | peak mem (GiB) |")
