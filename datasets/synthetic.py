@@ -28,8 +28,16 @@ _SHAPES = ("square", "triangle", "cross", "ellipse", "star")
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Static textured background: random low-frequency noise plus faint stripes, uint8 [H, W, 3]."""
+BACKGROUNDS = ("texture", "smooth", "plain")
+
+
+def _background(rng: np.random.Generator, size: int, kind: str = "texture") -> np.ndarray:
+    """Static background, uint8 [H, W, 3]: random low-frequency noise plus faint stripes ("texture"), the
+    noise alone ("smooth": no stripes), or one random colour ("plain"); the last two are easy to fill in
+    from a few visible patches. All kinds draw the same random numbers, so the objects of a video do not
+    depend on the background kind."""
+    if kind not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {kind!r}")
     low = rng.random((4, 4, 3))
     ys = np.linspace(0, 3, size)
     # bilinear upsampling of a 4x4 noise grid: smooth blotches that do not move
@@ -41,7 +49,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size]
     angle, freq = rng.uniform(0, np.pi), rng.uniform(0.3, 0.8)
     stripes = 0.5 + 0.5 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy))
-    img = 0.35 + 0.35 * img + 0.15 * stripes[..., None]
+    if kind == "plain":
+        img = np.broadcast_to(low[0, 0], img.shape)
+    img = 0.35 + 0.35 * img + (0.15 * stripes[..., None] if kind == "texture" else 0.075)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
@@ -60,14 +70,14 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarra
 
 
 def render_video(label: int, rng: np.random.Generator, size: int = 64, frames: int = 48,
-                 num_objects: int | None = None) -> tuple[np.ndarray, list]:
+                 num_objects: int | None = None, background: str = "texture") -> tuple[np.ndarray, list]:
     """Render one clip of class `label`: uint8 [T, H, W, 3] and per-frame boxes [[x0, y0, x1, y1], ...]."""
     direction, sense = CLASS_NAMES[label].split("-")
     dx, dy = _DIRECTIONS[direction]
     spin = 1.0 if sense == "cw" else -1.0
     n_obj = num_objects or int(rng.integers(1, 3))
     single = num_objects == 1
-    bg = _background(rng, size)
+    bg = _background(rng, size, background)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     objs = []
     for _ in range(n_obj):
@@ -137,14 +147,14 @@ def write_video(path: str, frames: np.ndarray, fps: int = 30, codec: str = "libx
 
 
 def generate_dataset(out: str, num_videos: int, size: int = 64, frames: int = 48, fps: int = 30,
-                     seed: int = 0, single_object: bool = False) -> str:
+                     seed: int = 0, single_object: bool = False, background: str = "texture") -> str:
     """Write `num_videos` labelled mp4 files plus train/val/test.csv (and boxes.json) into `out`."""
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
     rng = np.random.default_rng(seed)
     rows, boxes_all = [], {}
     for i in range(num_videos):
         label = i % len(CLASS_NAMES)  # balanced classes
-        video, boxes = render_video(label, rng, size, frames, 1 if single_object else None)
+        video, boxes = render_video(label, rng, size, frames, 1 if single_object else None, background)
         rel = f"videos/{i:05d}_{CLASS_NAMES[label]}.mp4"
         write_video(os.path.join(out, rel), video, fps)
         rows.append((rel, label))
@@ -167,10 +177,12 @@ def generate_dataset(out: str, num_videos: int, size: int = 64, frames: int = 48
 
 def ensure_synthetic_dataset(cache_dir: str | None = None, num_videos: int = 96, size: int = 64,
                              frames: int = 48, fps: int = 30, seed: int = 0,
-                             single_object: bool = False) -> str:
+                             single_object: bool = False, background: str = "texture") -> str:
     """Return a folder holding the generated set, creating it once (atomically) in a cache folder."""
     params = dict(num_videos=num_videos, size=size, frames=frames, fps=fps, seed=seed,
                   single_object=single_object, version=1)
+    if background != "texture":  # only when non-default: existing cache folders keep their names
+        params["background"] = background
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "mae_st_scale")
     final = os.path.join(root, f"synthetic-{digest}")
@@ -181,7 +193,7 @@ def ensure_synthetic_dataset(cache_dir: str | None = None, num_videos: int = 96,
     tmp = tempfile.mkdtemp(prefix=f".synthetic-{digest}-", dir=root)
     try:
         logger.info("generating %d synthetic videos into %s", num_videos, final)
-        generate_dataset(tmp, num_videos, size, frames, fps, seed, single_object)
+        generate_dataset(tmp, num_videos, size, frames, fps, seed, single_object, background)
         os.rename(tmp, final)
     except OSError:
         if not os.path.isfile(os.path.join(final, "test.csv")):  # not a lost race with another process
@@ -202,8 +214,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--single-object", action="store_true",
                    help="one moving object on a static background (boxes.json holds its per-frame box)")
+    p.add_argument("--background", choices=BACKGROUNDS, default="texture",
+                   help="static background: low-frequency noise plus stripes, the noise alone, or one colour")
     a = p.parse_args()
-    generate_dataset(a.out, a.num_videos, a.size, a.frames, a.fps, a.seed, a.single_object)
+    generate_dataset(a.out, a.num_videos, a.size, a.frames, a.fps, a.seed, a.single_object, a.background)
     print(f"wrote {a.num_videos} videos and train/val/test.csv to {a.out}")
 
 
