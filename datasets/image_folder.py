@@ -12,16 +12,13 @@ index [R], noise [R, L], so `main_pretrain.py` trains the original image MAE rec
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .synthetic import cached_build
 from .transforms import crop_resize, normalize_clips, random_resized_box
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -124,22 +121,8 @@ def ensure_synthetic_image_folder(cache_dir: str | None = None, images_per_class
                                   seed: int = 0) -> str:
     """A generated image folder in a cache, created once (atomically, like the generated videos)."""
     params = dict(images_per_class=images_per_class, size=size, seed=seed, version=1)
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "mae_st_scale")
-    final = os.path.join(root, f"images-{digest}")
-    if os.path.isdir(os.path.join(final, "val")):
-        return final
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".images-{digest}-", dir=root)
-    try:
-        generate_image_folder(tmp, images_per_class, size, seed)
-        os.rename(tmp, final)
-    except OSError:
-        if not os.path.isdir(os.path.join(final, "val")):  # not a lost race with another process
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_build("images", params, "val", lambda tmp: generate_image_folder(tmp, images_per_class, size, seed),
+                        cache_dir)
 
 
 def main() -> None:

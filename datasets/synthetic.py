@@ -175,6 +175,30 @@ def generate_dataset(out: str, num_videos: int, size: int = 64, frames: int = 48
     return out
 
 
+def cached_build(kind: str, params: dict, marker: str, build, cache_dir: str | None = None) -> str:
+    """Folder `<cache>/<kind>-<hash of params>` made once by `build(tmp_dir)`, atomically.
+
+    Built beside the target and renamed: a killed run leaves only a tmp folder, never a half set;
+    `marker` (a path inside the folder) tells a finished one, also after losing a race to another process.
+    """
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "mae_st_scale")
+    final = os.path.join(root, f"{kind}-{digest}")
+    if os.path.exists(os.path.join(final, marker)):
+        return final
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{kind}-{digest}-", dir=root)
+    try:
+        build(tmp)
+        os.rename(tmp, final)
+    except OSError:
+        if not os.path.exists(os.path.join(final, marker)):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def ensure_synthetic_dataset(cache_dir: str | None = None, num_videos: int = 96, size: int = 64,
                              frames: int = 48, fps: int = 30, seed: int = 0,
                              single_object: bool = False, background: str = "texture") -> str:
@@ -183,24 +207,12 @@ def ensure_synthetic_dataset(cache_dir: str | None = None, num_videos: int = 96,
                   single_object=single_object, version=1)
     if background != "texture":  # only when non-default: existing cache folders keep their names
         params["background"] = background
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "mae_st_scale")
-    final = os.path.join(root, f"synthetic-{digest}")
-    if os.path.isfile(os.path.join(final, "test.csv")):
-        return final
-    os.makedirs(root, exist_ok=True)
-    # generate beside the target and rename: a killed run leaves only a tmp folder, never a half set
-    tmp = tempfile.mkdtemp(prefix=f".synthetic-{digest}-", dir=root)
-    try:
-        logger.info("generating %d synthetic videos into %s", num_videos, final)
+
+    def build(tmp: str) -> None:
+        logger.info("generating %d synthetic videos into the cache %s", num_videos, os.path.dirname(tmp))
         generate_dataset(tmp, num_videos, size, frames, fps, seed, single_object, background)
-        os.rename(tmp, final)
-    except OSError:
-        if not os.path.isfile(os.path.join(final, "test.csv")):  # not a lost race with another process
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return cached_build("synthetic", params, "test.csv", build, cache_dir)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ STD = (0.225, 0.225, 0.225)
 def normalize_clips(x: torch.Tensor) -> torch.Tensor:
     """uint8 clips [..., C, T, H, W] -> float, (x / 255 - 0.45) / 0.225 per channel (works on GPU)."""
     scale = torch.tensor([1 / (255 * s) for s in STD], device=x.device).view(3, 1, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(MEAN, STD)], device=x.device).view(3, 1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(MEAN, STD, strict=True)], device=x.device).view(3, 1, 1, 1)
     # one float copy, then in place: this runs per clip in every data worker
     return x.float().mul_(scale).sub_(shift)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,13 +77,9 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         return {"model": _export_checkpoint_dir(path)}
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refusing to load {path}: it is not a weights-only checkpoint (unpickling it would import or run "
-            f"code: {str(e).splitlines()[0]}). Re-save its state dict with tensors only."
-        ) from None
+    from util.checkpoint import load_weights_file  # one weights-only loader for the whole project
+
+    return load_weights_file(path)
 
 
 def _export_checkpoint_dir(path: Path) -> StateDict:

@@ -233,8 +233,9 @@ def load_weights_file(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
-            f"{path} is not a plain weights checkpoint: unpickling it would run or import code "
-            f"({str(e).splitlines()[0]}). Refusing to load it; re-export it as tensors only."
+            f"refusing to load {path}: {Path(path).name} is not a plain weights checkpoint (weights-only "
+            f"unpickling failed, it would run or import code: {str(e).splitlines()[0]}). "
+            "Re-export it as tensors only."
         ) from None
 
 
