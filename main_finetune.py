@@ -38,7 +38,7 @@ from datasets import (
 from main_pretrain import resolve_data_path, tracked
 from models import create_model
 from models.convert import load_pretrained
-from util.checkpoint import find_latest, finish_pending_save, load_checkpoint, save_checkpoint
+from util.checkpoint import TrainingSaver, find_latest, finish_pending_save, load_checkpoint
 from util.config import BOOL, add_common_args, parse_args, save_config
 from util.distributed import cleanup, init_distributed, set_cpu_threads
 from util.engine import TrainState, steps_in_epoch, train_one_epoch
@@ -224,17 +224,7 @@ def main(args: argparse.Namespace) -> dict:
     log.info("%s%s: %.2fM trainable params, %d train videos, %d steps/epoch, %d clips/step, lr %.2e, %s on %d rank(s)",
              args.model, " (linear probe)" if args.linprobe else "", trainable / 1e6, len(dataset), steps,
              videos_per_step * args.repeat_aug, args.lr, args.dist, dist.world_size)
-    last_saved = [state.global_step]
-
-    def save(st: TrainState) -> None:
-        trainer_state = {
-            **st.state_dict(),  # epoch, step_in_epoch, global_step at the top: `util.checkpoint info` shows them
-            "sampler": {"epoch": st.epoch, "consumed": st.step_in_epoch * videos_per_step},
-            "config": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-        }
-        save_checkpoint(backend, args.output_dir, f"step-{st.global_step}", trainer_state, keep_last=args.keep_last,
-                        async_save=args.async_save)
-        last_saved[0] = st.global_step
+    save = TrainingSaver(backend, args, videos_per_step, last_step=state.global_step)
 
     def loss_fn(module: nn.Module, batch: dict) -> torch.Tensor:
         clips, target = batch["clips"], batch["label"]
@@ -260,8 +250,7 @@ def main(args: argparse.Namespace) -> dict:
             if args.eval_every and state.epoch % args.eval_every == 0 and state.epoch < args.epochs:
                 metrics = run_test(backend, test_loader, num_test_videos, args, dist, out, f"epoch {state.epoch}")
                 logger.scalars(state.global_step, metrics, prefix=f"{args.eval_split}/")
-        if state.global_step != last_saved[0]:
-            save(state)
+        save.save_if_new(state)
     if finished:
         metrics = run_test(backend, test_loader, num_test_videos, args, dist, out, f"final, step {state.global_step}")
         logger.scalars(state.global_step, metrics, prefix=f"{args.eval_split}/")

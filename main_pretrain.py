@@ -28,7 +28,7 @@ from datasets import (
 from datasets.image_folder import build_image_folder_dataset, ensure_synthetic_image_folder
 from models import create_model
 from models.masking import MASK_TYPES
-from util.checkpoint import find_latest, finish_pending_save, load_checkpoint, save_checkpoint
+from util.checkpoint import TrainingSaver, find_latest, finish_pending_save, load_checkpoint
 from util.config import BOOL, add_common_args, parse_args, save_config
 from util.distributed import DistInfo, barrier, cleanup, init_distributed, set_cpu_threads
 from util.engine import TrainState, steps_in_epoch, to_device, train_one_epoch
@@ -184,17 +184,7 @@ def main(args: argparse.Namespace) -> dict:
     vis_item = dataset[(0, 0)]  # a fixed clip and mask for the reconstruction images
     vis = to_device({"clips": vis_item["clips"][:1], "noise": vis_item["noise"][:1]}, dist.device)
     vis_clips, vis_noise = vis["clips"], vis["noise"]
-    last_saved = [state.global_step]
-
-    def save(st: TrainState) -> None:
-        trainer_state = {
-            **st.state_dict(),  # epoch, step_in_epoch, global_step at the top: `util.checkpoint info` shows them
-            "sampler": {"epoch": st.epoch, "consumed": st.step_in_epoch * videos_per_step},
-            "config": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-        }
-        save_checkpoint(backend, args.output_dir, f"step-{st.global_step}", trainer_state, keep_last=args.keep_last,
-                        async_save=args.async_save)
-        last_saved[0] = st.global_step
+    save = TrainingSaver(backend, args, videos_per_step, last_step=state.global_step)
 
     def loss_fn(module: torch.nn.Module, batch: dict) -> torch.Tensor | tuple[torch.Tensor, dict]:
         loss = module(batch["clips"], args.mask_ratio, batch["noise"])[0]
@@ -219,8 +209,7 @@ def main(args: argparse.Namespace) -> dict:
                 logger.image("reconstruction", grid, state.global_step)
             state.epoch += 1
             state.step_in_epoch = 0
-        if state.global_step != last_saved[0]:
-            save(state)
+        save.save_if_new(state)
     finish_pending_save(wait=True)
     logger.close()
     watcher.finish()  # after a signal-stop: exits for requeue under submitit; returns otherwise

@@ -303,3 +303,31 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class TrainingSaver:
+    """The mains' save function: the training position (an engine `TrainState`) and the backend as `step-N`.
+
+    Remembers the last step saved, so the epoch loop saves at a stop or an epoch end only when
+    `save_every` has not just done it.
+    """
+
+    def __init__(self, backend: Backend, args: argparse.Namespace, videos_per_step: int, last_step: int) -> None:
+        self.backend, self.args, self.videos_per_step, self.last_step = backend, args, videos_per_step, last_step
+
+    def __call__(self, st) -> None:
+        """Save now (collective)."""
+        args = self.args
+        trainer_state = {
+            **st.state_dict(),  # epoch, step_in_epoch, global_step at the top: `util.checkpoint info` shows them
+            "sampler": {"epoch": st.epoch, "consumed": st.step_in_epoch * self.videos_per_step},
+            "config": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        }
+        save_checkpoint(self.backend, args.output_dir, f"step-{st.global_step}", trainer_state,
+                        keep_last=args.keep_last, async_save=args.async_save)
+        self.last_step = st.global_step
+
+    def save_if_new(self, st) -> None:
+        """Save unless this step is already saved."""
+        if st.global_step != self.last_step:
+            self(st)
