@@ -119,7 +119,7 @@ def main() -> None:
                 if a.no_baseline:
                     print(row + " - | - | - |", flush=True)
                     continue
-                base = [r * x for x in measure(lambda i, r=r: baseline_item(src, np.random.default_rng(i), r),
+                base = [r * x for x in measure(lambda i, r=r, src=src: baseline_item(src, np.random.default_rng(i), r),
                                                max(4, a.items // 3))]
                 print(row + f" {base[0]:.1f} | {base[1]:.1f} | {ours[1] / base[1]:.1f}x |", flush=True)
 

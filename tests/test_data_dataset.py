@@ -1,9 +1,7 @@
 """VideoDataset on real files: shapes, per-clip consistency, views, repeats, determinism, bad files."""
 
-import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from test_data_helpers import read_counter, write_audio_only, write_counter_video
@@ -89,7 +87,7 @@ def test_repeated_augmentation_gives_different_clips(videos, tmp_path):
 
 
 def test_test_views_evenly_spaced(videos, tmp_path):
-    lst = _list(tmp_path, [("land.mp4", 1), ("port.mp4", 2)], name="test.txt")
+    _list(tmp_path, [("land.mp4", 1), ("port.mp4", 2)], name="test.txt")
     ds = build_video_dataset(str(tmp_path), "test", data_root=str(videos), mode="test", num_frames=4,
                              sampling_rate=4, crop_size=48, num_temporal_views=3, num_spatial_crops=3,
                              normalize=False)
@@ -120,7 +118,7 @@ def test_same_sample_same_tensors_with_0_and_2_workers(videos, tmp_path):
                                              collate_fn=collate_clips)
         outs.append(list(loader))
     assert len(outs[0]) == 3
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         for k in ("clips", "label", "index", "noise"):
             assert torch.equal(a[k], b[k])
     assert not torch.equal(ds[(1, 0)]["clips"], ds[(2, 0)]["clips"])  # epochs differ

@@ -2,6 +2,7 @@
 
 import math
 
+import av
 import numpy as np
 import pytest
 from test_data_helpers import read_counter, write_counter_video
@@ -82,5 +83,5 @@ def test_uniform_views_evenly_spaced():
 def test_probe_rejects_non_video(tmp_path):
     bad = tmp_path / "text.mp4"
     bad.write_text("not a video")
-    with pytest.raises(Exception):
+    with pytest.raises(av.error.FFmpegError):
         probe(str(bad))
