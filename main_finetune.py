@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_common_args(parser)
     # MAE-ST fine-tuning defaults for the shared flags (ViT-L recipe of the official FINETUNE.md).
     parser.set_defaults(model="vit_large_patch16", epochs=50, warmup_epochs=5, blr=1e-3, min_lr=1e-6,
-                        repeat_aug=2, clip_grad=5.0, save_every=0)
+                        repeat_aug=2, clip_grad=5.0, save_every=0, opt_betas=[0.9, 0.999])
     g = parser.add_argument_group("fine-tuning")
     g.add_argument("--finetune", default="", help="weights to start from: file or checkpoint/output folder")
     g.add_argument("--num_classes", type=int, default=400)

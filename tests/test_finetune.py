@@ -127,3 +127,17 @@ def test_recipes_parse_and_build_their_models() -> None:
             model = create_model(args.model, num_classes=args.num_classes, img_size=args.input_size,
                                  num_frames=args.num_frames, drop_path_rate=args.drop_path_rate)
         assert model.patch_embed.grid_size[0] == args.num_frames // args.t_patch_size
+
+
+def test_adamw_betas_follow_the_recipes_and_the_flag() -> None:
+    """Fine-tuning defaults to MAE-ST's betas (0.9, 0.999), pretraining to MAE's (0.9, 0.95); the flag wins."""
+    from main_pretrain import get_args_parser as pretrain_parser
+    from util.distributed import init_distributed
+
+    info = init_distributed()
+    for parser, argv, want in ((get_args_parser(), [], (0.9, 0.999)), (pretrain_parser(), [], (0.9, 0.95)),
+                               (get_args_parser(), ["--opt_betas", "0.8", "0.99"], (0.8, 0.99))):
+        args = parse_args(parser, ["--precision", "fp32", *argv], default_config=None)
+        args.lr = 1e-3
+        backend = setup_parallel(torch.nn.Linear(4, 2), args, info)
+        assert tuple(backend.optimizer.param_groups[0]["betas"]) == want

@@ -55,6 +55,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule")
     g.add_argument("--warmup_epochs", type=float, default=40, help="linear warm-up length in epochs")
     g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"),
+                   help="AdamW betas (MAE pretraining 0.9 0.95; main_finetune defaults to 0.9 0.999 as MAE-ST)")
     g.add_argument("--clip_grad", type=float, default=0.02, help="max grad norm; 0 turns clipping off")
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimiser steps (0: no limit)")
 

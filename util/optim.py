@@ -58,8 +58,12 @@ def param_groups(
     return [groups[k] for k in sorted(groups)]
 
 
-def build_adamw(groups: list[dict], lr: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW(betas 0.9, 0.95) over the groups, each starting at lr * lr_scale; fused on CUDA, foreach on CPU."""
+def build_adamw(groups: list[dict], lr: float, device: torch.device,
+                betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW over the groups, each starting at lr * lr_scale; fused on CUDA, foreach on CPU.
+
+    betas (0.9, 0.95) is MAE's pretraining choice; MAE-ST fine-tunes with (0.9, 0.999) (`--opt_betas`).
+    """
     fused = device.type == "cuda"
     groups = [{k: v for k, v in g.items() if k != "names"} | {"lr": lr * g["lr_scale"]} for g in groups]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None, foreach=None if fused else True)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None, foreach=None if fused else True)

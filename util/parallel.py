@@ -64,6 +64,12 @@ def apply_block_wrappers(model: nn.Module, grad_ckpt: bool, compile_blocks: bool
             unit.compile()  # in place (no `_orig_mod.` in names), like torchtitan's per-block compile
 
 
+def build_optimizer(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> torch.optim.AdamW:
+    """AdamW over the model's (layer-decayed) parameter groups, with the run's lr and betas."""
+    groups = param_groups(model, args.weight_decay, getattr(args, "layer_decay", None))
+    return build_adamw(groups, args.lr, info.device, tuple(getattr(args, "opt_betas", (0.9, 0.95))))
+
+
 class Backend(abc.ABC):
     """Common interface; subclasses fill in wrapping, backward, step and checkpoint I/O."""
 
@@ -132,8 +138,7 @@ class DDPBackend(Backend):
         if info.world_size > 1:
             ids = [info.local_rank] if info.device.type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        groups = param_groups(model, args.weight_decay, getattr(args, "layer_decay", None))
-        self.optimizer = build_adamw(groups, args.lr, info.device)
+        self.optimizer = build_optimizer(model, args, info)
         self.scaler = torch.amp.GradScaler(info.device.type) if args.precision == "fp16" else None
         self._micro = 0  # micro-steps since the last optimizer step
         self._unsynced_forward = False
@@ -228,7 +233,7 @@ class FSDPBackend(Backend):
         fully_shard(model, **kw)
         self._ckpt_group = None  # gloo group for asynchronous saves, made on first use (collectively)
         # Build groups after sharding: the parameters are now DTensors (replaced in place).
-        self.optimizer = build_adamw(param_groups(model, args.weight_decay, getattr(args, "layer_decay", None)), args.lr, info.device)
+        self.optimizer = build_optimizer(model, args, info)
 
     def backward(self, loss: torch.Tensor, is_last_microstep: bool = True) -> None:
         """Backpropagate loss / accum_iter; reduce-scatter only on the last micro-step."""
@@ -325,7 +330,7 @@ class DeepSpeedBackend(Backend):
         apply_block_wrappers(model, bool(args.grad_ckpt), bool(args.compile))
         self.config = deepspeed_config(args)
         self.accum_iter = int(self.config["gradient_accumulation_steps"])
-        optimizer = build_adamw(param_groups(model, args.weight_decay, getattr(args, "layer_decay", None)), args.lr, info.device)
+        optimizer = build_optimizer(model, args, info)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         half = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float16 if self.engine.fp16_enabled() else None
         self.module = _CastClips(self.engine, half)
