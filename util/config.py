@@ -87,6 +87,11 @@ def _check_value(action: argparse.Action, key: str, value: Any, source: str) -> 
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
         return value
+    if isinstance(action.nargs, int) and action.nargs > 1:  # e.g. opt_betas: [0.9, 0.95]
+        if not isinstance(value, list | tuple) or len(value) != action.nargs:
+            raise ConfigError(f"{source}: key '{key}' must be a list of {action.nargs} values, got {value!r}")
+        item = argparse.Action(action.option_strings, action.dest, type=action.type, choices=action.choices)
+        return [_check_value(item, key, v, source) for v in value]
     if value is not None and action.type is not None:
         if action.type in (int, float) and isinstance(value, bool):
             raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")
