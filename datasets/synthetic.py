@@ -70,7 +70,8 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarra
 
 
 def render_video(label: int, rng: np.random.Generator, size: int = 64, frames: int = 48,
-                 num_objects: int | None = None, background: str = "texture") -> tuple[np.ndarray, list]:
+                 num_objects: int | None = None, background: str = "texture", object_scale: float = 1.0,
+                 speed_scale: float = 1.0) -> tuple[np.ndarray, list]:
     """Render one clip of class `label`: uint8 [T, H, W, 3] and per-frame boxes [[x0, y0, x1, y1], ...]."""
     direction, sense = CLASS_NAMES[label].split("-")
     dx, dy = _DIRECTIONS[direction]
@@ -81,8 +82,9 @@ def render_video(label: int, rng: np.random.Generator, size: int = 64, frames: i
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     objs = []
     for _ in range(n_obj):
-        r = size * rng.uniform(0.12, 0.2)
-        speed = size * rng.uniform(0.012, 0.025)  # pixels per frame: slow enough to see, fast enough to matter
+        r = size * rng.uniform(0.12, 0.2) * object_scale
+        # pixels per frame: slow enough to see, fast enough to matter (speed_scale > 1: larger steps per frame)
+        speed = size * rng.uniform(0.012, 0.025) * speed_scale
         if single:
             # stay fully inside the frame so the box is one rectangle (no wrap-around)
             lo, hi = r + 1, size - r - 1
@@ -147,14 +149,16 @@ def write_video(path: str, frames: np.ndarray, fps: int = 30, codec: str = "libx
 
 
 def generate_dataset(out: str, num_videos: int, size: int = 64, frames: int = 48, fps: int = 30,
-                     seed: int = 0, single_object: bool = False, background: str = "texture") -> str:
+                     seed: int = 0, single_object: bool = False, background: str = "texture",
+                     object_scale: float = 1.0, speed_scale: float = 1.0) -> str:
     """Write `num_videos` labelled mp4 files plus train/val/test.csv (and boxes.json) into `out`."""
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
     rng = np.random.default_rng(seed)
     rows, boxes_all = [], {}
     for i in range(num_videos):
         label = i % len(CLASS_NAMES)  # balanced classes
-        video, boxes = render_video(label, rng, size, frames, 1 if single_object else None, background)
+        video, boxes = render_video(label, rng, size, frames, 1 if single_object else None, background,
+                                     object_scale, speed_scale)
         rel = f"videos/{i:05d}_{CLASS_NAMES[label]}.mp4"
         write_video(os.path.join(out, rel), video, fps)
         rows.append((rel, label))
@@ -201,16 +205,21 @@ def cached_build(kind: str, params: dict, marker: str, build, cache_dir: str | N
 
 def ensure_synthetic_dataset(cache_dir: str | None = None, num_videos: int = 96, size: int = 64,
                              frames: int = 48, fps: int = 30, seed: int = 0,
-                             single_object: bool = False, background: str = "texture") -> str:
+                             single_object: bool = False, background: str = "texture",
+                             object_scale: float = 1.0, speed_scale: float = 1.0) -> str:
     """Return a folder holding the generated set, creating it once (atomically) in a cache folder."""
     params = dict(num_videos=num_videos, size=size, frames=frames, fps=fps, seed=seed,
                   single_object=single_object, version=1)
-    if background != "texture":  # only when non-default: existing cache folders keep their names
+    # only when non-default: existing cache folders keep their names
+    if background != "texture":
         params["background"] = background
+    if object_scale != 1.0 or speed_scale != 1.0:
+        params.update(object_scale=object_scale, speed_scale=speed_scale)
 
     def build(tmp: str) -> None:
         logger.info("generating %d synthetic videos into the cache %s", num_videos, os.path.dirname(tmp))
-        generate_dataset(tmp, num_videos, size, frames, fps, seed, single_object, background)
+        generate_dataset(tmp, num_videos, size, frames, fps, seed, single_object, background, object_scale,
+                         speed_scale)
 
     return cached_build("synthetic", params, "test.csv", build, cache_dir)
 
@@ -228,8 +237,11 @@ def main() -> None:
                    help="one moving object on a static background (boxes.json holds its per-frame box)")
     p.add_argument("--background", choices=BACKGROUNDS, default="texture",
                    help="static background: low-frequency noise plus stripes, the noise alone, or one colour")
+    p.add_argument("--object-scale", type=float, default=1.0, help="multiplies every object's radius")
+    p.add_argument("--speed-scale", type=float, default=1.0, help="multiplies every object's speed")
     a = p.parse_args()
-    generate_dataset(a.out, a.num_videos, a.size, a.frames, a.fps, a.seed, a.single_object, a.background)
+    generate_dataset(a.out, a.num_videos, a.size, a.frames, a.fps, a.seed, a.single_object, a.background,
+                     a.object_scale, a.speed_scale)
     print(f"wrote {a.num_videos} videos and train/val/test.csv to {a.out}")
 
 

@@ -51,3 +51,16 @@ def test_motion_defines_the_class():
     means = [render_video(label, rng, size=32, frames=1)[0].mean() for label in range(8) for _ in range(4)]
     per_class = np.array(means).reshape(8, 4).mean(1)
     assert per_class.std() < 10  # appearance is drawn independently of the label
+
+
+def test_object_and_speed_scale():
+    # same seed, same random draws: only the radius or the step per frame changes, by the asked factor
+    def single(object_scale=1.0, speed_scale=1.0):
+        _, boxes = render_video(0, np.random.default_rng(3), size=64, frames=6, num_objects=1,
+                                object_scale=object_scale, speed_scale=speed_scale)
+        b = np.array([f[0] for f in boxes], float)
+        return (b[:, 2:] - b[:, :2]).mean(), (b[-1, :2] + b[-1, 2:] - b[0, :2] - b[0, 2:])[0] / 2
+
+    (w1, d1), (w2, _), (_, d3) = single(), single(object_scale=1.5), single(speed_scale=2.0)
+    assert d1 > 2 and abs(d3 / d1 - 2.0) < 0.3, (d1, d3)  # class 0 moves right, twice as far
+    assert abs(w2 / w1 - 1.5) < 0.25, (w1, w2)
