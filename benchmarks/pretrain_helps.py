@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.synthetic import generate_dataset  # noqa: E402
+from datasets.synthetic import ensure_synthetic_dataset  # noqa: E402
 
 NUM_VIDEOS, SIZE, NUM_CLASSES = 1200, 32, 8
 CLIP = ["--input_size", str(SIZE), "--num_frames", "8", "--sampling_rate", "2", "--t_patch_size", "2",
@@ -57,13 +57,9 @@ LINPROBE = ["--linprobe", "--blr", "8e-2", "--weight_decay", "0.0"]
 def make_data(out: Path, labels_per_class: int, object_scale: float, speed_scale: float,
               num_videos: int = NUM_VIDEOS) -> tuple[Path, Path]:
     """The video pool (generated once) and a folder of lists: a few labelled train videos, a large test set."""
-    pool = out / f"data_o{object_scale:g}_s{speed_scale:g}"
-    if not (pool / "test.csv").exists():
-        print(f"generating {num_videos} videos into {pool}", flush=True)
-        tmp = out / "data.tmp"
-        generate_dataset(str(tmp), num_videos, size=SIZE, seed=0, background="plain", object_scale=object_scale,
-                         speed_scale=speed_scale)
-        tmp.rename(pool)
+    # Cached under `out` by its generation settings, built atomically: a killed run never leaves half a pool.
+    pool = Path(ensure_synthetic_dataset(str(out), num_videos, size=SIZE, seed=0, background="plain",
+                                         object_scale=object_scale, speed_scale=speed_scale))
     lists = pool / f"labelled_{labels_per_class or 'all'}"
     lists.mkdir(parents=True, exist_ok=True)
     rows = (pool / "train.csv").read_text().splitlines()

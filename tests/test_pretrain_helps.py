@@ -12,7 +12,9 @@ from datasets import read_list_file  # noqa: E402
 def test_make_data_keeps_n_labels_per_class_and_a_disjoint_test_set(tmp_path):
     pool, lists = pretrain_helps.make_data(tmp_path, labels_per_class=2, object_scale=2.0, speed_scale=2.0,
                                            num_videos=40)
-    assert pool.name == "data_o2_s2"  # knobs in the folder name: another setting never reuses this pool
+    # the pool is keyed by its generation settings: the same ones reuse it, another scale never does
+    assert pretrain_helps.make_data(tmp_path, 2, 2.0, 2.0, num_videos=40)[0] == pool
+    assert pretrain_helps.make_data(tmp_path, 2, 1.0, 2.0, num_videos=40)[0] != pool
     train = read_list_file(str(lists / "train.csv"), str(pool))
     test = read_list_file(str(lists / "test.csv"), str(pool))
     pool_train = read_list_file(str(pool / "train.csv"), str(pool))
