@@ -35,6 +35,7 @@ from datasets import (
     build_video_dataset,
     collate_clips,
 )
+from datasets.loader import build_loader
 from main_pretrain import resolve_data_path, tracked
 from models import create_model
 from models.convert import load_pretrained
@@ -133,10 +134,9 @@ def build_test_loader(args: argparse.Namespace, data_path: str, dist) -> tuple[t
     # With --no-dist_eval every rank tests everything and only rank 0's scores count (see evaluate).
     sampler = DistributedEvalSampler(len(dataset), dist.world_size if args.dist_eval else 1,
                                      dist.rank if args.dist_eval else 0)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size * max(args.repeat_aug, 1), sampler=sampler,
-        num_workers=args.num_workers, collate_fn=collate_clips, pin_memory=args.pin_mem and dist.device.type == "cuda",
-    )
+    loader = build_loader(dataset, sampler, args.batch_size * max(args.repeat_aug, 1), collate_clips, args.num_workers,
+                          args.mp_context, args.prefetch_factor, pin_memory=args.pin_mem and dist.device.type == "cuda",
+                          persistent_workers=False)
     return loader, len(dataset.samples)
 
 
@@ -205,11 +205,8 @@ def main(args: argparse.Namespace) -> dict:
     )
     sampler = ResumableDistributedSampler(len(dataset), dist.world_size, dist.rank, shuffle=True, seed=args.seed,
                                           batch_size=args.batch_size)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and dist.device.type == "cuda", drop_last=True, collate_fn=collate_clips,
-        persistent_workers=args.num_workers > 0,
-    )
+    loader = build_loader(dataset, sampler, args.batch_size, collate_clips, args.num_workers, args.mp_context,
+                          args.prefetch_factor, pin_memory=args.pin_mem and dist.device.type == "cuda", drop_last=True)
     steps = steps_in_epoch(len(dataset), args.batch_size, dist.world_size, args.accum_iter)
     videos_per_step = args.batch_size * dist.world_size * args.accum_iter
     mixup, criterion = build_loss(args)

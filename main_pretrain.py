@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from datasets import (
     ensure_synthetic_dataset,
 )
 from datasets.image_folder import build_image_folder_dataset, ensure_synthetic_image_folder
+from datasets.loader import build_loader as make_loader
+from datasets.loader import decode_threads_for
 from models import create_model
 from models.masking import MASK_TYPES
 from util.checkpoint import TrainingSaver, find_latest, finish_pending_save, load_checkpoint
@@ -134,12 +137,11 @@ def build_loader(
     sampler = ResumableDistributedSampler(
         len(dataset), dist.world_size, dist.rank, shuffle=True, seed=args.seed, batch_size=args.batch_size
     )
-    workers = args.num_workers
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=args.pin_mem and dist.device.type == "cuda", drop_last=True, collate_fn=collate_clips,
-        persistent_workers=workers > 0, prefetch_factor=args.prefetch_factor if workers > 0 else None,
-    )
+    if hasattr(dataset, "decode_threads"):
+        dataset.decode_threads = decode_threads_for(args.num_workers, args.decode_threads,
+                                                    int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    loader = make_loader(dataset, sampler, args.batch_size, collate_clips, args.num_workers, args.mp_context,
+                          args.prefetch_factor, pin_memory=args.pin_mem and dist.device.type == "cuda", drop_last=True)
     return sampler, loader
 
 

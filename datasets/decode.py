@@ -120,25 +120,26 @@ def _pick(frames_iter, origin: float, times: np.ndarray, size, must_cover_first:
 
 
 def decode_frames(path: str, times, short_side: int | None = None, seek: bool = True,
-                  skip_nonref: bool = True) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
+                  skip_nonref: bool = True, threads: int = 1) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
     """Decode the frames shown at `times` (s, from the first frame; any order, repeats allowed).
 
     `times` is an array or a function VideoInfo -> array (to place clips from the duration without a
     second open). Returns uint8 [N, H, W, 3] in the order of the times, the actual times (s) of those
     frames, and the stream info. `short_side` scales while converting (swscale: cheaper than later).
+    `threads`: FFmpeg decoding threads (1 when the DataLoader workers already fill the cores).
     """
     holder = {}
     result = None
     if seek:
         try:
-            result = _decode(path, times, holder, short_side, True, skip_nonref)
+            result = _decode(path, times, holder, short_side, True, skip_nonref, threads)
         except av.FFmpegError:
             if "times" not in holder:  # the file did not even open: nothing to retry
                 raise
             result = None  # e.g. a container without an index: retried below from the start
     if result is None:
         # no seek wanted, or the seek failed / overshot (missing index, odd timestamps)
-        result = _decode(path, times, holder, short_side, False, skip_nonref)
+        result = _decode(path, times, holder, short_side, False, skip_nonref, threads)
     images, got, info = result
     order = holder["order"]
     out = np.empty((len(images),) + images[0].shape, np.uint8)
@@ -161,7 +162,8 @@ def _skipping(frames, stream, origin: float, until: float):
         yield frame
 
 
-def _decode(path: str, times, holder: dict, short_side: int | None, seek: bool, skip_nonref: bool):
+def _decode(path: str, times, holder: dict, short_side: int | None, seek: bool, skip_nonref: bool,
+            threads: int = 1):
     """One pass over the file; None if a seek overshot the first wanted frame."""
     with av.open(path) as container:
         stream, info = _stream_info(container)
@@ -174,8 +176,11 @@ def _decode(path: str, times, holder: dict, short_side: int | None, seek: bool, 
         if short_side is not None and info.width and info.height:
             f = short_side / min(info.width, info.height)
             size = (max(short_side, round(info.width * f)), max(short_side, round(info.height * f)))
-        # one core per worker process: codec threads only add overhead there
-        stream.thread_type = "NONE"
+        # Frame threads only pay off with spare cores; with one core per worker they only add overhead.
+        if threads > 1:
+            stream.thread_type, stream.thread_count = "AUTO", threads
+        else:
+            stream.thread_type = "NONE"
         origin = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         seek = seek and sorted_times[0] > _TIME_TOL
         if seek:

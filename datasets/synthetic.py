@@ -179,6 +179,11 @@ def generate_dataset(out: str, num_videos: int, size: int = 64, frames: int = 48
     return out
 
 
+def default_cache_dir() -> str:
+    """Where generated sets are cached: $MAE_ST_CACHE, else ~/.cache/mae_st_scale."""
+    return os.environ.get("MAE_ST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mae_st_scale")
+
+
 def cached_build(kind: str, params: dict, marker: str, build, cache_dir: str | None = None) -> str:
     """Folder `<cache>/<kind>-<hash of params>` made once by `build(tmp_dir)`, atomically.
 
@@ -186,7 +191,7 @@ def cached_build(kind: str, params: dict, marker: str, build, cache_dir: str | N
     `marker` (a path inside the folder) tells a finished one, also after losing a race to another process.
     """
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "mae_st_scale")
+    root = cache_dir or default_cache_dir()
     final = os.path.join(root, f"{kind}-{digest}")
     if os.path.exists(os.path.join(final, marker)):
         return final

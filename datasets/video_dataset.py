@@ -100,7 +100,7 @@ class VideoDataset(torch.utils.data.Dataset):
                  hflip: bool = True, short_side_range: tuple[int, int] | None = (256, 320),
                  rand_aug: str | None = None, reprob: float = 0.0, num_temporal_views: int = 1,
                  num_spatial_crops: int = 1, seed: int = 0, normalize: bool = True,
-                 mask_noise_tokens: int | None = None, max_failure_rate: float = 0.1):
+                 mask_noise_tokens: int | None = None, max_failure_rate: float = 0.1, decode_threads: int = 1):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if reprob > 0 and not normalize:
@@ -114,6 +114,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.num_temporal_views, self.num_spatial_crops = num_temporal_views, num_spatial_crops
         self.views = num_temporal_views * num_spatial_crops if mode == "test" else 1
         self.seed, self.normalize, self.mask_noise_tokens = seed, normalize, mask_noise_tokens
+        self.decode_threads = decode_threads  # FFmpeg threads per decode (datasets.loader.decode_threads_for)
         self.rand_aug = build_rand_augment(rand_aug, crop_size) if rand_aug and mode != "test" else None
         self.eraser = build_random_erasing(reprob) if reprob > 0 and mode != "test" else None
         # per process (each DataLoader worker holds its own copy): a worker stops itself, and its
@@ -165,7 +166,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 start = uniform_clip_start(info.duration, span, t_view, self.num_temporal_views)
                 return clip_times(start, self.num_frames, self.sampling_rate, self.target_fps)
 
-            frames, _, _ = decode_frames(path, times, short_side=self.crop_size)
+            frames, _, _ = decode_frames(path, times, short_side=self.crop_size, threads=self.decode_threads)
             frames = short_side_resize(torch.from_numpy(frames), self.crop_size)  # exact size after swscale
             clip = spatial_crop(frames, self.crop_size, s_view, self.num_spatial_crops)
             clip = clip.unsqueeze(0)
@@ -177,7 +178,7 @@ class VideoDataset(torch.utils.data.Dataset):
             return np.concatenate([clip_times(s, self.num_frames, self.sampling_rate, self.target_fps)
                                    for s in starts])
 
-        frames, _, _ = decode_frames(path, times)
+        frames, _, _ = decode_frames(path, times, threads=self.decode_threads)
         frames = torch.from_numpy(frames)
         _, h, w, _ = frames.shape
         out = []

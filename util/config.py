@@ -41,6 +41,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--repeat_aug", type=int, default=4, help="clips cut from each decoded video")
     g.add_argument("--num_workers", type=int, default=8, help="data-loading processes per rank")
     g.add_argument("--prefetch_factor", type=int, default=4, help="batches each worker prepares ahead")
+    g.add_argument("--mp_context", default="forkserver", choices=["forkserver", "spawn", "fork"],
+                   help="how data workers start; fork deadlocks once the parent used FFmpeg (PyAV 19, Python 3.12+)")
+    g.add_argument("--decode_threads", type=int, default=0,
+                   help="FFmpeg threads per decoding worker (0: the cores each worker gets, 1 when workers fill them)")
     g.add_argument("--pin_mem", action=BOOL, default=True, help="pin host memory for faster copies to the GPU")
     g.add_argument("--max_failure_rate", type=float, default=0.1, help="stop when more videos fail to decode")
     g.add_argument("--synthetic_videos", type=int, default=96, help="generated videos when no data_path is given")

@@ -1,0 +1,89 @@
+"""Fork-safe data loading: forkserver workers after the parent used PyAV, cheap pickling, decode threads.
+
+The hazard (a forked worker deadlocks in FFmpeg) shows with PyAV 19 on Python >= 3.12; `.ci/run` also
+runs this file in a Python 3.12 venv, where `fork` hangs, so the default cannot drift back unseen.
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data_helpers import write_counter_video
+
+from datasets.decode import decode_frames
+from datasets.loader import MP_CONTEXTS, build_loader, decode_threads_for, usable_cores
+from datasets.video_dataset import VideoDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_loader_after_parent_used_pyav_finishes_with_forkserver(tmp_path: Path) -> None:
+    """The parent encodes and decodes with FFmpeg threads, then 2 workers decode real files, in time."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "fork_loader.py"), str(tmp_path), "forkserver"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "context=forkserver batches=4" in proc.stdout
+
+
+def test_the_default_start_method_is_forkserver_everywhere() -> None:
+    """Both mains and the loader builder default to forkserver; a bad choice is refused by name."""
+    import inspect
+
+    from main_finetune import get_args_parser as finetune_parser
+    from main_pretrain import get_args_parser as pretrain_parser
+    from util.config import parse_args
+
+    for parser in (pretrain_parser(), finetune_parser()):
+        assert parse_args(parser, [], default_config=None).mp_context == "forkserver"
+    assert inspect.signature(build_loader).parameters["mp_context"].default == "forkserver"
+    assert MP_CONTEXTS[0] == "forkserver"
+    with pytest.raises(ValueError, match="mp_context must be one of"):
+        build_loader([], None, 1, None, num_workers=1, mp_context="thread")
+
+
+def test_loader_uses_the_context_asked_for() -> None:
+    """The DataLoader's workers start with the method named (spawn here: no fork anywhere)."""
+    loader = build_loader(list(range(4)), None, 2, None, num_workers=1, mp_context="spawn")
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+    assert build_loader(list(range(4)), None, 2, None, num_workers=0).multiprocessing_context is None
+
+
+def test_dataset_pickles_cheaply_and_still_decodes(tmp_path: Path) -> None:
+    """What each worker receives: paths and settings only (no open container, no frames), ~100 B per video."""
+    write_counter_video(str(tmp_path / "v.mp4"), 30, 30, width=48, height=32)
+    n = 2000
+    (tmp_path / "train.csv").write_text("".join(f"v.mp4 {i % 7}\n" for i in range(n)))
+    ds = VideoDataset(str(tmp_path / "train.csv"), str(tmp_path), num_frames=4, sampling_rate=2, crop_size=32,
+                      short_side_range=None)
+    ds[0]  # a decode in the parent leaves nothing behind in the object
+    blob = pickle.dumps(ds)
+    assert len(blob) < 60_000 + 120 * n, len(blob)
+    assert b"av." not in blob and b"ndarray" not in blob
+    clone = pickle.loads(blob)
+    assert clone[(0, 5)]["clips"].shape == ds[(0, 5)]["clips"].shape
+
+
+def test_decode_threads_fit_the_cores() -> None:
+    """One FFmpeg thread per worker when the workers fill the cores; an explicit count wins."""
+    cores = usable_cores()
+    assert decode_threads_for(num_workers=cores) == 1
+    assert decode_threads_for(num_workers=4 * cores) == 1
+    assert decode_threads_for(num_workers=1) == cores
+    assert decode_threads_for(num_workers=0) == cores  # decoding in the main process
+    assert decode_threads_for(num_workers=1, local_world_size=cores) == 1
+    assert decode_threads_for(num_workers=8, requested=3) == 3
+
+
+def test_threaded_decode_gives_the_same_frames(tmp_path: Path) -> None:
+    """FFmpeg frame threads change speed, never content: the same frames at the same times."""
+    path = write_counter_video(str(tmp_path / "t.mp4"), 90, 30, width=64, height=48, gop_size=30)
+    times = np.array([0.5, 1.1, 1.2, 2.5])
+    one, t1, _ = decode_frames(path, times, threads=1)
+    four, t4, _ = decode_frames(path, times, threads=4)
+    np.testing.assert_array_equal(one, four)
+    np.testing.assert_array_equal(t1, t4)
