@@ -22,7 +22,6 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,8 +35,6 @@ from models.video_vit import (
 
 log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
-WRAPPER_PARTS = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-CONTAINER_KEYS = ("model", "model_state", "module", "state_dict")
 NON_ENCODER_PREFIXES = ("head.", "decoder_", "mask_token")
 
 
@@ -72,48 +69,8 @@ class LoadReport:
 
 
 # ----------------------------------------------------------------------------- reading
-def read_checkpoint(path: str | Path) -> dict:
-    """torch.load(weights_only=True) on CPU; a file whose pickle needs code is refused by name."""
-    path = Path(path)
-    if path.is_dir():
-        return {"model": _export_checkpoint_dir(path)}
-    from util.checkpoint import load_weights_file  # one weights-only loader for the whole project
-
-    return load_weights_file(path)
-
-
-def _export_checkpoint_dir(path: Path) -> StateDict:
-    """Consolidate one of our checkpoint folders (or an output folder's latest) into a state dict."""
-    # Imported here: models/ stays free of distributed code unless a sharded folder is loaded.
-    import tempfile
-
-    from util.checkpoint import export_weights, find_latest
-
-    if not (path / "trainer_state.pt").exists():
-        latest = find_latest(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path} is neither a checkpoint folder nor an output folder with checkpoints")
-        path = latest
-    with tempfile.TemporaryDirectory() as td:
-        return export_weights(path, Path(td) / "weights.pth")
-
-
-def unwrap_state_dict(obj: dict) -> StateDict:
-    """The tensor dict inside a checkpoint (`model`, `model_state`, `module` or `state_dict`), prefixes stripped."""
-    for key in CONTAINER_KEYS:
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    sd = {}
-    for k, v in obj.items():
-        if not torch.is_tensor(v):
-            continue
-        for part in WRAPPER_PARTS:
-            k = k[len(part):] if k.startswith(part) else k.replace("." + part, ".")
-        sd[k] = v
-    if not sd:
-        raise ValueError(f"no tensors found in checkpoint (top-level keys: {sorted(obj)[:10]})")
-    return sd
+# Files are read (weights-only, wrapper prefixes stripped, containers unwrapped) by
+# `util.checkpoint.read_weights`; this module maps the keys of a flat state dict onto a model.
 
 
 def detect_format(sd: StateDict) -> str:
@@ -312,22 +269,23 @@ def adapt_to_model(canon: StateDict, model: nn.Module, fmt: str = "ours") -> tup
     return {k: v for k, v in canon.items() if k in mine}, report
 
 
-def convert_state_dict(obj: dict, model: nn.Module) -> tuple[StateDict, LoadReport]:
-    """Any supported checkpoint object -> (state dict for `model`, report); nothing is loaded yet."""
-    sd = unwrap_state_dict(obj)
+def convert_state_dict(sd: StateDict, model: nn.Module) -> tuple[StateDict, LoadReport]:
+    """A flat state dict of any supported format -> (state dict for `model`, report); nothing is loaded yet."""
+    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     fmt = detect_format(sd)
     return adapt_to_model(to_canonical(sd, fmt), model, fmt)
 
 
-def load_pretrained(model: nn.Module, path_or_sd: str | Path | dict, *, strict_encoder: bool = True) -> LoadReport:
-    """Load weights of any supported format into `model` (a ViT classifier or MAE); returns the report.
+def load_pretrained(model: nn.Module, state_dict: StateDict, *, source: str = "state dict",
+                    strict_encoder: bool = True) -> LoadReport:
+    """Load a flat state dict of any supported format into `model` (a ViT classifier or MAE); returns the report.
 
     `strict_encoder` raises when an encoder weight is missing or has the wrong shape (the head and
-    decoder may be new). The report is logged: a summary line and each non-empty key list.
+    decoder may be new). The report is logged: a summary line and each non-empty key list. Read
+    files with `util.checkpoint.read_weights` (weights-only, our folders included).
     """
-    name = "state dict" if isinstance(path_or_sd, dict) else str(path_or_sd)
-    obj = path_or_sd if isinstance(path_or_sd, dict) else read_checkpoint(path_or_sd)
-    sd, report = convert_state_dict(obj, model)
+    name = source
+    sd, report = convert_state_dict(state_dict, model)
     report.log()
     bad_shape = [s for s in report.skipped if not s.startswith(NON_ENCODER_PREFIXES)]
     if strict_encoder and (report.missing_encoder or bad_shape):

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from models.adamae import AdaptiveTokenSampler, policy_gradient_loss, sampler_stats
-from models.masking import decoder_targets, get_mask_sampler
+from models.flops import block_flops, masked_autoencoder_flops, with_train_step
+from models.masking import decoder_targets, get_mask_sampler, num_visible
 from models.video_vit import (
     Block,
     LayerNorm6,
@@ -86,9 +87,14 @@ class MaskedAutoencoderViT(nn.Module):
         self.sampler_loss_weight, self.decoder_mask_ratio = sampler_loss_weight, decoder_mask_ratio
         if not 0.0 <= decoder_mask_ratio < 1.0:
             raise ValueError(f"decoder_mask_ratio must be in [0, 1), got {decoder_mask_ratio}")
+        mlp = int(embed_dim * mlp_ratio)
+        # Sizes by name, for FLOP counts that must not read (possibly sharded, empty) parameters.
+        self.arch = dict(embed_dim=embed_dim, depth=depth, mlp=mlp, decoder_embed_dim=decoder_embed_dim,
+                         decoder_depth=decoder_depth, decoder_mlp=int(decoder_embed_dim * mlp_ratio),
+                         patch_dim=in_chans * t_patch_size * patch_size**2,
+                         pred_dim=self.t_pred_patch_size * patch_size**2 * in_chans)
         self.sampler_metrics: dict[str, torch.Tensor] = {}
         self.sampler_probs: torch.Tensor | None = None
-        self.grad_checkpointing = False
 
         # Encoder
         if cls_embed:
@@ -129,11 +135,40 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.zeros_(self.adaptive_sampler.head.weight)
 
     # ----------------------------------------------------------------- helpers
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every encoder and decoder block in backward (non-reentrant) to save memory."""
-        self.grad_checkpointing = enable
+    def shard_units(self) -> list[nn.Module]:
+        """The units that parallelism wraps from outside (activation checkpointing, compile, FSDP2): every block."""
+        units = list(self.blocks) + list(self.decoder_blocks)
         if self.mask_type == "adaptive":
-            self.adaptive_sampler.grad_checkpointing = enable
+            units += list(self.adaptive_sampler.blocks)
+        return units
+
+    def flops_per_clip(self, mask_ratio: float) -> dict[str, int]:
+        """Analytic FLOPs per clip of a training step at `mask_ratio`, from the configuration.
+
+        Counts the training-mode model: decoder masking shrinks the decoder's tokens, and AdaMAE's
+        sampler adds one block over every patch (which then must all be embedded).
+        """
+        a = self.arch
+        num_patches = self.patch_embed.num_patches
+        visible = num_visible(num_patches, mask_ratio)
+        decoder_patches = num_patches
+        if self.decoder_mask_ratio > 0:
+            decoder_patches = visible + max(1, int((num_patches - visible) * (1 - self.decoder_mask_ratio)))
+        adaptive = self.mask_type == "adaptive"
+        parts = masked_autoencoder_flops(
+            num_patches=num_patches, num_visible=visible, num_decoder_patches=decoder_patches,
+            # forward_encoder embeds only the visible tubelets, unless the sampler needs them all
+            num_embed_tokens=num_patches if adaptive else visible,
+            patch_dim=a["patch_dim"], enc_dim=a["embed_dim"], enc_depth=a["depth"], enc_mlp=a["mlp"],
+            dec_dim=a["decoder_embed_dim"], dec_depth=a["decoder_depth"], dec_mlp=a["decoder_mlp"],
+            pred_dim=a["pred_dim"], num_prefix=int(self.cls_embed),
+        )
+        if adaptive:
+            one = block_flops(num_patches, a["embed_dim"], a["mlp"])
+            parts.pop("forward"), parts.pop("train_step")
+            parts["sampler"] = one["linear"] + one["attention"] + 2 * num_patches * a["embed_dim"]
+            parts = with_train_step(parts)
+        return parts
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (tokens and positional embeddings)."""
@@ -195,7 +230,7 @@ class MaskedAutoencoderViT(nn.Module):
         if self.cls_embed:
             cls = self.cls_token + (cls_pos if cls_pos is not None else 0)
             x = torch.cat([cls.expand(B, -1, -1), x], dim=1)
-        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        x = run_blocks(self.blocks, x)
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -212,7 +247,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = x + pos
         if self.cls_embed:
             x = torch.cat([(self.decoder_cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
-        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing)
+        x = run_blocks(self.decoder_blocks, x)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:] if self.cls_embed else x
 
@@ -231,7 +266,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat([x, self.mask_token.expand(B, M, -1)], dim=1) + pos[0][torch.cat([ids_keep, ids_target], 1)]
         if self.cls_embed:
             x = torch.cat([(self.decoder_cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
-        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing)
+        x = run_blocks(self.decoder_blocks, x)
         out = self.decoder_pred(self.decoder_norm(x[:, -M:]))  # no head work for dropped or visible tokens
         pred = out.new_zeros(B, L, out.shape[-1])
         return pred.scatter(1, ids_target.unsqueeze(-1).expand(-1, -1, out.shape[-1]), out)

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 # MAE's norm: LayerNorm with eps 1e-6 (a module-level constant so it can be an argument default).
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
@@ -134,14 +133,10 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
-    """Run blocks in order, recomputing each block's activations in backward when asked."""
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Run blocks in order (activation checkpointing, if any, is wrapped around them from outside)."""
     for blk in blocks:
-        if grad_checkpointing and torch.is_grad_enabled():
-            # Non-reentrant: works with FSDP2/DDP, kwargs and tensors that do not require grad.
-            x = checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = blk(x)
+        x = blk(x)
     return x
 
 

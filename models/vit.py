@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.flops import vit_flops
 from models.video_vit import (
     Block,
     LayerNorm6,
@@ -48,7 +49,7 @@ class VisionTransformer(nn.Module):
         t, h, w = self.grid_size = self.patch_embed.grid_size
         self.cls_embed, self.sep_pos_embed, self.global_pool = cls_embed, sep_pos_embed, global_pool
         self.num_classes, self.embed_dim = num_classes, embed_dim
-        self.grad_checkpointing = False
+        self.mlp_hidden, self.patch_dim = int(embed_dim * mlp_ratio), in_chans * t_patch_size * patch_size**2
         if cls_embed:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         add_pos_embed(self, "", self.grid_size, embed_dim, cls_embed, sep_pos_embed)
@@ -74,9 +75,15 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every block in backward (non-reentrant) to save activation memory."""
-        self.grad_checkpointing = enable
+    def shard_units(self) -> list[nn.Module]:
+        """The units that parallelism wraps from outside (activation checkpointing, compile, FSDP2): the blocks."""
+        return list(self.blocks)
+
+    def flops_per_clip(self) -> dict[str, int]:
+        """Analytic FLOPs per clip (forward parts, "forward", "train_step"), from the configuration."""
+        return vit_flops(num_patches=self.patch_embed.num_patches, patch_dim=self.patch_dim, dim=self.embed_dim,
+                         depth=len(self.blocks), mlp=self.mlp_hidden, num_prefix=int(self.cls_embed),
+                         num_classes=self.num_classes)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay."""
@@ -99,7 +106,7 @@ class VisionTransformer(nn.Module):
         x = x + pos
         if self.cls_embed:
             x = torch.cat([(self.cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
-        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        x = run_blocks(self.blocks, x)
         if self.global_pool:
             # Only drop the first token when it is a class token: all others are real patches.
             tokens = x[:, 1:] if self.cls_embed else x

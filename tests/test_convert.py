@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from models import create_model
-from models.convert import detect_format, load_pretrained, read_checkpoint, sincos_1d_table
+from models.convert import detect_format, load_pretrained, sincos_1d_table
 from models.mae import MaskedAutoencoderViT
 from models.video_vit import resize_spatial_pos_embed, resize_temporal_pos_embed, separable_pos_table
 from models.vit import VisionTransformer
+from util.checkpoint import read_weights
 
 DEC = dict(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2)
 SMALL = dict(img_size=32, num_frames=4, depth=2, embed_dim=32, num_heads=2)
@@ -96,7 +97,7 @@ def test_official_mae_st_release_loads_whole_into_mae_and_encoder_into_vit(tmp_p
     assert detect_format(official) == "mae_st"
 
     dst = mae(seed=5)
-    report = load_pretrained(dst, tmp_path / "mae_pretrain_vit_tiny_k400.pth")
+    report = load_pretrained(dst, read_weights(tmp_path / "mae_pretrain_vit_tiny_k400.pth"))
     assert report.source_format == "mae_st" and not report.missing and not report.unexpected
     x, noise = clips(), torch.rand(2, 2 * 4 * 4, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -107,7 +108,7 @@ def test_official_mae_st_release_loads_whole_into_mae_and_encoder_into_vit(tmp_p
         torch.testing.assert_close(dst.blocks[1].attn(tokens), expected, rtol=1e-5, atol=1e-5)
 
     classifier = vit()
-    report = load_pretrained(classifier, {"model_state": official})  # the key PySlowFast-era files use
+    report = load_pretrained(classifier, official)
     assert sorted(report.missing) == ["head.bias", "head.weight"]
     assert not report.missing_encoder and len(report.dropped) > 0
     torch.testing.assert_close(classifier.fc_norm.weight, src.norm.weight)  # pooled norm = encoder norm
@@ -129,7 +130,7 @@ def test_pyslowfast_pyth_with_pred_head_decoder_and_joint_decoder_table(tmp_path
     torch.save({"model_state": pyth, "epoch": 400}, tmp_path / "k400.pyth")
 
     dst = mae(seed=5)
-    report = load_pretrained(dst, tmp_path / "k400.pyth")
+    report = load_pretrained(dst, read_weights(tmp_path / "k400.pyth"))
     assert report.source_format == "pyslowfast" and not report.missing and not report.unexpected
     assert any("least squares" in n for n in report.notes)
     x, noise = clips(), torch.rand(2, 32, generator=torch.Generator().manual_seed(4))
@@ -139,7 +140,7 @@ def test_pyslowfast_pyth_with_pred_head_decoder_and_joint_decoder_table(tmp_path
     # A fine-tuned .pyth: head under head.projection.
     head = {"head.projection.weight": torch.randn(5, 32), "head.projection.bias": torch.randn(5)}
     classifier = vit()
-    report = load_pretrained(classifier, {"model_state": {**pyth, **head}})
+    report = load_pretrained(classifier, {**pyth, **head})
     assert not report.missing and torch.equal(classifier.head.weight, head["head.projection.weight"])
 
 
@@ -159,7 +160,7 @@ def test_videomae_qbias_vbias_and_regenerated_sincos_table(layout: str) -> None:
     else:
         ckpt = {"module": to_videomae(sd, "")}
     dst = vit(**kw, seed=7)
-    report = load_pretrained(dst, ckpt)
+    report = load_pretrained(dst, ckpt.get("model", ckpt.get("module")))
     assert report.source_format == "videomae" and not report.unexpected
     assert not report.missing_encoder and any("sin-cos" in n for n in report.notes)
     torch.testing.assert_close(dst.pos_embed, src.pos_embed)
@@ -171,14 +172,20 @@ def test_videomae_qbias_vbias_and_regenerated_sincos_table(layout: str) -> None:
         torch.testing.assert_close(dst.forward_features(x), src.forward_features(x))
 
 
-def test_our_export_with_wrapper_prefixes(tmp_path: Path) -> None:
+def test_our_export_with_wrapper_prefixes_and_containers(tmp_path: Path) -> None:
     src = randomize(vit())
     wrapped = {f"module._orig_mod.{k}".replace("blocks.0.", "blocks.0._checkpoint_wrapped_module."): v
                for k, v in src.state_dict().items()}
     torch.save({"model": wrapped}, tmp_path / "w.pth")
     dst = vit(seed=9)
-    report = load_pretrained(dst, tmp_path / "w.pth")
+    report = load_pretrained(dst, read_weights(tmp_path / "w.pth"))
     assert report.source_format == "ours" and not report.missing and not report.unexpected
+    for key in ("model_state", "module", "state_dict"):  # the containers of PySlowFast, VideoMAE, others
+        torch.save({key: wrapped, "epoch": 3}, tmp_path / "c.pth")
+        assert read_weights(tmp_path / "c.pth").keys() == src.state_dict().keys()
+    torch.save(torch.zeros(3), tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match="holds a Tensor, not a dict of weights"):
+        read_weights(tmp_path / "bare.pth")
     x = clips()
     with torch.no_grad():
         torch.testing.assert_close(dst(x), src(x))
@@ -203,7 +210,7 @@ def test_interpolate_8_to_16_frames_and_112_to_224_px(sep: bool) -> None:
     torch.manual_seed(0)
     src = randomize(MaskedAutoencoderViT(img_size=112, num_frames=8, **big, **DEC))
     dst = VisionTransformer(img_size=224, num_frames=16, num_classes=3, cls_embed=True, **big).eval()
-    report = load_pretrained(dst, {"model": src.state_dict()})
+    report = load_pretrained(dst, src.state_dict())
     assert not report.missing_encoder and not report.skipped and report.notes
     if sep:
         torch.testing.assert_close(dst.pos_embed_spatial, resize_spatial_pos_embed(src.pos_embed_spatial, (14, 14)))
@@ -242,7 +249,5 @@ def test_pickle_that_runs_code_is_refused_and_never_runs(tmp_path: Path) -> None
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _Evil(marker)}, tmp_path / "evil_zip.pth")
     for p in (path, tmp_path / "evil_zip.pth"):
         with pytest.raises(ValueError, match=f"refusing to load {p}"):
-            read_checkpoint(p)
-        with pytest.raises(ValueError, match="weights-only"):
-            load_pretrained(vit(), p)
+            read_weights(p)
     assert not marker.exists()

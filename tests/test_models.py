@@ -16,6 +16,7 @@ from models.video_vit import (
     resize_spatial_pos_embed,
     resize_temporal_pos_embed,
 )
+from util.parallel import apply_checkpointing
 
 TINY = dict(img_size=32, num_frames=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, depth=2)
 
@@ -150,7 +151,7 @@ def test_grad_checkpointing_same_loss_and_grads(name: str) -> None:
         return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     loss_a, grads_a = run()
-    model.set_grad_checkpointing(True)
+    apply_checkpointing(model)
     loss_b, grads_b = run()
     assert torch.allclose(loss_a, loss_b, atol=1e-6)
     assert len(grads_a) == len(grads_b)
