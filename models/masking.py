@@ -96,7 +96,8 @@ def cube_masking(batch: int, grid: Grid, ratio: float, noise: torch.Tensor | Non
     dev = noise.device
     # Per-sample grid offsets from the noise (scaled so they do not follow a token's own noise).
     frac = torch.frac(noise[:, :3] * 9973.0)
-    off = (frac * torch.tensor([ct, ch, cw], device=dev)).long()  # [B, 3]
+    # python ints, not a device tensor made from a list: that would copy from the host (a GPU sync)
+    off = torch.stack([frac[:, 0] * ct, frac[:, 1] * ch, frac[:, 2] * cw], dim=1).long()  # [B, 3]
     tt = torch.arange(t, device=dev).view(t, 1, 1)
     hh = torch.arange(h, device=dev).view(1, h, 1)
     ww = torch.arange(w, device=dev).view(1, 1, w)

@@ -118,6 +118,18 @@ class VisionTransformer(nn.Module):
         return self.head(self.head_drop(self.forward_features(clips)))
 
 
+def to_linear_probe(model: VisionTransformer) -> VisionTransformer:
+    """Freeze everything, then put a fresh BatchNorm1d(D, affine=False, eps=1e-6) + linear head on top (MAE)."""
+    for p in model.parameters():
+        p.requires_grad = False
+    head = nn.Linear(model.embed_dim, model.num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.01)  # MAE's linear-probe init
+    nn.init.zeros_(head.bias)
+    # The un-affine BatchNorm whitens features whose scale varies a lot between pretrained models.
+    model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6), head)
+    return model
+
+
 def _vit(size: tuple[int, int, int], patch_size: int, **kwargs) -> VisionTransformer:
     # Explicit kwargs win, so a factory can be shrunk (e.g. depth=2) for tests.
     dim, depth, heads = size

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -12,15 +11,16 @@ from pathlib import Path
 
 import torch
 
-from main_finetune import build_loss, get_args_parser, to_linear_probe
+from main_finetune import AugmentConfig, FinetuneConfig, build_loss, get_args_parser
 from models import create_model
+from models.vit import to_linear_probe
+from tests.dist.common import make_backend
 from tests.dist.dist_launch import torchrun
 from util.checkpoint import save_checkpoint
-from util.config import parse_args
+from util.config import parse_args, section
 from util.distributed import DistInfo
 from util.evaluate import confusion_matrix, evaluate
 from util.optim import param_groups
-from util.parallel import setup_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--synthetic_videos", "24", "--input_size", "32", "--num_frames", "4", "--batch_size", "2",
@@ -44,9 +44,7 @@ def pretraining_folder(out: Path) -> Path:
     """A checkpoint folder as main_pretrain.py leaves it (DDP backend, one rank), of a tiny MAE."""
     torch.manual_seed(0)
     mae = create_model("mae_vit_micro_patch8", img_size=32, num_frames=4, decoder_embed_dim=64, decoder_depth=1)
-    args = argparse.Namespace(dist="ddp", precision="fp32", grad_ckpt=False, compile=False, clip_grad=0.0,
-                              accum_iter=1, weight_decay=0.05, lr=1e-3)
-    backend = setup_parallel(mae, args, DistInfo(0, 1, 0, torch.device("cpu"), True))
+    backend = make_backend(mae, DistInfo(0, 1, 0, torch.device("cpu"), True), clip_grad=0.0, lr=1e-3)
     save_checkpoint(backend, out, "step-1", {"epoch": 1, "step_in_epoch": 0, "global_step": 1})
     return out
 
@@ -81,12 +79,13 @@ def test_linear_probe_trains_only_the_batchnorm_linear_head() -> None:
 
 def test_mixup_targets_sum_to_one_and_losses_match_flags() -> None:
     args = parse_args(get_args_parser(), ["--num_classes", "5"], default_config=None)
-    mix, criterion = build_loss(args)
+    cfg, aug = section(FinetuneConfig, args), section(AugmentConfig, args)
+    mix, criterion = build_loss(cfg, aug)
     clips, target = mix(torch.randn(4, 3, 4, 8, 8), torch.tensor([0, 1, 2, 3]))
     assert clips.shape == (4, 3, 4, 8, 8) and torch.allclose(target.sum(1), torch.ones(4))
     assert type(criterion).__name__ == "SoftTargetCrossEntropy"
-    args.mixup = args.cutmix = 0.0
-    assert build_loss(args)[0] is None and type(build_loss(args)[1]).__name__ == "LabelSmoothingCrossEntropy"
+    aug.mixup = aug.cutmix = 0.0
+    assert build_loss(cfg, aug)[0] is None and type(build_loss(cfg, aug)[1]).__name__ == "LabelSmoothingCrossEntropy"
 
 
 def test_views_averaged_per_video_and_confusion_matrix() -> None:
@@ -132,12 +131,13 @@ def test_recipes_parse_and_build_their_models() -> None:
 def test_adamw_betas_follow_the_recipes_and_the_flag() -> None:
     """Fine-tuning defaults to MAE-ST's betas (0.9, 0.999), pretraining to MAE's (0.9, 0.95); the flag wins."""
     from main_pretrain import get_args_parser as pretrain_parser
+    from util.config import run_config
     from util.distributed import init_distributed
+    from util.parallel import setup_parallel
 
     info = init_distributed()
     for parser, argv, want in ((get_args_parser(), [], (0.9, 0.999)), (pretrain_parser(), [], (0.9, 0.95)),
                                (get_args_parser(), ["--opt_betas", "0.8", "0.99"], (0.8, 0.99))):
-        args = parse_args(parser, ["--precision", "fp32", *argv], default_config=None)
-        args.lr = 1e-3
-        backend = setup_parallel(torch.nn.Linear(4, 2), args, info)
+        cfg = run_config(parse_args(parser, ["--precision", "fp32", *argv], default_config=None))
+        backend = setup_parallel(torch.nn.Linear(4, 2), cfg.parallel, cfg.optim, 1e-3, info)
         assert tuple(backend.optimizer.param_groups[0]["betas"]) == want

@@ -118,6 +118,16 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
 
 
 # ----------------------------------------------------------------------------- save / load
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError, torch.save's RuntimeError, DCP's CheckpointException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return OSError, RuntimeError, CheckpointException
+
+
+WRITE_ERRORS = _write_errors()
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the partial folder was removed and `latest` is unchanged."""
 
@@ -160,19 +170,21 @@ class Checkpointer:
         self._pending = None
         try:
             future.result()  # re-raises a failed write here, in the training thread
-        except OSError as exc:
+        except WRITE_ERRORS as exc:
             raise self._write_error(exc, tmp) from exc
         if du.is_main_process():
             _finalize(tmp, final, self.keep_last)
 
-    def _write_error(self, exc: OSError, tmp: Path) -> CheckpointWriteError:
+    def _write_error(self, exc: BaseException, tmp: Path) -> CheckpointWriteError:
         """Remove a partial folder and describe the failure (disk space when that is the cause)."""
         written = _tree_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         latest = find_latest(self.root.parent)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            need = max(_tree_bytes(latest) if latest else 0, written)
-            free = shutil.disk_usage(self.root).free
+        need = max(_tree_bytes(latest) if latest else 0, written)
+        free = shutil.disk_usage(self.root).free
+        # torch.save reports a full disk as a RuntimeError from its zip writer, not as ENOSPC
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or free < need
+        if full:
             return CheckpointWriteError(
                 f"no space left on device while writing checkpoint {tmp.name.removesuffix('.tmp')} "
                 f"({need / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free in {self.root}); the partial folder "
@@ -209,7 +221,7 @@ class Checkpointer:
                     import yaml
 
                     (tmp / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
-        except OSError as exc:
+        except WRITE_ERRORS as exc:
             error = exc
         if not du.all_agree(error is None):  # one rank's full disk must not leave the others waiting
             raise self._write_error(error or OSError(errno.EIO, "another rank failed to write"), tmp)
