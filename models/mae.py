@@ -4,9 +4,13 @@ The encoder sees only the visible tokens (10% at the default 90% masking), which
 pretraining cheap; a light decoder (512-d, 4 blocks) gets the encoder output plus mask tokens and
 regresses the (per-patch normalised) pixels of the hidden tokens.
 
-Targets: the decoder predicts `pred_t_dim` frames (default 8 of 16, i.e. every second frame), so a
-2-frame token regresses its first frame only. MAE-ST predicts 8 frames for 16-frame clips too; it
-halves the pixel head and the target work with no measured loss in accuracy.
+Targets: the decoder predicts `pred_t_dim` frames (default 8 of 16), so a 2-frame token regresses
+one frame. MAE-ST predicts 8 frames for 16-frame clips too; it halves the pixel head and the target
+work with no measured loss in accuracy. Which frames is a convention (`target_frames`):
+- "stride" (default): every (T / pred_t_dim)-th frame, [0, 2, ..., 14] for 16 -> 8, the first frame
+  of each token. PySlowFast (`MASK.TIME_STRIDE_LOSS`), which trained the released MAE-ST weights.
+- "linspace": `linspace(0, T - 1, pred_t_dim)` rounded down, [0, 2, ..., 12, 15] for 16 -> 8, as the
+  mae_st repository's own pretraining code does (its last target is the clip's last frame).
 
 Options (constructor arguments, see models/adamae.py and models/masking.py for the why):
 - `mask_type="adaptive"`: AdaMAE's learned token sampler; the loss becomes
@@ -40,6 +44,9 @@ from models.video_vit import (
     run_blocks,
 )
 
+# Conventions a released checkpoint was trained with (see the module docstring).
+TARGET_FRAMES = ("stride", "linspace")
+
 
 class MaskedAutoencoderViT(nn.Module):
     """Video MAE with a ViT encoder over visible tokens and a light ViT decoder."""
@@ -67,9 +74,12 @@ class MaskedAutoencoderViT(nn.Module):
         mask_type: str = "random",
         sampler_loss_weight: float = 1.0e-4,
         decoder_mask_ratio: float = 0.0,
+        target_frames: str = "stride",
     ) -> None:
         super().__init__()
         pred_t_dim = num_frames // 2 if pred_t_dim is None else pred_t_dim
+        if target_frames not in TARGET_FRAMES:
+            raise ValueError(f"target_frames must be one of {TARGET_FRAMES}, got {target_frames!r}")
         self.patch_embed = PatchEmbed3D(img_size, patch_size, in_chans, embed_dim, num_frames, t_patch_size)
         t, h, w = self.grid_size = self.patch_embed.grid_size
         num_patches = t * h * w
@@ -79,7 +89,13 @@ class MaskedAutoencoderViT(nn.Module):
                 f"{t} temporal token positions (num_frames / t_patch_size)"
             )
         self.in_chans, self.patch_size, self.num_frames = in_chans, patch_size, num_frames
-        self.pred_t_dim = pred_t_dim
+        self.pred_t_dim, self.target_frames_rule = pred_t_dim, target_frames
+        # Frame indices the decoder regresses, fixed by the convention (see the module docstring).
+        if target_frames == "stride":
+            ids = list(range(0, num_frames, num_frames // pred_t_dim))
+        else:
+            ids = torch.linspace(0, num_frames - 1, pred_t_dim).long().tolist()
+        self.target_frame_ids: tuple[int, ...] = tuple(ids)
         self.t_pred_patch_size = pred_t_dim // t
         self.norm_pix_loss, self.cls_embed, self.sep_pos_embed = norm_pix_loss, cls_embed, sep_pos_embed
         self.mask_type = mask_type
@@ -184,9 +200,11 @@ class MaskedAutoencoderViT(nn.Module):
         return len(self.blocks) + 2
 
     def target_frames(self, clips: torch.Tensor) -> torch.Tensor:
-        """Frames the decoder regresses: every (T / pred_t_dim)-th frame, [B, C, pred_t_dim, H, W]."""
-        stride = self.num_frames // self.pred_t_dim
-        return clips[:, :, ::stride]
+        """Frames the decoder regresses, [B, C, pred_t_dim, H, W], by the `target_frames` convention."""
+        if self.target_frames_rule == "stride":
+            return clips[:, :, :: self.num_frames // self.pred_t_dim]  # a view: no copy
+        ids = torch.tensor(self.target_frame_ids, device=clips.device)
+        return clips.index_select(2, ids)
 
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
         """[B, C, T_pred, H, W] -> [B, L, u * p * p * C] in token order (u frames per token)."""

@@ -226,3 +226,24 @@ def test_unknown_names_are_clear_errors() -> None:
         tiny_mae(mask_type="checkerboard")
     with pytest.raises(ValueError, match="num_frames"):
         tiny_mae()(torch.randn(1, 3, 8, 32, 32))
+
+
+@pytest.mark.parametrize("rule,frames", [("stride", [0, 2, 4, 6, 8, 10, 12, 14]),
+                                         ("linspace", [0, 2, 4, 6, 8, 10, 12, 15])])
+def test_target_frames_conventions_pick_the_frames_and_the_loss_uses_them(rule: str, frames: list[int]) -> None:
+    """PySlowFast (released weights) regresses every second frame; mae_st's code linspace(0, T-1, 8)."""
+    if rule == "linspace":  # the published formula, not the model's code
+        assert torch.linspace(0, 15, 8).long().tolist() == frames
+    model = tiny_mae(num_frames=16, pred_t_dim=8, target_frames=rule).eval()
+    clips = torch.randn(2, 3, 16, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.target_frames(clips), clips[:, :, frames])
+    noise = torch.rand(2, 8 * 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss, pred, mask = model(clips, 0.75, noise)
+    # Reference loss: each token's frame (one per token), 8x8 pixels x 3 channels, normalised per patch.
+    target = clips[:, :, frames].reshape(2, 3, 8, 4, 8, 4, 8).permute(0, 2, 3, 5, 4, 6, 1).reshape(2, 128, 192)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    expected = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match=r"target_frames must be one of \('stride', 'linspace'\)"):
+        tiny_mae(target_frames="middle")
