@@ -4,14 +4,24 @@ The encoder sees only the visible tokens (10% at the default 90% masking), which
 pretraining cheap; a light decoder (512-d, 4 blocks) gets the encoder output plus mask tokens and
 regresses the (per-patch normalised) pixels of the hidden tokens.
 
-Targets: the decoder predicts `pred_t_dim` frames (default 8 of 16, i.e. every second frame), so a
-2-frame token regresses its first frame only. MAE-ST predicts 8 frames for 16-frame clips too; it
-halves the pixel head and the target work with no measured loss in accuracy.
+Targets: the decoder predicts `pred_t_dim` frames (default 8 of 16), so a 2-frame token regresses
+one frame. MAE-ST predicts 8 frames for 16-frame clips too; it halves the pixel head and the target
+work with no measured loss in accuracy. Which frames is a convention (`target_frames`):
+- "stride" (default): every (T / pred_t_dim)-th frame, [0, 2, ..., 14] for 16 -> 8, the first frame
+  of each token. PySlowFast (`MASK.TIME_STRIDE_LOSS`), which trained the released MAE-ST weights.
+- "linspace": `linspace(0, T - 1, pred_t_dim)` rounded down, [0, 2, ..., 12, 15] for 16 -> 8, as the
+  mae_st repository's own pretraining code does (its last target is the clip's last frame).
 
 Options (constructor arguments, see models/adamae.py and models/masking.py for the why):
 - `mask_type="adaptive"`: AdaMAE's learned token sampler; the loss becomes
   recon + sampler_loss_weight * policy-gradient loss, and `sampler_metrics` / `sampler_probs`
   (detached) hold the last forward's sampler entropy, sampler loss and per-token probabilities.
+- `init_values > 0`: layer scale (per-channel gains on each residual branch, VideoMAE/CaiT style) in
+  the encoder blocks; `decoder_init_values` (default: the same) in the decoder blocks.
+- `decoder_cls="encoder"`: the decoder's class token is `decoder_embed` of the encoder's class-token
+  output, as PySlowFast's MAE decoder does, instead of a learned `decoder_cls_token` (MAE-ST code).
+- `decoder_sep_pos_embed`: the decoder's position table form (default: as `sep_pos_embed`);
+  PySlowFast's MAE decoder has one joint table (`MASK.DECODER_SEP_POS_EMBED: False`).
 - `decoder_mask_ratio > 0` (training mode only): VideoMAE v2 decoder masking; the decoder gets the
   visible tokens plus only a running-cell subset of the hidden ones. Then `pred` is [B, L, P] with
   zeros for tokens the decoder did not predict, and the returned `mask` is 1 exactly where the loss
@@ -40,6 +50,10 @@ from models.video_vit import (
     run_blocks,
 )
 
+# Conventions a released checkpoint was trained with (see the module docstring).
+TARGET_FRAMES = ("stride", "linspace")
+DECODER_CLS = ("learned", "encoder")
+
 
 class MaskedAutoencoderViT(nn.Module):
     """Video MAE with a ViT encoder over visible tokens and a light ViT decoder."""
@@ -67,9 +81,22 @@ class MaskedAutoencoderViT(nn.Module):
         mask_type: str = "random",
         sampler_loss_weight: float = 1.0e-4,
         decoder_mask_ratio: float = 0.0,
+        init_values: float = 0.0,
+        decoder_init_values: float | None = None,
+        decoder_cls: str = "learned",
+        decoder_sep_pos_embed: bool | None = None,
+        target_frames: str = "stride",
     ) -> None:
         super().__init__()
         pred_t_dim = num_frames // 2 if pred_t_dim is None else pred_t_dim
+        if target_frames not in TARGET_FRAMES:
+            raise ValueError(f"target_frames must be one of {TARGET_FRAMES}, got {target_frames!r}")
+        if decoder_cls not in DECODER_CLS:
+            raise ValueError(f"decoder_cls must be one of {DECODER_CLS}, got {decoder_cls!r}")
+        if decoder_cls == "encoder" and not cls_embed:
+            raise ValueError("decoder_cls='encoder' takes the decoder's class token from the encoder's: set cls_embed=True")
+        decoder_init_values = init_values if decoder_init_values is None else decoder_init_values
+        decoder_sep_pos_embed = sep_pos_embed if decoder_sep_pos_embed is None else decoder_sep_pos_embed
         self.patch_embed = PatchEmbed3D(img_size, patch_size, in_chans, embed_dim, num_frames, t_patch_size)
         t, h, w = self.grid_size = self.patch_embed.grid_size
         num_patches = t * h * w
@@ -79,9 +106,18 @@ class MaskedAutoencoderViT(nn.Module):
                 f"{t} temporal token positions (num_frames / t_patch_size)"
             )
         self.in_chans, self.patch_size, self.num_frames = in_chans, patch_size, num_frames
-        self.pred_t_dim = pred_t_dim
+        self.pred_t_dim, self.target_frames_rule = pred_t_dim, target_frames
+        # Frame indices the decoder regresses, fixed by the convention (see the module docstring).
+        if target_frames == "stride":
+            ids = list(range(0, num_frames, num_frames // pred_t_dim))
+        else:
+            ids = torch.linspace(0, num_frames - 1, pred_t_dim).long().tolist()
+        self.target_frame_ids: tuple[int, ...] = tuple(ids)
         self.t_pred_patch_size = pred_t_dim // t
         self.norm_pix_loss, self.cls_embed, self.sep_pos_embed = norm_pix_loss, cls_embed, sep_pos_embed
+        self.decoder_cls, self.decoder_sep_pos_embed = decoder_cls, decoder_sep_pos_embed
+        self.decoder_num_heads = decoder_num_heads
+        self.init_values, self.decoder_init_values = init_values, decoder_init_values
         self.mask_type = mask_type
         self.mask_sampler = None if mask_type == "adaptive" else get_mask_sampler(mask_type)
         self.sampler_loss_weight, self.decoder_mask_ratio = sampler_loss_weight, decoder_mask_ratio
@@ -101,7 +137,8 @@ class MaskedAutoencoderViT(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         add_pos_embed(self, "", self.grid_size, embed_dim, cls_embed, sep_pos_embed)
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, init_values=init_values)
+             for _ in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
         if mask_type == "adaptive":
@@ -110,12 +147,13 @@ class MaskedAutoencoderViT(nn.Module):
         # Decoder
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        if cls_embed:
+        if cls_embed and decoder_cls == "learned":
             self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        add_pos_embed(self, "decoder_", self.grid_size, decoder_embed_dim, cls_embed, sep_pos_embed)
+        add_pos_embed(self, "decoder_", self.grid_size, decoder_embed_dim, cls_embed, decoder_sep_pos_embed)
         self.decoder_blocks = nn.ModuleList(
             [
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                      init_values=decoder_init_values)
                 for _ in range(decoder_depth)
             ]
         )
@@ -184,9 +222,11 @@ class MaskedAutoencoderViT(nn.Module):
         return len(self.blocks) + 2
 
     def target_frames(self, clips: torch.Tensor) -> torch.Tensor:
-        """Frames the decoder regresses: every (T / pred_t_dim)-th frame, [B, C, pred_t_dim, H, W]."""
-        stride = self.num_frames // self.pred_t_dim
-        return clips[:, :, ::stride]
+        """Frames the decoder regresses, [B, C, pred_t_dim, H, W], by the `target_frames` convention."""
+        if self.target_frames_rule == "stride":
+            return clips[:, :, :: self.num_frames // self.pred_t_dim]  # a view: no copy
+        ids = torch.tensor(self.target_frame_ids, device=clips.device)
+        return clips.index_select(2, ids)
 
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
         """[B, C, T_pred, H, W] -> [B, L, u * p * p * C] in token order (u frames per token)."""
@@ -208,7 +248,15 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _pos_table(self, decoder: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(patch position table [1, L, D], class position [1, 1, D] or None) of encoder or decoder."""
-        return pos_tables(self, "decoder_" if decoder else "", self.cls_embed, self.sep_pos_embed)
+        if decoder:
+            return pos_tables(self, "decoder_", self.cls_embed, self.decoder_sep_pos_embed)
+        return pos_tables(self, "", self.cls_embed, self.sep_pos_embed)
+
+    def _decoder_cls(self, embedded_cls: torch.Tensor) -> torch.Tensor:
+        """The decoder's class token [B, 1, Dd]: learned, or the embedded encoder class token (PySlowFast)."""
+        if self.decoder_cls == "encoder":
+            return embedded_cls
+        return self.decoder_cls_token.expand(embedded_cls.shape[0], -1, -1)
 
     # ----------------------------------------------------------------- forward
     def forward_encoder(
@@ -239,14 +287,14 @@ class MaskedAutoencoderViT(nn.Module):
         B, L = ids_restore.shape
         D = x.shape[-1]
         if self.cls_embed:
-            x = x[:, 1:]
+            cls, x = x[:, :1], x[:, 1:]
         mask_tokens = self.mask_token.expand(B, L - x.shape[1], -1)
         x = torch.cat([x, mask_tokens], dim=1)
         x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
         pos, cls_pos = self._pos_table(decoder=True)
         x = x + pos
         if self.cls_embed:
-            x = torch.cat([(self.decoder_cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
+            x = torch.cat([self._decoder_cls(cls) + cls_pos, x], dim=1)
         x = run_blocks(self.decoder_blocks, x)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:] if self.cls_embed else x
@@ -258,14 +306,14 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_embed(latent)
         B, L = ids_restore.shape
         if self.cls_embed:
-            x = x[:, 1:]  # as in forward_decoder, the decoder has its own class token
+            cls, x = x[:, :1], x[:, 1:]
         K, M = x.shape[1], ids_target.shape[1]
         ids_keep = ids_restore.argsort(dim=1)[:, :K]  # the encoder's token order
         pos, cls_pos = self._pos_table(decoder=True)
         # Attention is order-free given the positions: [visible..., targets...] needs no un-shuffle.
         x = torch.cat([x, self.mask_token.expand(B, M, -1)], dim=1) + pos[0][torch.cat([ids_keep, ids_target], 1)]
         if self.cls_embed:
-            x = torch.cat([(self.decoder_cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
+            x = torch.cat([self._decoder_cls(cls) + cls_pos, x], dim=1)
         x = run_blocks(self.decoder_blocks, x)
         out = self.decoder_pred(self.decoder_norm(x[:, -M:]))  # no head work for dropped or visible tokens
         pred = out.new_zeros(B, L, out.shape[-1])

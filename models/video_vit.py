@@ -107,7 +107,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the unit that parallelism (FSDP, checkpointing, compile) wraps."""
+    """Pre-norm transformer block; the unit that parallelism (FSDP, checkpointing, compile) wraps.
+
+    `init_values > 0` adds layer scale (CaiT; VideoMAE's and PySlowFast's `init_values` /
+    `LAYER_SCALE_INIT_VALUE`): learned per-channel gains `gamma_1`, `gamma_2` on the two residual
+    branches, under those releases' names so their weights load by name. 0 (the default) registers
+    no gammas, so the state-dict keys of models without layer scale are unchanged.
+    """
 
     def __init__(
         self,
@@ -119,18 +125,29 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        init_values: float = 0.0,
     ) -> None:
         super().__init__()
+        if init_values < 0:
+            raise ValueError(f"init_values (layer scale) must be >= 0 (0 = off), got {init_values}")
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.gamma_1: nn.Parameter | None = None
+        self.gamma_2: nn.Parameter | None = None
+        if init_values > 0:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual attention then residual MLP."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        """Residual attention then residual MLP (each branch scaled by its gamma under layer scale)."""
+        if self.gamma_1 is None:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x)))
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:

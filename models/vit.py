@@ -19,7 +19,11 @@ from models.video_vit import (
 
 
 class VisionTransformer(nn.Module):
-    """ViT over all spacetime tokens; mean-pooled patch tokens -> fc norm -> dropout -> linear head."""
+    """ViT over all spacetime tokens; mean-pooled patch tokens -> fc norm -> dropout -> linear head.
+
+    `init_values > 0` turns on layer scale in every block (VideoMAE's `--init_values`; its
+    checkpoints' `gamma_1`/`gamma_2` load by name); 0 (default) keeps the plain blocks.
+    """
 
     def __init__(
         self,
@@ -41,6 +45,7 @@ class VisionTransformer(nn.Module):
         cls_embed: bool = False,
         sep_pos_embed: bool = True,
         global_pool: bool = True,
+        init_values: float = 0.0,
     ) -> None:
         super().__init__()
         if not global_pool and not cls_embed:
@@ -58,7 +63,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             [
                 Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], attn_drop=attn_drop_rate,
-                      norm_layer=norm_layer)
+                      norm_layer=norm_layer, init_values=init_values)
                 for i in range(depth)
             ]
         )
