@@ -52,6 +52,8 @@ class FinetuneConfig:
     """The classifier, where its weights come from, and how it is tested."""
 
     finetune: str = flag("", "weights to start from: file or checkpoint/output folder")
+    allow_unexpected_keys: bool = flag(False, "load --finetune weights even if some have no place in the model "
+                                       "(they are dropped, so the model computes something else)")
     num_classes: int = flag(400, "classes of the head", check=positive, rule="> 0")
     drop_path_rate: float = flag(0.1, "stochastic depth of the last block", **unit)
     dropout: float = flag(0.5, "dropout before the classifier", **unit)
@@ -111,7 +113,8 @@ class FinetuneTask(Task):
         model = create_model(m.model, num_classes=c.num_classes, img_size=m.input_size, num_frames=m.num_frames,
                              t_patch_size=m.t_patch_size, cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed,
                              drop_path_rate=0.0 if c.linprobe else c.drop_path_rate,
-                             dropout=0.0 if c.linprobe else c.dropout, global_pool=c.global_pool)
+                             dropout=0.0 if c.linprobe else c.dropout, global_pool=c.global_pool,
+                             init_values=m.init_values)
         return to_linear_probe(model) if c.linprobe else model
 
     def init_weights(self, model: nn.Module, trainer: Trainer) -> None:
@@ -119,7 +122,8 @@ class FinetuneTask(Task):
             if self.cfg.eval:
                 raise ValueError(f"--eval needs weights: --resume DIR, a checkpoint in {trainer.out}, or --finetune FILE")
             return
-        report = load_pretrained(model, read_weights(self.cfg.finetune), source=self.cfg.finetune)
+        report = load_pretrained(model, read_weights(self.cfg.finetune), source=self.cfg.finetune,
+                                 allow_unexpected=self.cfg.allow_unexpected_keys)
         if self.cfg.eval and any(k.startswith("head") for k in report.missing + report.skipped):
             raise ValueError(f"--eval with --finetune {self.cfg.finetune}: the file has no {self.cfg.num_classes}-way head")
 

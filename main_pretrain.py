@@ -56,6 +56,14 @@ class PretrainConfig:
     decoder_embed_dim: int = flag(512, "decoder width", check=positive, rule="> 0")
     decoder_depth: int = flag(4, "decoder blocks", check=positive, rule="> 0")
     decoder_num_heads: int = flag(16, "decoder attention heads", check=positive, rule="> 0")
+    decoder_init_values: float | None = flag(None, "layer scale in the decoder blocks; default: --init_values",
+                                             check=non_negative, rule=">= 0")
+    decoder_cls: str = flag("learned", "decoder class token: learned (mae_st code) or decoder_embed of the encoder's "
+                            "class output (PySlowFast, released MAE-ST weights)", choices=("learned", "encoder"))
+    decoder_sep_pos_embed: bool | None = flag(None, "separable decoder position table; default: --sep_pos_embed; "
+                                              "PySlowFast's is joint")
+    target_frames: str = flag("stride", "frames the decoder regresses: every T/pred_t_dim-th (PySlowFast, released "
+                              "weights) or linspace(0, T-1, pred_t_dim) (mae_st code)", choices=("stride", "linspace"))
     vis_every: int = flag(1, "epochs between reconstruction images (0: off)", check=non_negative, rule=">= 0")
     init_from: str = flag("", "start a fresh run from these weights (file or run folder; weights only)")
 
@@ -64,7 +72,8 @@ class PretrainTask(Task):
     """MAE-ST: reconstruct the hidden spacetime patches of each clip."""
 
     name = "MAE pretraining"
-    architecture_flags = ("pred_t_dim", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mask_type")
+    architecture_flags = ("pred_t_dim", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mask_type",
+                          "decoder_init_values", "decoder_cls", "decoder_sep_pos_embed")
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
@@ -79,7 +88,9 @@ class PretrainTask(Task):
             cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed, pred_t_dim=c.pred_t_dim, mask_type=c.mask_type,
             sampler_loss_weight=c.sampler_loss_weight, decoder_mask_ratio=c.decoder_mask_ratio,
             norm_pix_loss=c.norm_pix_loss, trunc_init=c.trunc_init, decoder_embed_dim=c.decoder_embed_dim,
-            decoder_depth=c.decoder_depth, decoder_num_heads=c.decoder_num_heads,
+            decoder_depth=c.decoder_depth, decoder_num_heads=c.decoder_num_heads, init_values=m.init_values,
+            decoder_init_values=c.decoder_init_values, decoder_cls=c.decoder_cls,
+            decoder_sep_pos_embed=c.decoder_sep_pos_embed, target_frames=c.target_frames,
         )
         return self.model
 

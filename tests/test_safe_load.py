@@ -16,6 +16,7 @@ import os
 import pickle
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -308,3 +309,45 @@ def test_folder_of_unknown_layout_is_a_clear_error(tmp_path: Path) -> None:
     """A folder that is no checkpoint of ours says what it expected."""
     with pytest.raises(ValueError, match="holds no DDP file, DCP metadata or DeepSpeed 'zero' folder"):
         verify_checkpoint_dir(tmp_path)
+
+
+# ----------------------------------------------------------------------------- every entry point
+def _run(*cmd: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--synthetic_videos", "24", "--input_size", "32", "--num_frames", "4", "--batch_size", "2",
+        "--repeat_aug", "1", "--num_workers", "0", "--epochs", "1", "--precision", "fp32"]
+
+
+def crafted(real_checkpoints, tmp_path: Path, kind: str, marker: Path) -> Path:
+    """A copy of KIND's real checkpoint with an os.system payload where an attacker would put it."""
+    ckpt = copy_of(real_checkpoints, kind, tmp_path)
+    if kind == "fsdp":
+        (ckpt / "state" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    else:
+        poison_torch_file(ckpt / "state" / "zero" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker,
+                          ("optimizer_state_dict", "zero_stage"))
+    return ckpt
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "zero2"])
+def test_every_entry_point_refuses_a_crafted_checkpoint(real_checkpoints, tmp_path: Path, kind: str) -> None:
+    """export CLI, fine-tuning's --finetune DIR and auto-resume: refused with a clear message, nothing runs."""
+    marker = tmp_path / "pwned"
+    ckpt = crafted(real_checkpoints, tmp_path, kind, marker)
+    export = _run("-m", "util.checkpoint", "export", str(ckpt), str(tmp_path / "w.pth"))
+    finetune = _run("main_finetune.py", "--output_dir", str(tmp_path / "ft"), *TINY, "--finetune", str(ckpt))
+    out = tmp_path / "resume"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.move(str(ckpt), out / "checkpoints" / "step-1")
+    (out / "checkpoints" / "latest").symlink_to("step-1")
+    dist = ["--dist", "fsdp"] if kind == "fsdp" else ["--dist", "deepspeed", "--zero_stage", "2"]
+    resume = _run("main_pretrain.py", "--output_dir", str(out), *TINY, *dist)
+    for name, proc in (("export", export), ("finetune", finetune), ("resume", resume)):
+        assert proc.returncode != 0, name
+        assert "UnsafeCheckpointError" in proc.stderr and "posix.system" in proc.stderr, (name, proc.stderr[-2000:])
+        assert "python -m util.checkpoint export" in proc.stderr or "refusing" in proc.stderr, name
+    assert not marker.exists()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import pickle
 import random
 import shutil
 import sys
@@ -31,6 +30,7 @@ import torch
 
 from util import distributed as du
 from util.optim import clean_name
+from util.safe_load import detect_format, forced_weights_only, load_weights_file, verify_checkpoint_dir
 
 if TYPE_CHECKING:
     from util.parallel import Backend
@@ -263,6 +263,7 @@ def load_checkpoint(backend: Backend, path: str | Path) -> dict:
     if not path.is_dir():
         raise ValueError(f"--resume takes a checkpoint folder (OUT/checkpoints/step-N), but {path} is a file; "
                          f"to start a run from weights use --init_from {path} (pretraining) or --finetune {path}")
+    verify_checkpoint_dir(path)  # every rank, before any file reaches DCP or DeepSpeed
     state = read_trainer_state(path)
     if state.get("backend") != backend.name:
         raise ValueError(
@@ -277,7 +278,8 @@ def load_checkpoint(backend: Backend, path: str | Path) -> dict:
             f"or export its weights (python -m util.checkpoint export {path} w.pth) and start a new run in a new "
             f"--output_dir with --init_from w.pth (weights only: a fresh optimizer and schedule)"
         )
-    backend.load(path / STATE_DIR)
+    with forced_weights_only(deepspeed=backend.name == "deepspeed"):  # the libraries' own loads too
+        backend.load(path / STATE_DIR)
     rngs = state.get("rng") or []
     rank = du.get_rank()
     if rank < len(rngs) and len(rngs) == du.get_world_size():
@@ -285,18 +287,6 @@ def load_checkpoint(backend: Backend, path: str | Path) -> dict:
     elif rngs:
         set_rng_state(rngs[0])  # new world size: per-rank streams cannot carry over; data randomness is per sample
     return state
-
-
-def load_weights_file(path: str | Path) -> dict:
-    """torch.load(weights_only=True) with a clear error when the file would need code to unpickle."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refusing to load {path}: {Path(path).name} is not a plain weights checkpoint (weights-only "
-            f"unpickling failed, it would run or import code: {str(e).splitlines()[0]}). "
-            "Re-export it as tensors only."
-        ) from None
 
 
 CONTAINER_KEYS = ("model", "model_state", "module", "state_dict")
@@ -335,32 +325,24 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- offline export
-def _detect_format(state_dir: Path) -> str:
-    if (state_dir / "model.pt").is_file():
-        return "ddp"
-    if (state_dir / ".metadata").is_file():
-        return "dcp"
-    if (state_dir / "zero").is_dir():
-        return "deepspeed"
-    raise ValueError(f"{state_dir} holds no DDP file, DCP metadata or DeepSpeed 'zero' folder")
-
-
 def export_weights(ckpt: str | Path, out: str | Path) -> dict:
     """Write {'model': consolidated fp32 state dict with plain names} from any backend's checkpoint."""
     state_dir = Path(ckpt).resolve() / STATE_DIR
-    fmt = _detect_format(state_dir)
+    fmt = verify_checkpoint_dir(Path(ckpt).resolve())  # nothing in the folder may run code
     if fmt == "ddp":
         sd = load_weights_file(state_dir / "model.pt")["model"]
     elif fmt == "dcp":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         with tempfile.TemporaryDirectory() as td:
-            dcp_to_torch_save(state_dir, Path(td) / "full.pt")
+            with forced_weights_only():
+                dcp_to_torch_save(state_dir, Path(td) / "full.pt")
             sd = load_weights_file(Path(td) / "full.pt")["model"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag="zero")
+        with forced_weights_only(deepspeed=True):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag="zero")
     sd = {clean_name(k): v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in sd.items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": sd}, out)
@@ -373,7 +355,7 @@ def describe(ckpt: str | Path) -> str:
     s = read_trainer_state(path)
     keys = ("name", "global_step", "epoch", "step_in_epoch", "backend", "world_size")
     lines = [f"checkpoint: {path}"] + [f"  {k}: {s.get(k)}" for k in keys]
-    lines.append(f"  format: {_detect_format(path / STATE_DIR)}")
+    lines.append(f"  format: {detect_format(path / STATE_DIR)}")
     lines.append(f"  other keys: {sorted(k for k in s if k not in keys and k != 'rng')}")
     return "\n".join(lines)
 

@@ -100,6 +100,8 @@ def section(cls: type, args: argparse.Namespace) -> Any:
 
 def _check_value(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """Validate and convert a YAML value with the flag's own type and choices."""
+    if value is None and action.default is None:  # an optional flag left unset (e.g. `lr: null`)
+        return None
     if isinstance(action, BOOL) or isinstance(action.default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
@@ -198,6 +200,8 @@ class ModelConfig:
     t_patch_size: int = flag(2, "frames per token", check=positive, rule="> 0")
     cls_embed: bool = flag(True, "use a class token")
     sep_pos_embed: bool = flag(True, "separable spatial + temporal pos-embed")
+    init_values: float = flag(0.0, "layer scale: initial per-channel gain on each encoder block's residual "
+                              "branches (VideoMAE/CaiT); 0 = off", check=non_negative, rule=">= 0")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from util.parallel import Backend, setup_parallel
 from util.preemption import PreemptionWatcher
 
 log = logging.getLogger("mae_st.trainer")
-ARCHITECTURE_FLAGS = ("model", "input_size", "num_frames", "t_patch_size", "cls_embed", "sep_pos_embed")
+ARCHITECTURE_FLAGS = ("model", "input_size", "num_frames", "t_patch_size", "cls_embed", "sep_pos_embed", "init_values")
 
 
 class Task(abc.ABC):

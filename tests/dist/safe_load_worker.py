@@ -20,11 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MASK_RATIO, batch, make_args, make_model  # noqa: E402
+from common import batch, make_backend, make_model, micro_step  # noqa: E402
 
 from util import distributed as du  # noqa: E402
-from util.checkpoint import finish_pending_save, save_checkpoint  # noqa: E402
-from util.parallel import setup_parallel  # noqa: E402
+from util.checkpoint import Checkpointer  # noqa: E402
 from util.safe_load import forced_weights_only, verify_checkpoint_dir  # noqa: E402
 
 
@@ -35,20 +34,19 @@ def build(kind: str):
     if precision in ("bf16", "fp16"):
         flags["precision"] = precision
     info = du.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
-    return setup_parallel(make_model(), make_args(**flags), info)
+    return make_backend(make_model(), info, **flags)
 
 
 def save_and_reload(out: Path, kind: str) -> dict:
     """Train one step, save, verify, reload under forced weights-only: are the weights the saved ones?"""
     backend = build(kind)
     clips, noise = batch([0, 1, 2, 3])
-    with backend.autocast():
-        loss, _, _ = backend.module(clips, MASK_RATIO, noise)
-    backend.backward(loss, True)
+    micro_step(backend, clips, noise)
     backend.step()
     saved = backend.full_model_state_dict()
-    final = save_checkpoint(backend, out / kind, "step-1", {"global_step": 1}, async_save=kind == "fsdp_async")
-    finish_pending_save(wait=True)
+    checkpointer = Checkpointer(out / kind, async_save=kind == "fsdp_async")
+    final = checkpointer.save(backend, "step-1", {"global_step": 1})
+    checkpointer.finish_pending(wait=True)
     fmt = verify_checkpoint_dir(final)
     fresh = build(kind)
     with forced_weights_only(deepspeed=fresh.name == "deepspeed"):
