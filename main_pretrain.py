@@ -41,8 +41,10 @@ DEMO_CONFIG = str(Path(__file__).resolve().parent / "configs" / "pretrain" / "de
 
 @dataclass
 class PretrainConfig:
-    """What the masked autoencoder hides and predicts."""
+    """What the encoder learns from, and what the masked autoencoder hides and predicts."""
 
+    objective: str = flag("mae", "pretraining objective: mae (masked spacetime autoencoding, MAE-ST)",
+                          choices=("mae",))
     mask_ratio: float = flag(0.9, "share of tokens hidden from the encoder", check=lambda r: 0 < r < 1, rule="in (0, 1)")
     mask_type: str = flag("random", "mask sampler; adaptive: AdaMAE's learned sampler", choices=sorted(MASK_TYPES))
     sampler_loss_weight: float = flag(1e-4, "weight of the adaptive sampler's loss", check=non_negative, rule=">= 0")
@@ -72,7 +74,7 @@ class PretrainTask(Task):
     """MAE-ST: reconstruct the hidden spacetime patches of each clip."""
 
     name = "MAE pretraining"
-    architecture_flags = ("pred_t_dim", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mask_type",
+    architecture_flags = ("objective", "pred_t_dim", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mask_type",
                           "decoder_init_values", "decoder_cls", "decoder_sep_pos_embed")
 
     def __init__(self, cfg: PretrainConfig) -> None:
@@ -140,10 +142,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return add_flags(parser, PretrainConfig, "masked autoencoder")
 
 
+def build_task(args: argparse.Namespace) -> Task:
+    """The task of --objective, from its flags."""
+    cfg = section(PretrainConfig, args)
+    return PretrainTask(cfg)
+
+
 def main(args: argparse.Namespace) -> dict:
     """Pretrain (or with --bench, measure); returns a summary (final step, outputs)."""
-    task = PretrainTask(section(PretrainConfig, args))
-    return Trainer(run_config(args), task, flag_values(args, get_args_parser())).fit()
+    return Trainer(run_config(args), build_task(args), flag_values(args, get_args_parser())).fit()
 
 
 if __name__ == "__main__":
