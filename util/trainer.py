@@ -151,7 +151,10 @@ class Trainer:
         def make() -> str:
             if image_folder:
                 return ensure_synthetic_image_folder(size=data.synthetic_size)
-            return ensure_synthetic_dataset(num_videos=data.synthetic_videos, size=data.synthetic_size, seed=0)
+            return ensure_synthetic_dataset(num_videos=data.synthetic_videos, size=data.synthetic_size, seed=0,
+                                            background=data.synthetic_background,
+                                            object_scale=data.synthetic_object_scale,
+                                            speed_scale=data.synthetic_speed_scale)
 
         if self.dist.is_main:
             make()
@@ -232,15 +235,17 @@ class Trainer:
                  f"{self.peak / 1e12:.1f} TFLOP/s ({peak_source})" if self.flops else "no FLOP count")
         if loop.bench:
             return self._finish(self._bench(), start=time.time())
-        start, finished, metrics = time.time(), True, {}
-        while self.state.epoch < loop.epochs and finished:
-            finished = self._train_epoch()
-            if finished:
+        start, outcome, metrics = time.time(), "epoch", {}
+        while self.state.epoch < loop.epochs:
+            outcome = self._train_epoch()
+            if outcome == "epoch":
                 self.task.on_epoch_end(self)
                 self.state.epoch += 1
                 self.state.consumed = self.state.step_in_epoch = 0
             self.save()
-        if finished:
+            if outcome != "epoch":
+                break
+        if outcome != "stopped":  # the last epoch or --max_steps: training is over (a stop resumes later)
             metrics = self.task.on_train_end(self)
         return self._finish({"eval": metrics} if metrics else {}, start)
 
@@ -266,8 +271,9 @@ class Trainer:
         return summary
 
     # ------------------------------------------------------------------ the loop
-    def _train_epoch(self, limit: int | None = None, saving: bool = True) -> bool:
-        """The remaining optimiser steps of `state.epoch` (at most `limit`); False when stopped early."""
+    def _train_epoch(self, limit: int | None = None, saving: bool = True) -> str:
+        """The remaining optimiser steps of `state.epoch` (at most `limit`); returns why it ended:
+        "epoch" (all done), "max_steps", "stopped" (a signal or STOP file: save and resume later) or "limit"."""
         st, loop, cfg = self.state, self.cfg.loop, self.cfg
         self.sampler.set_epoch(st.epoch)
         self.sampler.set_consumed(st.consumed)  # the saved position, whatever the world size was
@@ -278,11 +284,11 @@ class Trainer:
         window_start = time.perf_counter()
         for n in range(steps_left):
             if limit is not None and n >= limit:
-                return False
+                return "limit"
             if loop.max_steps and st.global_step >= loop.max_steps:
-                return False
+                return "max_steps"
             if self.watcher.should_stop():
-                return False
+                return "stopped"
             step_start = time.perf_counter()
             lr = lr_at(st.epoch + st.consumed / self.samples_per_epoch, self.lr, cfg.optim.min_lr,
                        cfg.optim.warmup_epochs, loop.epochs)
@@ -318,7 +324,7 @@ class Trainer:
                 self.window = window
                 self.save()
         self.window = window
-        return True
+        return "epoch"
 
     def _micro_batches(self, raw: Iterator[dict], timer: dict) -> Iterator[dict]:
         """The next accum_iter batches on the device; time spent waiting for them is data wait."""
@@ -408,7 +414,7 @@ class Trainer:
         """Up to `limit` steps of the real loop (no logs, no saves): (steps, seconds, data-wait seconds)."""
         before = self.state.global_step
         t0 = time.perf_counter()
-        finished = self._train_epoch(limit=limit, saving=False)
+        finished = self._train_epoch(limit=limit, saving=False) == "epoch"
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)
         secs = time.perf_counter() - t0
