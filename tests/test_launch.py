@@ -91,7 +91,8 @@ def wait_done(job, timeout_s: float) -> None:
 
 def task_log(job, job_dir: Path, task: int) -> str:
     """stdout + stderr of one task over all its (re)starts: submitit appends to the same files."""
-    return "".join((job_dir / "submitit" / f"{job.job_id}_{task}_log.{ext}").read_text() for ext in ("out", "err"))
+    files = [job_dir / "submitit" / f"{job.job_id}_{task}_log.{ext}" for ext in ("out", "err")]
+    return "".join(f.read_text() for f in files if f.exists())
 
 
 def check_requeued_run(job, out: Path, reference: dict[int, float], total: int = TOTAL_STEPS) -> int:
@@ -157,7 +158,7 @@ def test_time_limit_on_local_executor_requeues_and_resumes_exactly(
     deadline = time.time() + 600
     resumed_at = None
     while time.time() < deadline and not job.done():
-        err = task_log(job, job_dir, 0) if (job_dir / "submitit").exists() else ""
+        err = task_log(job, job_dir, 0) if (job_dir / "submitit" / f"{job.job_id}_0_log.err").exists() else ""
         lines = [line for line in err.splitlines() if "resumed from" in line]
         if lines:
             resumed_at = int(lines[0].split("/step-")[1].split()[0])
