@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from datasets import build_video_dataset
 from datasets.image_folder import build_image_folder_dataset
 from models import create_model
 from models.convert import load_pretrained
@@ -107,12 +106,7 @@ class PretrainTask(Task):
                 self.data_path, "train", crop_size=m.input_size, repeat_aug=d.repeat_aug, seed=trainer.cfg.loop.seed,
                 mask_noise_tokens=tokens, normalize=not trainer.normalize_on_device)
         else:
-            self.dataset = build_video_dataset(
-                self.data_path, "train", data_root=d.data_root or self.data_path, mode="pretrain",
-                num_frames=m.num_frames, sampling_rate=d.sampling_rate, crop_size=m.input_size,
-                repeat_aug=d.repeat_aug, seed=trainer.cfg.loop.seed, mask_noise_tokens=tokens,
-                normalize=not trainer.normalize_on_device,
-                short_side_range=None if m.input_size < 160 else (256, 320))
+            self.dataset = trainer.video_dataset(self.data_path, "train", "pretrain", mask_noise_tokens=tokens)
         return self.dataset
 
     def loss(self, module: torch.nn.Module, batch: dict) -> torch.Tensor | tuple[torch.Tensor, dict]:
@@ -128,7 +122,8 @@ class PretrainTask(Task):
         epoch = trainer.state.epoch
         if not self.cfg.vis_every or (epoch + 1) % self.cfg.vis_every:
             return
-        item = trainer.prepare({k: v[:1] for k, v in self.dataset[(0, 0)].items() if k in ("clips", "noise")})
+        item = trainer.prepare({k: v[:1] for k, v in self.dataset[(0, 0)].items() if k in ("clips", "noise")},
+                               normalize=not self.dataset.normalize)
         path = trainer.out / "vis" / f"epoch-{epoch:04d}.png" if trainer.dist.is_main else None
         grid = save_reconstruction(trainer.backend.module, self.model, item["clips"], item["noise"],
                                    self.cfg.mask_ratio, path, trainer.backend.precision)

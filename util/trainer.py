@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from datasets import FailureTracker, ResumableDistributedSampler, collate_clips, normalize_clips
+from datasets import (
+    FailureTracker,
+    ResumableDistributedSampler,
+    VideoDataset,
+    build_video_dataset,
+    collate_clips,
+    normalize_clips,
+)
 from datasets.loader import build_loader, decode_threads_for
 from util.checkpoint import Checkpointer, find_latest, load_checkpoint, read_trainer_state
 from util.config import RunConfig, save_config
@@ -172,12 +179,31 @@ class Trainer:
                             d.prefetch_factor, pin_memory=d.pin_mem and self.dist.device.type == "cuda",
                             drop_last=train, persistent_workers=train)
 
-    def prepare(self, batch: dict) -> dict:
-        """A batch on the device (without blocking the host); uint8 clips normalised there when the loader ships them."""
+    def prepare(self, batch: dict, normalize: bool | None = None) -> dict:
+        """A batch on the device (without blocking the host); `normalize`: its uint8 clips are normalised there.
+
+        By default that is decided by the training set: it ships uint8 clips when it was built with
+        `normalize=False` (the datasets say so in their `normalize` attribute; `video_dataset` builds
+        them that way on a GPU).
+        """
+        if normalize is None:
+            normalize = not getattr(getattr(self, "dataset", None), "normalize", True)
         out = {k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if self.normalize_on_device:
+        if normalize:
             out["clips"] = normalize_clips(out["clips"])
         return out
+
+    def video_dataset(self, data_path: str, split: str, mode: str, **kw: Any) -> VideoDataset:
+        """A list-file video dataset with the run's clip geometry, frame sampling, seed and normalisation;
+        `kw` overrides (e.g. the task's augmentation)."""
+        m, d = self.cfg.model, self.cfg.data
+        args: dict[str, Any] = dict(
+            data_root=d.data_root or data_path, mode=mode, num_frames=m.num_frames, sampling_rate=d.sampling_rate,
+            crop_size=m.input_size, seed=self.cfg.loop.seed, normalize=not self.normalize_on_device,
+            short_side_range=None if m.input_size < 160 else (256, 320))
+        if mode != "test":
+            args["repeat_aug"] = d.repeat_aug
+        return build_video_dataset(data_path, split, **{**args, **kw})
 
     def _build(self, train: bool) -> Path | None:
         """Model, weights, data, lr and backend; returns the checkpoint to resume from (None: fresh)."""
