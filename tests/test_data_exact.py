@@ -1,0 +1,107 @@
+"""The planned decoder returns exactly the frames of a reference decode (decode all, pick by time).
+
+Real H.264 files with B-frames (and a B-pyramid, so some B-frames are references), odd sizes,
+25/30/60 fps, variable frame rate, open GOPs, matroska (no stored decode times), frame threads.
+"""
+
+import av
+import numpy as np
+import pytest
+from test_data_helpers import panning_frames, write_h264
+
+from datasets.decode import clip_span, clip_times, decode_frames, probe, random_clip_start
+
+
+def reference_decode(path: str, times) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every frame, then for each time take the last frame shown at or before it (clamped)."""
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        origin = float(s.start_time * s.time_base) if s.start_time is not None else 0.0
+        tol = min(max(1e-4, float(s.time_base)), 0.25 / float(s.average_rate or s.guessed_rate))
+        shown = [(float(f.pts * f.time_base) - origin, f.to_ndarray(format="rgb24")) for f in c.decode(s)]
+    at = np.array([t for t, _ in shown])
+    assert np.all(np.diff(at) > 0), "decoder output must be in display order"
+    idx = np.clip(np.searchsorted(at, np.asarray(times) + tol, side="right") - 1, 0, None)
+    return np.stack([shown[i][1] for i in idx]), at[idx]
+
+
+def _cfr(fps, n):
+    return [round(1000 * i / fps) for i in range(n)]
+
+
+def _vfr(n, seed=0):
+    gaps = np.random.default_rng(seed).integers(12, 70, n - 1)  # 14 to 83 fps
+    return [0] + np.cumsum(gaps).tolist()
+
+
+SOURCES = {  # name: (width, height, times_ms, keyint, pix_fmt, x264 params, extension)
+    "30fps-bframes": (96, 64, _cfr(30, 150), 40, "yuv420p", None, "mp4"),
+    "25fps-odd-size": (67, 45, _cfr(25, 125), 50, "yuv444p", None, "mp4"),
+    "60fps-mkv": (64, 48, _cfr(60, 240), 90, "yuv420p", None, "mkv"),
+    "vfr": (80, 48, _vfr(150), 30, "yuv420p", None, "mp4"),
+    "open-gop": (64, 48, _cfr(30, 150), 30, "yuv420p", "open-gop=1", "mp4"),
+}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exact")
+    out = {}
+    for name, (w, h, times_ms, keyint, pix_fmt, params, ext) in SOURCES.items():
+        frames = panning_frames(len(times_ms), w, h)
+        out[name] = write_h264(str(root / f"{name}.{ext}"), frames, times_ms, keyint, pix_fmt, params)
+    return out
+
+
+def _wanted_times(duration: float, seed: int) -> np.ndarray:
+    """Four random 16 x stride-4 windows (as the dataset draws them), plus edge times."""
+    rng = np.random.default_rng(seed)
+    span = clip_span(16, 4)
+    windows = [clip_times(random_clip_start(duration, span, rng), 16, 4) for _ in range(4)]
+    return np.concatenate(windows + [[duration + 1.0, 0.0, windows[0][3]]])  # past the end, first, repeat
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_planned_decode_equals_reference_decode(sources, name, threads):
+    path = sources[name]
+    info = probe(path)
+    for seed in range(4):
+        times = _wanted_times(info.duration, seed)
+        stats = {}
+        frames, got, _ = decode_frames(path, times, threads=threads, stats=stats)
+        ref, ref_t = reference_decode(path, times)
+        assert stats["path"] == "planned"  # the fast path, not the decode-everything fallback
+        np.testing.assert_array_equal(frames, ref)
+        np.testing.assert_allclose(got, ref_t, atol=1e-9)
+
+
+def test_plan_skips_work_and_still_matches(sources):
+    path = sources["30fps-bframes"]  # 150 frames, keyframes every 40
+    with av.open(path) as c:
+        total = sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+    times = np.concatenate([clip_times(0.1, 4, 4), clip_times(3.6, 4, 4)])  # two windows, keyframes between
+    stats = {}
+    frames, _, _ = decode_frames(path, times, stats=stats)
+    np.testing.assert_array_equal(frames, reference_decode(path, times)[0])
+    assert stats["sent"] < total * 0.6  # the packets between the windows were not sent
+    assert stats["decoded"] < stats["sent"]  # unreferenced B-frames nobody wants were skipped
+    nothing_skipped = {}
+    decode_frames(path, times, skip_nonref=False, stats=nothing_skipped)
+    assert nothing_skipped["decoded"] == nothing_skipped["sent"] > stats["decoded"]
+
+
+def test_open_gop_leading_frame_with_its_keyframe(sources):
+    # a frame shown just before a keyframe but decoded after it refers to the GOP before that keyframe
+    path = sources["open-gop"]
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        packets = [(p.pts * float(s.time_base), p.is_keyframe) for p in c.demux(s) if p.size]
+    k = next(i for i, (_, key) in enumerate(packets) if key and i > 0)
+    leading = [t for t, _ in packets[k + 1:k + 6] if t < packets[k][0]]
+    assert leading, "the encoder wrote no leading frame: the case is not exercised"
+    times = [packets[k][0] + 0.001, leading[0] + 0.001]  # the keyframe first: decode order tempts a jump
+    stats = {}
+    frames, _, _ = decode_frames(path, times, stats=stats)
+    assert stats["path"] == "planned"
+    np.testing.assert_array_equal(frames, reference_decode(path, times)[0])
