@@ -211,11 +211,19 @@ class VideoDataset(torch.utils.data.Dataset):
         frames, _, _ = decode_frames(path, times, threads=self.decode_threads)
         frames = torch.from_numpy(frames)
         _, h, w, _ = frames.shape
+        t, s = self.num_frames, self.crop_size
+        # without RandAugment / erasing each clip goes straight into the item's tensor
+        plain = self.rand_aug is None and self.eraser is None
+        if plain:
+            clips = torch.empty((self.repeat_aug, 3, t, s, s), dtype=torch.float32 if self.normalize else torch.uint8)
         out = []
         for r in range(self.repeat_aug):
-            box = random_resized_box(h, w, rng, self.scale, self.aspect, self.short_side_range, self.crop_size)
+            box = random_resized_box(h, w, rng, self.scale, self.aspect, self.short_side_range, s)
             flip = bool(self.hflip and rng.random() < 0.5)
-            clip = crop_resize(frames[r * self.num_frames:(r + 1) * self.num_frames], box, self.crop_size, flip)
+            if plain:
+                crop_resize(frames[r * t:(r + 1) * t], box, s, flip, out=clips[r])
+                continue
+            clip = crop_resize(frames[r * t:(r + 1) * t], box, s, flip)
             if self.rand_aug is not None:
                 clip = clip_rand_augment(clip, self.rand_aug, int(rng.integers(2**31)))
             if self.normalize:
@@ -223,7 +231,9 @@ class VideoDataset(torch.utils.data.Dataset):
             if self.eraser is not None:
                 clip = clip_random_erase(clip, self.eraser, int(rng.integers(2**31)))
             out.append(clip)
-        return torch.stack(out)
+        if not plain:
+            return torch.stack(out)
+        return normalize_clips(clips, inplace=True) if self.normalize else clips
 
 
 def collate_clips(batch: list[dict]) -> dict:

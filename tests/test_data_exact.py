@@ -7,22 +7,12 @@ Real H.264 files with B-frames (and a B-pyramid, so some B-frames are references
 import av
 import numpy as np
 import pytest
-from test_data_helpers import panning_frames, write_h264
+import torch
+from test_data_helpers import panning_frames, reference_decode, write_h264
 
+from datasets import VideoDataset
 from datasets.decode import clip_span, clip_times, decode_frames, probe, random_clip_start
-
-
-def reference_decode(path: str, times) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every frame, then for each time take the last frame shown at or before it (clamped)."""
-    with av.open(path) as c:
-        s = c.streams.video[0]
-        origin = float(s.start_time * s.time_base) if s.start_time is not None else 0.0
-        tol = min(max(1e-4, float(s.time_base)), 0.25 / float(s.average_rate or s.guessed_rate))
-        shown = [(float(f.pts * f.time_base) - origin, f.to_ndarray(format="rgb24")) for f in c.decode(s)]
-    at = np.array([t for t, _ in shown])
-    assert np.all(np.diff(at) > 0), "decoder output must be in display order"
-    idx = np.clip(np.searchsorted(at, np.asarray(times) + tol, side="right") - 1, 0, None)
-    return np.stack([shown[i][1] for i in idx]), at[idx]
+from datasets.transforms import crop_resize, normalize_clips, random_resized_box
 
 
 def _cfr(fps, n):
@@ -105,3 +95,23 @@ def test_open_gop_leading_frame_with_its_keyframe(sources):
     frames, _, _ = decode_frames(path, times, stats=stats)
     assert stats["path"] == "planned"
     np.testing.assert_array_equal(frames, reference_decode(path, times)[0])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dataset_items_are_the_reference_frames_with_the_same_draws(sources, tmp_path, normalize):
+    # speed must not change what is sampled: replay the item's draws in their order on reference frames
+    path = sources["30fps-bframes"]
+    (tmp_path / "list.csv").write_text(f"{path} 0\n")
+    ds = VideoDataset(str(tmp_path / "list.csv"), num_frames=8, sampling_rate=4, crop_size=32, repeat_aug=3,
+                      normalize=normalize, seed=5, mask_noise_tokens=4)
+    duration = probe(path).duration
+    for epoch in range(3):
+        item = ds[(epoch, 0)]
+        rng = np.random.default_rng([5, epoch, 0])
+        starts = [random_clip_start(duration, clip_span(8, 4), rng) for _ in range(3)]
+        frames = torch.from_numpy(reference_decode(path, np.concatenate([clip_times(s, 8, 4) for s in starts]))[0])
+        for r in range(3):
+            box = random_resized_box(64, 96, rng, (0.5, 1.0), (0.75, 1.3333), (256, 320), 32)
+            clip = crop_resize(frames[r * 8:(r + 1) * 8], box, 32, flip=bool(rng.random() < 0.5))
+            assert torch.equal(item["clips"][r], normalize_clips(clip) if normalize else clip)
+        assert torch.equal(item["noise"], torch.from_numpy(rng.random((3, 4), dtype=np.float32)))

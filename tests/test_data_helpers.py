@@ -80,6 +80,19 @@ def write_h264(path: str, frames: np.ndarray, times_ms, keyint: int, pix_fmt: st
     return path
 
 
+def reference_decode(path: str, times) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every frame, then for each time take the last frame shown at or before it (clamped)."""
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        origin = float(s.start_time * s.time_base) if s.start_time is not None else 0.0
+        tol = min(max(1e-4, float(s.time_base)), 0.25 / float(s.average_rate or s.guessed_rate))
+        shown = [(float(f.pts * f.time_base) - origin, f.to_ndarray(format="rgb24")) for f in c.decode(s)]
+    at = np.array([t for t, _ in shown])
+    assert np.all(np.diff(at) > 0), "decoder output must be in display order"
+    idx = np.clip(np.searchsorted(at, np.asarray(times) + tol, side="right") - 1, 0, None)
+    return np.stack([shown[i][1] for i in idx]), at[idx]
+
+
 def write_audio_only(path: str) -> str:
     """An .mp4 holding one second of AAC audio and no video stream."""
     with av.open(path, "w") as c:
