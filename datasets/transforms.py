@@ -91,8 +91,22 @@ def crop_resize(frames: torch.Tensor, box, size: int, flip: bool = False,
     if flip:
         x = x.flip(-1)
     if out is None:
-        return x.permute(1, 0, 2, 3).contiguous()
-    return out.copy_(x.permute(1, 0, 2, 3))
+        out = torch.empty((x.shape[1], x.shape[0], size, size), dtype=x.dtype, device=x.device)
+    return _to_planar(x, out)
+
+
+def _to_planar(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write frames [T, C, H, W] (any strides) into `out` [C, T, H, W], casting to out's dtype.
+
+    On the CPU numpy copies one channel at a time: for interleaved uint8 RGB that is ~3x faster than
+    torch's copy through a permuted view, and this copy runs for every clip in every worker.
+    """
+    if x.device.type != "cpu" or out.device.type != "cpu":
+        return out.copy_(x.permute(1, 0, 2, 3))
+    src, dst = x.permute(0, 2, 3, 1).numpy(), out.numpy()
+    for c in range(src.shape[-1]):
+        dst[c] = src[..., c]
+    return out
 
 
 def short_side_resize(frames: torch.Tensor, size: int) -> torch.Tensor:
