@@ -3,11 +3,12 @@
     python benchmarks/bench_data.py                # every source, R = 1, 2, 4, uint8 and float output
     python benchmarks/bench_data.py --quick        # fewer items, 568x320 only, R = 1, 4, uint8
     python benchmarks/bench_data.py --profile      # where one worker's CPU time goes, per stage
+    python benchmarks/bench_data.py --gop-sweep    # datasets.resize settings: file size vs decode time
 
 Sources, generated once into --cache (default ~/.cache/mae_st_scale/bench_data):
   568x320               10 s H.264 at 30 fps, x264 veryfast crf 18, a keyframe every 250 frames and
                         x264's B-pyramid: Kinetics-style, the worst common case for seeking
-  568x320-resized       that file re-encoded by `datasets.resize` (crf 23, a keyframe every 1 s,
+  568x320-resized       that file re-encoded by `datasets.resize` (crf 23, a keyframe every 2 s,
                         no B-pyramid: B-frames are never references)
   568x320-resized-x264  the same re-encode with x264's own GOP (250) and B-pyramid, which is what
                         `datasets.resize` wrote before: the pair isolates what the two settings do
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets.decode import clip_span, clip_times, random_clip_start  # noqa: E402
+from datasets.decode import clip_span, clip_times, decode_frames, probe, random_clip_start  # noqa: E402
 from datasets.resize import resize_video  # noqa: E402
 from datasets.synthetic import write_video  # noqa: E402
 from datasets.transforms import crop_resize, normalize_clips, random_resized_box  # noqa: E402
@@ -81,7 +82,7 @@ def source_path(cache: str, name: str) -> str:
         return make_source(os.path.join(cache, f"src_{name}_gop250.mp4"), *SIZES[name])
     src = source_path(cache, "568x320")
     if name == "568x320-resized":
-        dst, kw = os.path.join(cache, "src_568x320_resized.mp4"), {}
+        dst, kw = os.path.join(cache, "src_568x320_resized_gop2s.mp4"), {}
     elif name == "568x320-resized-x264":
         dst, kw = os.path.join(cache, "src_568x320_resized_x264.mp4"), {"gop_seconds": 0, "b_pyramid": True}
     else:
@@ -158,6 +159,33 @@ def profile(path: str, repeat: int, normalize: bool, items: int, tmp: str) -> No
         print(f"| {name} | {1e3 * sec / items:.1f} | {sec / total:.0%} |")
 
 
+def gop_sweep(cache: str, items: int) -> None:
+    """File size and decode time (decode only, best of 5) of `datasets.resize` copies per GOP setting."""
+    src = source_path(cache, "568x320")
+    duration = probe(src).duration
+    windows = {r: [np.concatenate([clip_times(random_clip_start(duration, clip_span(16, 4), rng), 16, 4)
+                                   for _ in range(r)]) for rng in map(np.random.default_rng, range(items))]
+               for r in (1, 4)}
+    settings = [("x264 default (250 frames)", 0, True), ("250 frames", 0, False), ("4 s", 4, False),
+                ("2 s (default)", 2, False), ("1 s", 1, False), ("0.5 s", 0.5, False)]
+    print("| keyframe every | B-pyramid | MB | decode ms/item R=1 | decode ms/item R=4 |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, gop, pyramid in settings:
+        path = os.path.join(cache, f"sweep_gop{gop}_{'pyr' if pyramid else 'nopyr'}.mp4")
+        resize_video(src, path, short_side=320, gop_seconds=gop, b_pyramid=pyramid)
+        ms = {}
+        for r, sets in windows.items():
+            best = float("inf")
+            for _ in range(5):
+                cpu = time.process_time()
+                for times in sets:
+                    decode_frames(path, times)
+                best = min(best, (time.process_time() - cpu) / len(sets))
+            ms[r] = 1e3 * best
+        print(f"| {label} | {'yes' if pyramid else 'no'} | {os.path.getsize(path) / 1e6:.2f} | {ms[1]:.1f} | {ms[4]:.1f} |",
+              flush=True)
+
+
 def main() -> None:
     """Run the benchmark and print a markdown table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,12 +198,16 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--quick", action="store_true", help="8 items, 568x320 only, R = 1 and 4, uint8")
     p.add_argument("--profile", action="store_true", help="per-stage split of one worker instead of the table")
+    p.add_argument("--gop-sweep", action="store_true", help="file size and decode time per datasets.resize GOP")
     a = p.parse_args()
     if a.quick:
         a.items, a.sources, a.repeats, a.outputs = 8, "568x320", "1,4", "uint8"
     os.sched_setaffinity(0, {a.core})  # one DataLoader worker = one process on one core
     torch.set_num_threads(1)  # as in DataLoader workers
     os.makedirs(a.cache, exist_ok=True)
+    if a.gop_sweep:
+        gop_sweep(a.cache, max(4, a.items // 3))
+        return
     names = a.sources.split(",")
     paths = {name: source_path(a.cache, name) for name in names}
     repeats = [int(x) for x in a.repeats.split(",")]

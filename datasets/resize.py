@@ -9,9 +9,10 @@ running the same command again: finished outputs are skipped. List files (*.csv,
 Decoding 320p is about 3x faster than 720p, which is why MAE-ST and VideoMAE train on resized copies.
 
 The copies are written for clip sampling (`datasets.decode` decodes only what a clip needs):
-a keyframe every --gop-seconds (default 1 s; x264's default is every 250 frames) so a clip's decode
+a keyframe every --gop-seconds (default 2 s; x264's default is every 250 frames) so a clip's decode
 starts near the clip, and B-frames that are never references (x264 `b-pyramid=none`) so the decoder
-skips every B-frame a clip does not show. README "Data" has the file-size cost and the decode gain.
+skips every B-frame a clip does not show. Shorter GOPs cost more than they save: keyframes are the
+most expensive frames to store and to decode (README "Data": file size and decode time per setting).
 """
 
 import argparse
@@ -33,7 +34,7 @@ def _even(x: float) -> int:
     return max(2, int(round(x / 2)) * 2)
 
 
-def x264_params(fps: float, gop_seconds: float = 1.0, b_pyramid: bool = False) -> str:
+def x264_params(fps: float, gop_seconds: float = 2.0, b_pyramid: bool = False) -> str:
     """x264 settings for clip sampling: keyframe every `gop_seconds` (0: x264's default), B-pyramid off."""
     params = [f"b-pyramid={'normal' if b_pyramid else 'none'}"]
     if gop_seconds > 0:
@@ -41,7 +42,7 @@ def x264_params(fps: float, gop_seconds: float = 1.0, b_pyramid: bool = False) -
     return ":".join(params)
 
 
-def resize_video(src: str, dst: str, short_side: int = 320, crf: int = 23, gop_seconds: float = 1.0,
+def resize_video(src: str, dst: str, short_side: int = 320, crf: int = 23, gop_seconds: float = 2.0,
                  b_pyramid: bool = False) -> str:
     """Re-encode one video to H.264 with the given short side, same fps; returns 'done' or 'skipped'.
 
@@ -91,7 +92,7 @@ def _job(args: tuple) -> tuple[str, str]:
 
 
 def resize_dataset(src_dir: str, dst_dir: str, short_side: int = 320, workers: int = 1,
-                   gop_seconds: float = 1.0) -> dict:
+                   gop_seconds: float = 2.0) -> dict:
     """Resize every video under src_dir into dst_dir; copy list files; returns {status: count, 'failed': [...]}."""
     jobs = []
     for dirpath, _, names in os.walk(src_dir):
@@ -121,7 +122,7 @@ def main() -> None:
     p.add_argument("--dst", required=True)
     p.add_argument("--short-side", type=int, default=320)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--gop-seconds", type=float, default=1.0,
+    p.add_argument("--gop-seconds", type=float, default=2.0,
                    help="seconds between keyframes (0: x264's default of 250 frames)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
