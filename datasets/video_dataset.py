@@ -12,7 +12,15 @@ import re
 import numpy as np
 import torch
 
-from .decode import VideoInfo, clip_span, clip_times, decode_frames, random_clip_start, uniform_clip_start
+from .decode import (
+    FrameBuffer,
+    VideoInfo,
+    clip_span,
+    clip_times,
+    decode_frames,
+    random_clip_start,
+    uniform_clip_start,
+)
 from .transforms import (
     build_rand_augment,
     build_random_erasing,
@@ -137,6 +145,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.views = num_temporal_views * num_spatial_crops if mode == "test" else 1
         self.seed, self.normalize, self.mask_noise_tokens = seed, normalize, mask_noise_tokens
         self.decode_threads = decode_threads  # FFmpeg threads per decode (datasets.loader.decode_threads_for)
+        self.frame_buffer = FrameBuffer()  # decoded frames reuse one process-local array (pickles empty)
         self.rand_aug = build_rand_augment(rand_aug, crop_size) if rand_aug and mode != "test" else None
         self.eraser = build_random_erasing(reprob) if reprob > 0 and mode != "test" else None
         # failures are counted in the main process (FailureTracker over the batches), once
@@ -208,7 +217,7 @@ class VideoDataset(torch.utils.data.Dataset):
             return np.concatenate([clip_times(s, self.num_frames, self.sampling_rate, self.target_fps)
                                    for s in starts])
 
-        frames, _, _ = decode_frames(path, times, threads=self.decode_threads)
+        frames, _, _ = decode_frames(path, times, threads=self.decode_threads, buffer=self.frame_buffer)
         frames = torch.from_numpy(frames)
         _, h, w, _ = frames.shape
         t, s = self.num_frames, self.crop_size

@@ -4,6 +4,8 @@ Real H.264 files with B-frames (and a B-pyramid, so some B-frames are references
 25/30/60 fps, variable frame rate, open GOPs, matroska (no stored decode times), frame threads.
 """
 
+import pickle
+
 import av
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 from test_data_helpers import panning_frames, reference_decode, write_h264
 
 from datasets import VideoDataset
-from datasets.decode import clip_span, clip_times, decode_frames, probe, random_clip_start
+from datasets.decode import FrameBuffer, clip_span, clip_times, decode_frames, probe, random_clip_start
 from datasets.transforms import crop_resize, normalize_clips, random_resized_box
 
 
@@ -115,3 +117,16 @@ def test_dataset_items_are_the_reference_frames_with_the_same_draws(sources, tmp
             clip = crop_resize(frames[r * 8:(r + 1) * 8], box, 32, flip=bool(rng.random() < 0.5))
             assert torch.equal(item["clips"][r], normalize_clips(clip) if normalize else clip)
         assert torch.equal(item["noise"], torch.from_numpy(rng.random((3, 4), dtype=np.float32)))
+
+
+def test_frame_buffer_is_reused_and_pickles_empty(sources):
+    path = sources["30fps-bframes"]
+    buffer = FrameBuffer()
+    first_times, second_times = clip_times(0.5, 8, 4), clip_times(2.5, 8, 4)
+    first, _, _ = decode_frames(path, first_times, buffer=buffer)
+    np.testing.assert_array_equal(first, reference_decode(path, first_times)[0])
+    kept = first.copy()
+    second, _, _ = decode_frames(path, second_times, buffer=buffer)
+    np.testing.assert_array_equal(second, reference_decode(path, second_times)[0])
+    assert np.shares_memory(first, second) and not np.array_equal(first, kept)  # same pages, overwritten
+    assert len(pickle.dumps(buffer)) < 200
