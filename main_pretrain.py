@@ -122,10 +122,14 @@ class PretrainTask(Task):
         epoch = trainer.state.epoch
         if not self.cfg.vis_every or (epoch + 1) % self.cfg.vis_every:
             return
-        item = trainer.prepare({k: v[:1] for k, v in self.dataset[(0, 0)].items() if k in ("clips", "noise")},
-                               normalize=not self.dataset.normalize)
+        if not hasattr(self, "vis"):  # the first training video, whole frames (no crop), a fixed mask
+            ds = self.dataset if self.cfg.data_format == "image_folder" else trainer.video_dataset(
+                self.data_path, "train", "test", num_temporal_views=1, num_spatial_crops=1)
+            clips = ds[(0, 0)]["clips"][:1]
+            noise = torch.rand(1, self.model.patch_embed.num_patches, generator=torch.Generator().manual_seed(0))
+            self.vis = trainer.prepare({"clips": clips, "noise": noise}, normalize=not ds.normalize)
         path = trainer.out / "vis" / f"epoch-{epoch:04d}.png" if trainer.dist.is_main else None
-        grid = save_reconstruction(trainer.backend.module, self.model, item["clips"], item["noise"],
+        grid = save_reconstruction(trainer.backend.module, self.model, self.vis["clips"], self.vis["noise"],
                                    self.cfg.mask_ratio, path, trainer.backend.precision)
         trainer.logger.image("reconstruction", grid, trainer.state.global_step)
 

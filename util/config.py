@@ -227,6 +227,8 @@ class DataConfig:
                                      choices=("texture", "smooth", "plain"))
     synthetic_object_scale: float = flag(1.0, "size factor of the generated objects", check=positive, rule="> 0")
     synthetic_speed_scale: float = flag(1.0, "speed factor of the generated objects", check=positive, rule="> 0")
+    synthetic_object_texture: str = flag("stripes", "generated objects: two-colour stripes or one solid colour",
+                                         choices=("stripes", "solid"))
 
 
 @dataclass

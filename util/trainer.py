@@ -161,7 +161,8 @@ class Trainer:
             return ensure_synthetic_dataset(num_videos=data.synthetic_videos, size=data.synthetic_size, seed=0,
                                             background=data.synthetic_background,
                                             object_scale=data.synthetic_object_scale,
-                                            speed_scale=data.synthetic_speed_scale)
+                                            speed_scale=data.synthetic_speed_scale,
+                                            object_texture=data.synthetic_object_texture)
 
         if self.dist.is_main:
             make()

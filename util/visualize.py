@@ -3,12 +3,14 @@ for the adaptive (AdaMAE) sampler, a row with its per-token sampling probability
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid, save_image
 
 MEAN, STD = 0.45, 0.225
+MIN_SIDE = 96  # frames smaller than this are enlarged in the grid
 
 
 def probability_heat_map(model: torch.nn.Module, probs: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
@@ -49,6 +51,9 @@ def reconstruction_grid(model: torch.nn.Module, clips: torch.Tensor, pred: torch
     frames = (frames * STD + MEAN).clamp(0, 1)
     if probs is not None:
         frames = torch.cat([frames, probability_heat_map(model, probs[0], rows[0].permute(1, 0, 2, 3))])
+    if frames.shape[-1] < MIN_SIDE:  # demo-sized clips (32 px): enlarge, pixel for pixel, so the PNG is readable
+        frames = torch.nn.functional.interpolate(frames, scale_factor=math.ceil(MIN_SIDE / frames.shape[-1]),
+                                                 mode="nearest")
     return make_grid(frames, nrow=rows[0].shape[1], padding=1, pad_value=1.0)
 
 
