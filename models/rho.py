@@ -93,14 +93,18 @@ def off_diagonal(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(-2)[..., 1:].unflatten(-1, (n - 1, n + 1))[..., :-1].flatten(-2)
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """[Linear -> BatchNorm1d -> ReLU] x (layers - 1) -> Linear: BYOL's projector and predictor, MoCo v2's head with BN."""
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, out_bias: bool = True) -> nn.Sequential:
+    """[Linear -> BatchNorm1d -> ReLU] x (layers - 1) -> Linear: BYOL's projector and predictor, MoCo v2's head with BN.
+
+    No bias where a BatchNorm follows: its gradient is zero (the batch mean removes it again), and AdamW
+    would step it on rounding noise alone (`out_bias=False` for a head that feeds such a layer).
+    """
     parts: list[nn.Module] = []
     dim = in_dim
     for _ in range(layers - 1):
-        parts += [nn.Linear(dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        parts += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
         dim = hidden_dim
-    parts.append(nn.Linear(dim, out_dim))
+    parts.append(nn.Linear(dim, out_dim, bias=out_bias))
     return nn.Sequential(*parts)
 
 
@@ -122,9 +126,13 @@ class RhoModel(ClipEncoder):
             raise ValueError(f"rho must be >= 2 (the positives are the other clips of the video), got {rho}")
         self.objective, self.rho, self.temperature = objective, rho, temperature
         self.queue_size, self.proj_dim = queue_size, proj_dim
-        self.projector = mlp(self.embed_dim, proj_hidden_dim, proj_dim, proj_layers)
+        # BYOL's online projection feeds only the predictor, whose first layer is followed by a BatchNorm.
+        self.projector = mlp(self.embed_dim, proj_hidden_dim, proj_dim, proj_layers, out_bias=objective == "moco")
         if objective == "byol":
             self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, 2)
+        # Likewise the final norm's bias: a constant shift the projector's BatchNorm removes. Frozen at 0 (the
+        # classifier imports it as fc_norm.bias), instead of a random walk on rounding noise.
+        self.norm.bias.requires_grad = False
         for head in (self.projector, getattr(self, "predictor", None)):
             if head is not None:
                 head.apply(init_weights)  # xavier linears, like the encoder's

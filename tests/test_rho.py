@@ -83,6 +83,8 @@ def test_cross_rank_batchnorm_alone_is_batchnorm() -> None:
     synced = convert_batchnorm(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8)))
     synced.load_state_dict(head.state_dict())
     assert isinstance(synced[1], CrossRankBatchNorm1d)
+    frozen = convert_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(8).requires_grad_(False)))
+    assert not any(p.requires_grad for p in frozen.parameters())  # momentum copies stay without gradient
     x = torch.randn(6, 4)
     torch.testing.assert_close(synced(x), head(x))
     torch.testing.assert_close(synced[1].running_var, head[1].running_var)

@@ -75,6 +75,8 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
                                           child.track_running_stats, device=child.running_mean.device
                                           if child.running_mean is not None else None)
             synced.load_state_dict(child.state_dict())
+            for mine, theirs in zip(synced.parameters(), child.parameters(), strict=True):
+                mine.requires_grad_(theirs.requires_grad)  # a frozen (momentum) copy stays frozen
             setattr(module, name, synced)
         else:
             convert_batchnorm(child)
@@ -91,13 +93,16 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(t.device)
 
 
-def local_part(p: torch.Tensor) -> torch.Tensor:
-    """The part of parameter `p` this rank holds and updates: ZeRO-3 partition, FSDP2 shard, or all of it."""
-    if getattr(p, "ds_tensor", None) is not None:  # DeepSpeed ZeRO-3: p itself is an empty placeholder
-        return p.ds_tensor
+def local_parts(p: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors of parameter `p` this rank holds: a ZeRO-3 partition (and the full tensor when ZeRO-3 keeps
+    it gathered: "persistent" small parameters), an FSDP2 shard, or all of it (DDP, ZeRO-1/2)."""
+    if getattr(p, "ds_tensor", None) is not None:  # DeepSpeed ZeRO-3
+        # A released parameter's data is an empty placeholder; a persistent one stays gathered between
+        # forwards, and DeepSpeed re-gathers it only after the next optimiser step: both must move now.
+        return [p.ds_tensor] + ([p.data] if p.data.numel() == p.ds_numel else [])
     if hasattr(p, "to_local"):  # FSDP2 DTensor: this rank's shard (a view of its storage)
-        return p.to_local()
-    return p.data
+        return [p.to_local()]
+    return [p.data]
 
 
 @torch.no_grad()
@@ -105,13 +110,14 @@ def ema_update(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], momentum: flo
     """target = momentum * target + (1 - momentum) * online for each (online, target), on the local parts."""
     sources, targets = [], []
     for online, target in pairs:
-        src, dst = local_part(online), local_part(target)
-        if src.shape != dst.shape:
-            raise ValueError(f"online and momentum parameters are sharded differently: {tuple(src.shape)} vs "
-                             f"{tuple(dst.shape)}")
-        if dst.numel():
-            sources.append(src.to(dst.dtype))
-            targets.append(dst)
+        src, dst = local_parts(online), local_parts(target)
+        if len(src) < len(dst) or any(a.shape != b.shape for a, b in zip(src, dst, strict=False)):
+            raise ValueError(f"online and momentum parameters are sharded differently: {[tuple(t.shape) for t in src]}"
+                             f" vs {[tuple(t.shape) for t in dst]}")
+        for a, b in zip(src, dst, strict=False):
+            if b.numel():
+                sources.append(a.to(b.dtype))
+                targets.append(b)
     if targets:
         torch._foreach_lerp_(targets, sources, 1.0 - momentum)
 
