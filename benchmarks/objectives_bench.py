@@ -1,6 +1,6 @@
 """MAE-ST (random 90%), AMT, rho-BYOL (rho = 2 and 4) and rho-MoCo at one budget on generated motion videos (CPU).
 
-    python benchmarks/objectives_bench.py [--out runs/objectives_bench] [--threads 2] [--epochs 8]
+    python benchmarks/objectives_bench.py [--out runs/objectives_bench] [--threads 1] [--epochs 6]
 
 Data: the pool of pretrain_helps.py (1200 generated videos, 32 px, one-colour background, objects and
 speeds twice the generator's default; 8 classes = 4 directions x 2 rotation senses). Every objective
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -71,23 +72,32 @@ def make_data(out: Path, labels_per_class: int) -> tuple[Path, Path]:
     return pool, lists
 
 
-def run(name: str, script: str, args: list[str], out: Path, threads: int) -> tuple[str, float]:
-    """Run one script to completion (reused when its output already holds a final result): (command, minutes)."""
+def cpu_seconds() -> float:
+    """User + system CPU seconds of the finished child processes (and of the data workers they waited for)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run(name: str, script: str, args: list[str], out: Path, threads: int) -> tuple[str, float, float]:
+    """Run one script to completion (reused when its output holds a final result): (command, minutes, CPU minutes).
+
+    On a shared machine the wall minutes grow with the load; the CPU minutes do not (much).
+    """
     cmd = [sys.executable, script, "--output_dir", str(out / name), *CLIP, *args]
     shown = " ".join(c if c and " " not in c else repr(c) for c in cmd[1:]).replace(str(ROOT) + "/", "")
     done = out / name / ("eval_test.json" if "finetune" in script else "checkpoints/latest")
     if done.exists():
-        return "python " + shown, float("nan")
+        return "python " + shown, float("nan"), float("nan")
     log = out / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"running {name} (log: {log})", flush=True)
-    start = time.time()
+    start, cpu = time.time(), cpu_seconds()
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads),
                                                    "PYTHONPATH": str(ROOT)}, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log}")
-    return "python " + shown, (time.time() - start) / 60
+    return "python " + shown, (time.time() - start) / 60, (cpu_seconds() - cpu) / 60
 
 
 def clips_per_s(run_dir: Path) -> float:
@@ -140,8 +150,8 @@ def main() -> None:
     """Time random vs AMT steps, run the five pretrainings, their probes and fine-tunings; print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/objectives_bench")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=8, help="pretraining epochs of the 840-video pool, every objective")
+    p.add_argument("--threads", type=int, default=1, help="compute threads per run (one data worker beside it)")
+    p.add_argument("--epochs", type=int, default=6, help="pretraining epochs of the 840-video pool, every objective")
     p.add_argument("--labels_per_class", type=int, default=10)
     p.add_argument("--finetune_steps", type=int, default=150)
     p.add_argument("--probe_steps", type=int, default=150)
@@ -174,38 +184,38 @@ def main() -> None:
     rows, commands = [], []
     for name, label, extra in arms:
         pre = f"pretrain_ep{a.epochs}/{name}"
-        cmd, minutes = run(pre, "main_pretrain.py", ["--data_path", str(pool), *COMMON, *extra, "--epochs",
+        cmd, minutes, cpu = run(pre, "main_pretrain.py", ["--data_path", str(pool), *COMMON, *extra, "--epochs",
                                                      str(a.epochs), "--warmup_epochs", str(max(1, a.epochs // 4))],
                            out, a.threads)
         commands.append((label + ", pretraining", cmd))
         accs = []
         for kind, args in (("probe", probe), ("finetune", ft)):
             sub = f"pretrain_ep{a.epochs}/{kind}_{name}"
-            cmd_k, _ = run(sub, "main_finetune.py", [*args, "--finetune", str(out / pre)], out, a.threads)
+            cmd_k, _, _ = run(sub, "main_finetune.py", [*args, "--finetune", str(out / pre)], out, a.threads)
             commands.append((f"{label}, {kind}", cmd_k))
             accs.append(top1(out / sub))
-        rows.append((label, *accs, minutes, clips_per_s(out / pre)))
+        rows.append((label, *accs, minutes, cpu, clips_per_s(out / pre)))
     for kind, args, label in (("probe", probe, "random frozen encoder (probe)"),
                               ("finetune", ft, "no pretraining (fine-tune from random init)")):
         sub = f"pretrain_ep{a.epochs}/{kind}_scratch"
-        cmd, _ = run(sub, "main_finetune.py", args, out, a.threads)
+        cmd, _, _ = run(sub, "main_finetune.py", args, out, a.threads)
         commands.append((label, cmd))
         rows.append((label, top1(out / sub) if kind == "probe" else None, top1(out / sub) if kind == "finetune"
-                     else None, None, None))
+                     else None, None, None, None))
     n_test = len((lists / "test.csv").read_text().splitlines())
     print(f"\n{a.epochs} pretraining epochs of {NUM_VIDEOS * 7 // 10} unlabelled videos, {VIDEOS_PER_STEP} videos per "
           f"step; {n_train} labelled videos ({a.labels_per_class} per class), probe {probe_epochs * steps_per_epoch} "
           f"and fine-tuning {ft_epochs * steps_per_epoch} steps; {n_test} test videos, chance "
           f"{100 / NUM_CLASSES:.1f}%; load average {os.getloadavg()[0]:.1f}\n")
-    print("| pretraining | linear probe top-1 (%) | fine-tune top-1 (%) | pretraining minutes | clips/s |\n"
-          "| --- | ---: | ---: | ---: | ---: |")
+    print("| pretraining | linear probe top-1 (%) | fine-tune top-1 (%) | pretraining minutes | CPU minutes | "
+          "clips/s |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     fmt = lambda v, f: "" if v is None else ("reused" if v != v else f.format(v))  # noqa: E731
-    for label, probe_acc, ft_acc, minutes, rate in rows:
+    for label, probe_acc, ft_acc, minutes, cpu, rate in rows:
         print(f"| {label} | {fmt(probe_acc, '{:.1f}')} | {fmt(ft_acc, '{:.1f}')} | {fmt(minutes, '{:.1f}')} | "
-              f"{fmt(rate, '{:.1f}')} |")
+              f"{fmt(cpu, '{:.1f}')} | {fmt(rate, '{:.1f}')} |")
     print(f"\nAMT vs random masking, one step timed in turn: {speed['random'] / speed['amt']:.2f}x faster "
           f"(FLOPs {speed['random_flops'] / speed['amt_flops']:.2f}x)")
-    print(f"total {(time.time() - start) / 60:.1f} minutes\n\ncommands:")
+    print(f"total {(time.time() - start) / 60:.1f} minutes, {cpu_seconds() / 60:.1f} CPU minutes in the runs\n\ncommands:")
     for label, cmd in commands:
         print(f"# {label}\n{cmd}")
 

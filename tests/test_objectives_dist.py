@@ -22,9 +22,8 @@ from common import CLIP, LAYER_DECAY, lr_at, make_backend  # noqa: E402
 RHO, VIDEOS = 2, 4  # global batch: 4 videos x 2 clips
 MOMENTUM = 0.9  # far from 1, so that the momentum encoder visibly moves in 3 steps
 SCENARIOS = {
-    "byol:ddp": {"dist": "ddp"}, "byol:fsdp_ckpt": {"dist": "fsdp", "grad_ckpt": True},
-    "byol:zero3": {"dist": "deepspeed", "zero_stage": 3},
-    "moco:fsdp": {"dist": "fsdp"}, "moco:zero2": {"dist": "deepspeed", "zero_stage": 2},
+    "byol:fsdp_ckpt": {"dist": "fsdp", "grad_ckpt": True}, "byol:zero3": {"dist": "deepspeed", "zero_stage": 3},
+    "moco:ddp": {"dist": "ddp"}, "moco:fsdp": {"dist": "fsdp"}, "moco:zero2": {"dist": "deepspeed", "zero_stage": 2},
     "amt:fsdp_ckpt": {"dist": "fsdp", "grad_ckpt": True}, "amt:zero3": {"dist": "deepspeed", "zero_stage": 3},
 }
 STEPS, EXTRA = 3, 2  # steps compared with the reference; steps replayed after a save/load
