@@ -172,3 +172,18 @@ def test_amt_table_is_a_uint8_buffer_ddp_skips_and_weights_import_without_it() -
     vit = create_model("vit_micro_patch8", img_size=32, num_frames=4, depth=2, num_classes=3, cls_embed=True)
     report = load_pretrained(vit, model.state_dict(), source="amt run")
     assert "amt_attention" in report.dropped and not report.unexpected
+
+
+def test_reconstruction_image_shows_thrown_tokens_as_black() -> None:
+    from util.visualize import reconstruction_grid
+
+    model = tiny_amt().eval()
+    clips = torch.rand(1, 3, 4, 32, 32) * 2 - 1  # shown as 0.225 ... 0.675: no pixel is black by itself
+    with torch.no_grad():
+        _, pred, mask = model(clips, 0.75, torch.rand(1, 32, generator=torch.Generator().manual_seed(7)))
+    plain = reconstruction_grid(model, clips, pred, mask)
+    marked = reconstruction_grid(model, clips, pred, mask, thrown=model.amt_thrown)
+    thrown = int(model.amt_thrown.sum())
+    # Each thrown token covers t_pred_patch_size frames of 8 x 8 pixels in 3 channels of the reconstruction row.
+    black = int((marked == 0).sum() - (plain == 0).sum())
+    assert thrown == 9 and black == thrown * model.t_pred_patch_size * 8 * 8 * 3
