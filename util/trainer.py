@@ -81,6 +81,9 @@ class Task(abc.ABC):
         """Training FLOPs per clip (forward + backward) for MFU, or None."""
         return None
 
+    def after_step(self, trainer: Trainer) -> None:  # noqa: B027 - optional hook
+        """After each optimiser step, on every rank (e.g. a momentum-encoder update); `trainer.state` is advanced."""
+
     def on_epoch_end(self, trainer: Trainer) -> None:  # noqa: B027 - optional hook
         """After each finished epoch (`trainer.state.epoch` is the epoch just done), on every rank."""
 
@@ -327,6 +330,7 @@ class Trainer:
             st.global_step += 1
             st.step_in_epoch += 1
             st.consumed += self.videos_per_step
+            self.task.after_step(self)  # before any save: a momentum target is part of this step's state
             window.add(st.global_step, loss, grad_norm, extra)
             clips += n_clips
             step_times.append(time.perf_counter() - step_start)
@@ -396,6 +400,7 @@ class Trainer:
                     sync()
                     t0 = time.perf_counter()
                 train_step(self.backend, itertools.repeat(fixed, loop.accum_iter), self.task.loss, loop.accum_iter)
+                self.task.after_step(self)
             sync()
             secs = (time.perf_counter() - t0) / n
             rows["model"] = {"clips_per_s": per_step / secs, "step_s": secs, "data_wait": 0.0}
