@@ -68,10 +68,11 @@ LINPROBE = ["--linprobe", "--blr", "0.1", "--weight_decay", "0.0", "--smoothing"
 
 
 # ----------------------------------------------------------------------------- running the scripts
-def run_script(script: str, args: list[str], out: Path, is_done: Callable[[], bool]) -> tuple[str, float]:
+def run_script(script: str, args: list[str], out: Path, is_done: Callable[[], bool], threads: int = 1
+               ) -> tuple[str, float]:
     """Run one script to completion unless `is_done()`; returns (command line, minutes; nan when reused)."""
     cmd = [sys.executable, script, "--output_dir", str(out), *args]
-    shown = "python " + " ".join(c if c and " " not in c else repr(c) for c in cmd[1:]).replace(str(ROOT) + "/", "")
+    shown = f"OMP_NUM_THREADS={threads} python " + " ".join(c if c and " " not in c else repr(c) for c in cmd[1:]).replace(str(ROOT) + "/", "")
     if is_done():
         return shown, float("nan")
     out.mkdir(parents=True, exist_ok=True)
@@ -79,9 +80,10 @@ def run_script(script: str, args: list[str], out: Path, is_done: Callable[[], bo
     print(f"  running: {shown}\n    (log: {log})", flush=True)
     start = time.time()
     with open(log, "w") as f:
-        # The run picks its own compute threads (cores minus data workers) unless OMP_NUM_THREADS is set.
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=f,
-                              stderr=subprocess.STDOUT)
+        # One thread by default: on a shared CPU two threads of these tiny matmuls wait for each other at
+        # every op (measured here under load 10: 7.7 s/step with two, 1.5 s with one).
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log}")
     if not is_done():
@@ -96,7 +98,7 @@ def finished_steps(run_dir: Path) -> int:
 
 
 def pretrain(run_dir: Path, data: str, mask_type: str, ratio: float, steps: int, batch: int,
-             extra: list[str] = ()) -> dict:
+             extra: list[str] = (), threads: int = 1) -> dict:
     """One `main_pretrain.py` run of `steps` optimiser steps (cosine schedule over them); returns its stats."""
     n_train = len(read_list_file(f"{data}/train.csv"))
     steps_per_epoch = n_train // batch  # one rank, no accumulation, incomplete batches dropped
@@ -104,7 +106,7 @@ def pretrain(run_dir: Path, data: str, mask_type: str, ratio: float, steps: int,
     args = ["--config", PRETRAIN_CONFIG, *COMMON, "--data_path", data, "--mask_type", mask_type,
             "--mask_ratio", str(ratio), "--batch_size", str(batch), "--epochs", str(epochs), "--max_steps", str(steps),
             "--warmup_epochs", f"{0.1 * epochs:g}", "--save_every", "0", "--vis_every", "0", *extra]
-    cmd, minutes = run_script("main_pretrain.py", args, run_dir, lambda: finished_steps(run_dir) >= steps)
+    cmd, minutes = run_script("main_pretrain.py", args, run_dir, lambda: finished_steps(run_dir) >= steps, threads)
     return {"command": cmd, "minutes": minutes, **run_stats(run_dir)}
 
 
@@ -121,12 +123,12 @@ def run_stats(run_dir: Path) -> dict:
             "entropy": train[-1].get("sampler_entropy", float("nan"))}
 
 
-def linear_probe(run_dir: Path, pool: str, lists: Path, epochs: int) -> dict:
+def linear_probe(run_dir: Path, pool: str, lists: Path, epochs: int, threads: int = 1) -> dict:
     """`main_finetune.py --linprobe --finetune RUN`: test top-1 (%) on the val + test videos."""
     out = run_dir / f"linprobe_ep{epochs}"
     args = ["--config", FINETUNE_CONFIG, *COMMON, "--finetune", str(run_dir), "--data_path", str(lists),
             "--data_root", pool, "--epochs", str(epochs), *LINPROBE]
-    cmd, minutes = run_script("main_finetune.py", args, out, (out / "eval_test.json").exists)
+    cmd, minutes = run_script("main_finetune.py", args, out, (out / "eval_test.json").exists, threads)
     return {"probe_command": cmd, "probe_minutes": minutes,
             "probe_top1": json.loads((out / "eval_test.json").read_text())["top1"]}
 
@@ -158,8 +160,8 @@ def ablation(args: argparse.Namespace, out: Path) -> list[dict]:
             extra = args.pretrain_flags.split()
             run_dir = out / Path(pool).name / f"{mask_type}{ratio:g}_steps{args.steps}_b{args.batch}{flags_tag(extra)}"
             row = {"mask_type": mask_type, "ratio": ratio,
-                   **pretrain(run_dir, pool, mask_type, ratio, args.steps, args.batch, extra)}
-            row.update(linear_probe(run_dir, pool, lists, args.probe_epochs))
+                   **pretrain(run_dir, pool, mask_type, ratio, args.steps, args.batch, extra, args.threads)}
+            row.update(linear_probe(run_dir, pool, lists, args.probe_epochs, args.threads))
             rows.append(row)
             ran = [m for m in (row["minutes"], row["probe_minutes"]) if m == m]  # nan: reused
             took = f"{sum(ran):.1f} min" if ran else "reused"
@@ -238,7 +240,7 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, dict]:
 
 
 def where_it_looks(out: Path, steps: int, ratio: float = 0.9, batch: int = 8, background: str = "plain",
-                   num_videos: int = 96, extra: list[str] = ()) -> dict:
+                   num_videos: int = 96, extra: list[str] = (), threads: int = 1) -> dict:
     """Pretrain random and adaptive on single-object videos; share of visible tokens on the object for each."""
     data = ensure_synthetic_dataset(num_videos=num_videos, single_object=True, background=background)
     all_boxes = json.loads(Path(data, "boxes.json").read_text())
@@ -247,7 +249,7 @@ def where_it_looks(out: Path, steps: int, ratio: float = 0.9, batch: int = 8, ba
     result: dict = {"data": data, "steps": steps, "ratio": ratio, "flags": list(extra)}
     for mask_type in ("random", "adaptive"):
         run_dir = out / Path(data).name / f"{mask_type}{ratio:g}_steps{steps}_b{batch}{flags_tag(list(extra))}"
-        stats = pretrain(run_dir, data, mask_type, ratio, steps, batch, ["--no-norm_pix_loss", *extra])
+        stats = pretrain(run_dir, data, mask_type, ratio, steps, batch, ["--no-norm_pix_loss", *extra], threads)
         model, cfg = load_run(run_dir)
         result[mask_type] = visible_on_object(model, videos, boxes, ratio, cfg["sampling_rate"])
         result[f"{mask_type}_run"] = {**stats, "dir": str(run_dir)}
@@ -345,6 +347,7 @@ def main() -> None:
                    help="static background of the single-object videos")
     p.add_argument("--motion_flags", default="", help="more main_pretrain.py flags for part 2, one string")
     p.add_argument("--where-only", dest="where_only", action="store_true", help="run only part 2")
+    p.add_argument("--threads", type=int, default=1, help="compute threads of each training run (OMP_NUM_THREADS)")
     p.add_argument("--vitb_repeats", type=int, default=3, help="timed ViT-B steps per variant (0: skip)")
     p.add_argument("--vitb_device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--skip", nargs="*", default=[], choices=["ablation", "motion", "vitb"])
@@ -372,7 +375,8 @@ def main() -> None:
         print(f"\n== where the encoder looks: one moving object ({args.motion_background} background), "
               f"{args.motion_steps} steps at {args.motion_ratio}", flush=True)
         m = results["motion"] = where_it_looks(out, args.motion_steps, args.motion_ratio, args.batch,
-                                               args.motion_background, args.videos, args.motion_flags.split())
+                                               args.motion_background, args.videos, args.motion_flags.split(),
+                                               args.threads)
         print(f"tokens touching the object: {m['object_token_share']:.1%} of all")
         print(f"visible tokens on the object: random {m['random']:.1%}, adaptive {m['adaptive']:.1%} "
               f"({m['ratio_adaptive_over_random']:.2f}x; sampler entropy {m['adaptive_run']['entropy']:.2f} nats, "
