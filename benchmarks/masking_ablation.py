@@ -8,7 +8,8 @@ accuracy and step time; where AdaMAE looks; what the sampler and decoder masking
    cell is one `main_pretrain.py` run of the CPU demo recipe (`configs/pretrain/demo.yaml`: micro MAE,
    8 x 64 x 64 clips of the generated motion videos, whose label is the motion: one frame says
    nothing) for `--steps` steps, then `main_finetune.py --linprobe --finetune RUN` on the frozen
-   encoder, tested on the val + test videos (`RUN/linprobe_*/eval_test.json`). The step time is the
+   encoder. Pretraining and probe train on the same class-balanced 2/3 of the videos; the probe is tested
+   on the other 1/3, also class-balanced (`RUN/linprobe_*/eval_test.json`). The step time is the
    run's own (log.jsonl: compute time per optimiser step, data wait taken out). Prints a table and
    writes `ablation.png`.
 2. Where AdaMAE looks: `main_pretrain.py --mask_type adaptive` and `random` on videos with one moving
@@ -354,7 +355,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="pretraining steps per cell (120; quick 40)")
     p.add_argument("--batch", type=int, default=8, help="videos per step (x repeat_aug 2 clips)")
     p.add_argument("--probe_epochs", type=int, default=None, help="epochs of the linear probe (30; quick 10)")
-    p.add_argument("--videos", type=int, default=96, help="generated videos (70%% train, 30%% probe test)")
+    p.add_argument("--videos", type=int, default=96, help="generated videos (2/3 train, 1/3 probe test, both class-balanced)")
     p.add_argument("--data_path", default="", help="a list-file folder instead of the generated videos")
     p.add_argument("--mask_types", nargs="+", default=list(MASK_TYPES), choices=MASK_TYPES)
     p.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
