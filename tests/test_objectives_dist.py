@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
@@ -155,6 +156,7 @@ def worker(out: Path, only: list[str]) -> None:
     du.cleanup()
 
 
+@pytest.mark.slow  # torchrun 2 ranks through 6 backend scenarios, DeepSpeed among them (.ci/run runs it)
 def test_objectives_on_two_ranks_match_one_process(tmp_path: Path) -> None:
     from dist_launch import torchrun
 

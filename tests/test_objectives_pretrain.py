@@ -19,6 +19,7 @@ RHO = ["--proj_dim", "16", "--proj_hidden_dim", "32", "--pred_hidden_dim", "32",
        "--rho_rand_aug", "", "--rho", "2"]
 
 
+@pytest.mark.slow  # 2-rank runs, a kill and a resume, a probe: minutes on 2 cores (.ci/run runs it)
 @pytest.mark.parametrize(("objective", "backend"), [("rho_byol", ["--dist", "ddp"]), ("rho_moco", ["--dist", "fsdp"])],
                          ids=["byol-ddp", "moco-fsdp"])
 def test_rho_killed_and_resumed_gives_the_same_losses_then_linear_probe(tmp_path: Path, objective: str,
@@ -61,6 +62,7 @@ def test_rho_killed_and_resumed_gives_the_same_losses_then_linear_probe(tmp_path
     assert (tmp_path / "probe" / "eval_test.json").is_file()
 
 
+@pytest.mark.slow  # two real pretraining runs, one on 2 ranks (.ci/run runs it)
 def test_amt_attention_pass_on_two_ranks_matches_one_rank(tmp_path: Path) -> None:
     """2 DDP ranks (which must not broadcast the table) gather the same attention table as 1 process on the same batches.
 
