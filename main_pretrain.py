@@ -203,10 +203,7 @@ class VideoTextTask(Task):
         self.cfg, self.pre, self.cross_rank = cfg, pre, RankGather()
 
     def setup(self, trainer: Trainer) -> None:
-        if trainer.cfg.data.repeat_aug != 1:
-            raise ValueError("--objective videotext pairs one clip with one caption: set --repeat_aug 1 (repeats of a "
-                             "video in one batch would be each other's false negatives)")
-        self.trainer, self.root = trainer, vt.data_path(trainer)
+        self.trainer, self.root = trainer, vt.data_path(trainer)  # checks --repeat_aug 1, generates demo data
         self.tokenizer = vt.run_tokenizer(trainer, self.cfg, self.pre.init_from, lambda: self.captions().all_captions())
 
     def captions(self) -> CaptionList:
@@ -237,17 +234,16 @@ class VideoTextTask(Task):
     def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
         return vt.train_dataset(trainer, self.cfg, self.captions(), self.tokenizer, self.model.video.patch_embed.num_patches)
 
-    def mask_ratio(self) -> float:
+    def mask_ratio(self, epoch: int) -> float:
         """0 in FLIP's unmasked tuning epochs (the last --unmasked_epochs), else --mask_ratio."""
-        last = self.trainer.cfg.loop.epochs - self.cfg.unmasked_epochs
-        return 0.0 if self.trainer.state.epoch >= last else self.pre.mask_ratio
+        return 0.0 if epoch >= self.trainer.cfg.loop.epochs - self.cfg.unmasked_epochs else self.pre.mask_ratio
 
     def loss(self, module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        out = module(batch["clips"], batch["tokens"], self.mask_ratio(), batch["noise"])
+        out = module(batch["clips"], batch["tokens"], self.mask_ratio(self.trainer.state.epoch), batch["noise"])
         return videotext_loss(out, self.cross_rank, self.cfg.mae_loss_weight)
 
     def flops_per_clip(self, model: torch.nn.Module) -> float:
-        return model.flops_per_clip(self.pre.mask_ratio)["train_step"]
+        return model.flops_per_clip(self.mask_ratio(0))["train_step"]  # of the first epoch's masking
 
     def on_train_end(self, trainer: Trainer) -> dict:
         return vt.evaluate(trainer, self.cfg, self.root, self.tokenizer, "all", f"step {trainer.state.global_step}",

@@ -310,3 +310,33 @@ def test_objective_videotext_refuses_repeated_clips(tmp_path: Path) -> None:
     proc = run_main(*TINY_RUN, "--output_dir", str(tmp_path / "r"), "--repeat_aug", "2", "--max_steps", "1",
                     cache=tmp_path / "cache", timeout=300)
     assert proc.returncode != 0 and "set --repeat_aug 1" in proc.stderr
+
+
+@pytest.mark.parametrize("recipe", ["videotext_demo", "videotext_vit_b_webvid", "videotext_vit_b_webvid_unmasked"])
+def test_videotext_recipes_parse_and_follow_flip(recipe: str, capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path) -> None:
+    """Every key is a flag; the WebVid recipes state their layout and keep FLIP's settings; submitit takes them."""
+    import re
+
+    import main_pretrain
+    from launchers import submitit_pretrain
+    from util.config import parse_args
+
+    path = ROOT / "configs" / "pretrain" / f"{recipe}.yaml"
+    args = parse_args(main_pretrain.get_args_parser(), ["--config", str(path)])
+    task = main_pretrain.build_task(args)
+    assert isinstance(task, main_pretrain.VideoTextTask) and args.repeat_aug == 1 and not args.hflip
+    if recipe == "videotext_demo":
+        return
+    layout = re.search(r"layout: (\d+) nodes x (\d+) GPUs", path.read_text())
+    assert layout and int(layout.group(1)) * int(layout.group(2)) == 64
+    assert args.batch_size * args.accum_iter * 64 == 4096
+    assert (args.mask_ratio, args.mask_type, args.weight_decay, args.opt_betas, args.clip_grad) == \
+        (0.5, "random", 0.2, [0.9, 0.95], 0.0)
+    assert (args.text_width, args.text_depth, args.text_heads, args.context_length, args.embed_dim) == (512, 12, 8, 32, 512)
+    assert (args.text_causal, args.text_pool, args.video_pool, args.temperature) == (False, "first", "mean", 0.07)
+    unmasked = recipe.endswith("unmasked")
+    assert args.blr == (4e-8 if unmasked else 4e-6) and (args.unmasked_epochs >= args.epochs) == unmasked
+    job = submitit_pretrain.main(["--dry_run", "--nodes", "8", "--ngpus", "8", "--config", str(path),
+                                  "--data_path", "/data/webvid", "--job_dir", str(tmp_path / "j")])
+    assert job is None and "#SBATCH --nodes=8" in capsys.readouterr().out

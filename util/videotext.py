@@ -42,8 +42,11 @@ Encoders = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor]
 
 
 def data_path(trainer: Any) -> str:
-    """--data_path, or the generated captioned set (made once by rank 0, cached)."""
+    """--data_path, or the generated captioned set (made once by rank 0, cached); checks the clip layout first."""
     data = trainer.cfg.data
+    if data.repeat_aug != 1:
+        raise ValueError("--objective videotext pairs one clip with one caption: set --repeat_aug 1 (repeats of a "
+                         "video in one batch would be each other's false negatives)")
     if data.data_path:
         return data.data_path
 
