@@ -34,7 +34,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .synthetic import CLASS_NAMES, SPLIT_FRACTIONS, cached_build, render_video, write_video
+from .synthetic import (
+    CLASS_NAMES,
+    GENERATOR_VERSION,
+    OBJECT_TEXTURES,
+    SPLIT_FRACTIONS,
+    cached_build,
+    render_video,
+    write_lossless_video,
+)
 from .text_tokenizer import CaptionTokenizer
 from .video_dataset import VideoDataset
 
@@ -240,10 +248,11 @@ def _sentence(text: str) -> str:
 
 def generate_videotext_dataset(out: str, num_videos: int, size: int = 32, frames: int = 48, fps: int = 30,
                                seed: int = 0, background: str = "plain", object_scale: float = 2.0,
-                               speed_scale: float = 2.0, captions_per_video: int = 5) -> str:
+                               speed_scale: float = 2.0, captions_per_video: int = 5,
+                               object_texture: str = "stripes") -> str:
     """Write labelled videos, train/val/test lists, caption lists and class prompts into `out`.
 
-    Files: videos/*.mp4; train/val/test.csv (`path label`) and classes.txt, as datasets.synthetic;
+    Files: videos/*.mkv (lossless, byte-reproducible, as datasets.synthetic); train/val/test.csv (`path label`) and classes.txt, as datasets.synthetic;
     train_captions.csv (`captions_per_video` training phrasings per video), val_ and test_captions.csv
     (one held-out phrasing per video, MSR-VTT 1k-A style); class_prompts.json (held-out phrasings per
     class, for zero-shot classification).
@@ -256,9 +265,9 @@ def generate_videotext_dataset(out: str, num_videos: int, size: int = 32, frames
         label = i % len(CLASS_NAMES)
         objects: list[dict] = []
         video, _ = render_video(label, rng, size, frames, None, background, object_scale, speed_scale,
-                                attributes=objects)
-        rel = f"videos/{i:05d}_{CLASS_NAMES[label]}.mp4"
-        write_video(os.path.join(out, rel), video, fps)
+                                object_texture, attributes=objects)
+        rel = f"videos/{i:05d}_{CLASS_NAMES[label]}.mkv"
+        write_lossless_video(os.path.join(out, rel), video, fps)
         train_caps = [caption(label, objects, TRAIN_TEMPLATES[(k + i) % len(TRAIN_TEMPLATES)], text_rng, size,
                               object_scale, speed_scale) for k in range(captions_per_video)]
         held = caption(label, objects, HELD_OUT_TEMPLATES[int(text_rng.integers(len(HELD_OUT_TEMPLATES)))],
@@ -287,16 +296,20 @@ def generate_videotext_dataset(out: str, num_videos: int, size: int = 32, frames
 def ensure_videotext_dataset(cache_dir: str | None = None, num_videos: int = 240, size: int = 32,
                              frames: int = 48, fps: int = 30, seed: int = 0, background: str = "plain",
                              object_scale: float = 2.0, speed_scale: float = 2.0,
-                             captions_per_video: int = 5) -> str:
+                             captions_per_video: int = 5, object_texture: str = "stripes") -> str:
     """The generated captioned set in the cache (made once, atomically); returns its folder."""
+    if object_texture not in OBJECT_TEXTURES:
+        raise ValueError(f"object_texture must be one of {OBJECT_TEXTURES}, got {object_texture!r}")
+    # Every setting and the generator's version name the folder (as datasets.synthetic): the H.264 sets of
+    # GENERATOR_VERSION 1 are never reused.
     params = dict(num_videos=num_videos, size=size, frames=frames, fps=fps, seed=seed, background=background,
-                  object_scale=object_scale, speed_scale=speed_scale, captions_per_video=captions_per_video,
-                  version=1)
+                  object_scale=float(object_scale), speed_scale=float(speed_scale),
+                  captions_per_video=captions_per_video, object_texture=object_texture, version=GENERATOR_VERSION)
 
     def build(tmp: str) -> None:
         logger.info("generating %d captioned videos into the cache %s", num_videos, os.path.dirname(tmp))
         generate_videotext_dataset(tmp, num_videos, size, frames, fps, seed, background, object_scale,
-                                   speed_scale, captions_per_video)
+                                   speed_scale, captions_per_video, object_texture)
 
     return cached_build("videotext", params, "class_prompts.json", build, cache_dir)
 
@@ -313,10 +326,12 @@ def main() -> None:
     p.add_argument("--object-scale", type=float, default=2.0, help="multiplies every object's radius")
     p.add_argument("--speed-scale", type=float, default=2.0, help="multiplies every object's speed")
     p.add_argument("--captions-per-video", type=int, default=5)
+    p.add_argument("--object-texture", choices=OBJECT_TEXTURES, default="stripes",
+                   help="objects in two-colour stripes or one solid colour")
     a = p.parse_args()
     generate_videotext_dataset(a.out, a.num_videos, a.size, a.frames, seed=a.seed, background=a.background,
                                object_scale=a.object_scale, speed_scale=a.speed_scale,
-                               captions_per_video=a.captions_per_video)
+                               captions_per_video=a.captions_per_video, object_texture=a.object_texture)
     print(f"wrote {a.num_videos} captioned videos, lists and class prompts to {a.out}")
 
 

@@ -51,7 +51,8 @@ def data_path(trainer: Any) -> str:
         return data.data_path
 
     def make() -> str:
-        return ensure_videotext_dataset(num_videos=data.synthetic_videos, size=data.synthetic_size)
+        return ensure_videotext_dataset(num_videos=data.synthetic_videos, size=data.synthetic_size,
+                                        object_texture=data.synthetic_object_texture)
 
     if trainer.dist.is_main:
         make()
