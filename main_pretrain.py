@@ -382,6 +382,13 @@ def build_task(args: argparse.Namespace) -> Task:
         if args.config == DEMO_CONFIG:
             raise ConfigError("--objective videotext with the MAE demo config: use --config "
                               "configs/pretrain/videotext_demo.yaml (or your own)")
+        # Checked here, before any data or model work (the task checks again for callers that skip this).
+        if args.repeat_aug != 1:
+            raise ConfigError("--objective videotext pairs one clip with one caption: set --repeat_aug 1 (repeats "
+                              "of a video in one batch would be each other's false negatives)")
+        if cfg.mask_type in ("adaptive", "amt"):
+            raise ConfigError(f"--objective videotext masks with a fixed sampler: --mask_type random, tube, frame or "
+                              f"cube (got {cfg.mask_type}; adaptive and amt learn from the MAE's loss or attention)")
         return VideoTextTask(section(VideoTextConfig, args), cfg)
     return PretrainTask(cfg)
 

@@ -139,9 +139,10 @@ class VideoTextModel(nn.Module):
         super().__init__()
         if video_pool not in VIDEO_POOLS:
             raise ValueError(f"video pool must be one of {VIDEO_POOLS}, got {video_pool!r}")
-        if video.mask_type == "adaptive":
-            raise ValueError("the video-text objectives mask with a fixed sampler (random, tube, frame or cube); "
-                             "AdaMAE's adaptive sampler learns from reconstruction error only")
+        if video.mask_type in ("adaptive", "amt"):
+            raise ValueError("the video-text objectives mask with a fixed sampler (--mask_type random, tube, frame "
+                             f"or cube), got {video.mask_type!r}: AdaMAE's sampler learns from reconstruction error "
+                             "only and AMT's masking from the MAE's attention pass")
         if video_pool == "cls" and not video.cls_embed:
             raise ValueError("video_pool 'cls' needs the encoder's class token: build it with cls_embed=True")
         depth = len(video.blocks)

@@ -283,13 +283,22 @@ TINY_RUN = ["--config", str(ROOT / "configs/pretrain/videotext_demo.yaml"), "--s
             "--context_length", "24", "--save_every", "3", "--eval_temporal_views", "1"]
 
 
-def test_tiny_run_writes_checkpoints_tokenizer_and_evaluations_and_eval_commands_work(tmp_path: Path) -> None:
-    out, cache = tmp_path / "vt", tmp_path / "cache"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One tiny demo run (8 steps on 24 generated videos, end-of-run evaluation): its folder and data cache."""
+    tmp = tmp_path_factory.mktemp("videotext_tiny")
+    out, cache = tmp / "vt", tmp / "cache"
     proc = run_main(*TINY_RUN, "--output_dir", str(out), cache=cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, cache
+
+
+def test_tiny_run_writes_checkpoints_tokenizer_and_evaluations(tiny_run: tuple[Path, Path]) -> None:
+    out, _ = tiny_run
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "loss" in r]
     assert len(steps) == 8 and {"contrastive", "temperature", "t2v_acc", "mfu"} <= steps[0].keys()
+    assert all(np.isfinite(r["loss"]) for r in steps)
     assert any("retrieval/t2v_R@1" in r for r in logged) and any("zeroshot/top1" in r for r in logged)
     assert (out / "checkpoints" / "latest").resolve().name == "step-8"
     assert load_tokenizer(out / "tokenizer.json").kind == "bpe" and any((out / "tensorboard").iterdir())
@@ -297,7 +306,18 @@ def test_tiny_run_writes_checkpoints_tokenizer_and_evaluations_and_eval_commands
     assert first["texts"] == first["videos"] == 3 and 0 <= first["t2v_R@1"] <= 100
     assert json.loads((out / "eval_zeroshot.json").read_text())["classes"] == 8
     assert (out / "retrieval_examples.png").stat().st_size > 0 and (out / "confusion_zeroshot.png").is_file()
-    # Only evaluating the finished run (the README's evaluation command) gives the same numbers.
+
+
+@pytest.mark.slow
+def test_tiny_run_eval_commands_repeat_its_numbers_and_refuse_an_untrained_folder(tmp_path: Path,
+                                                                                  tiny_run: tuple[Path, Path]) -> None:
+    """The README's evaluation commands on the finished run give the numbers of its end-of-run evaluation."""
+    import shutil
+
+    src, cache = tiny_run
+    out = tmp_path / "vt"
+    shutil.copytree(src, out, symlinks=True)  # the fixture's folder stays as the other test saw it
+    first = json.loads((out / "eval_retrieval.json").read_text())
     (out / "eval_retrieval.json").unlink()
     again = run_main(*TINY_RUN, "--output_dir", str(out), "--eval", "retrieval", cache=cache)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -306,10 +326,19 @@ def test_tiny_run_writes_checkpoints_tokenizer_and_evaluations_and_eval_commands
     assert bad.returncode != 0 and "--eval tests a trained run" in bad.stderr
 
 
-def test_objective_videotext_refuses_repeated_clips(tmp_path: Path) -> None:
-    proc = run_main(*TINY_RUN, "--output_dir", str(tmp_path / "r"), "--repeat_aug", "2", "--max_steps", "1",
-                    cache=tmp_path / "cache", timeout=300)
-    assert proc.returncode != 0 and "set --repeat_aug 1" in proc.stderr
+@pytest.mark.parametrize("flags, message", [
+    (["--repeat_aug", "2"], "set --repeat_aug 1"),
+    (["--mask_type", "amt"], "--mask_type random, tube, frame or cube (got amt"),
+    (["--mask_type", "adaptive"], "--mask_type random, tube, frame or cube (got adaptive"),
+])
+def test_objective_videotext_refuses_repeated_clips_and_learned_masks(flags: list[str], message: str) -> None:
+    """Refused when the flags are read, before any data is generated or model built."""
+    import main_pretrain
+    from util.config import ConfigError, parse_args
+
+    args = parse_args(main_pretrain.get_args_parser(), [*TINY_RUN, *flags])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        main_pretrain.build_task(args)
 
 
 @pytest.mark.parametrize("recipe", ["videotext_demo", "videotext_vit_b_webvid", "videotext_vit_b_webvid_unmasked"])
