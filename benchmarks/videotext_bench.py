@@ -170,7 +170,9 @@ def main() -> None:
               f"{r['zeroshot']:.1f} | {r['t2v_R@1']:.1f} / {r['t2v_R@5']:.1f} / {r['t2v_R@10']:.1f} | "
               f"{r['v2t_R@1']:.1f} / {r['v2t_R@5']:.1f} / {r['v2t_R@10']:.1f} |")
     t = timing["mae"]
-    print(f"| mae (MAE-ST pretraining, frame masking 50%) | | | {a.mae_epochs * (steps_per_epoch // 2)} | "
+    mae_steps = max(json.loads(line)["step"] for line in (out / "mae" / "log.jsonl").read_text().splitlines()
+                    if '"loss"' in line)
+    print(f"| mae (MAE-ST pretraining, frame masking 50%, 64 clips per step) | | | {mae_steps} | "
           f"{t['minutes']:.1f} | {t['cpu_minutes']:.1f} | | | |")
     checks = [
         ("zero-shot >= 60% (best run)", max(r["zeroshot"] for r in res.values()), 60.0),
