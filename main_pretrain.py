@@ -17,13 +17,17 @@ from pathlib import Path
 import torch
 
 from datasets.amt_views import CanonicalViews
+from datasets.captions import CaptionList
 from datasets.image_folder import build_image_folder_dataset
 from models import create_model
 from models.amt import clip_attention_weights
 from models.convert import load_pretrained
 from models.masking import MASK_TYPES
+from models.videotext import videotext_loss, videotext_model
+from util import videotext as vt
 from util.checkpoint import read_weights
 from util.config import (
+    ConfigError,
     add_flags,
     add_run_flags,
     flag,
@@ -41,6 +45,7 @@ from util.cross_rank import (
     ema_update,
     refresh_amt_attention,
 )
+from util.gather import RankGather
 from util.trainer import Task, Trainer
 from util.visualize import save_reconstruction
 
@@ -52,8 +57,9 @@ class PretrainConfig:
     """What the encoder learns from, and what the masked autoencoder hides and predicts."""
 
     objective: str = flag("mae", "pretraining objective: mae (masked spacetime autoencoding, MAE-ST), rho_byol / "
-                          "rho_moco (rho clips of a video as positives; flags under 'rho objectives')",
-                          choices=("mae", "rho_byol", "rho_moco"))
+                          "rho_moco (rho clips of a video as positives; flags under 'rho objectives'), videotext "
+                          "(masked video-text contrastive: FLIP/MAC, + MAE loss: SMAUG)",
+                          choices=("mae", "rho_byol", "rho_moco", "videotext"))
     mask_ratio: float = flag(0.9, "share of tokens hidden from the encoder", check=lambda r: 0 < r < 1, rule="in (0, 1)")
     mask_type: str = flag("random", "mask sampler; adaptive: AdaMAE's learned sampler", choices=sorted(MASK_TYPES))
     sampler_loss_weight: float = flag(1e-4, "weight of the adaptive sampler's loss", check=non_negative, rule=">= 0")
@@ -245,10 +251,124 @@ class RhoTask(Task):
         return model.flops_per_clip()["train_step"]
 
 
+@dataclass
+class VideoTextConfig:
+    """--objective videotext: captions, text tower, contrastive head, SMAUG's MAE loss, evaluation."""
+
+    train_captions: str = flag("train_captions.csv", "caption list (CSV with a header) of the training videos, in "
+                               "--data_path")
+    caption_video_column: str = flag("video", "video column of the caption lists (comma list: the first present)")
+    caption_text_column: str = flag("caption", "caption column of the caption lists (comma list: the first present)")
+    caption_path_format: str = flag("{}", "video path of a row, relative to --data_path: {} is the video column, "
+                                    "{name} any column (WebVid: {page_dir}/{}.mp4)")
+    tokenizer: str = flag("bpe", "bpe: learned from the training captions (Hugging Face tokenizers); byte: UTF-8",
+                          choices=("bpe", "byte"))
+    vocab_size: int = flag(1000, "largest BPE vocabulary", check=lambda v: v > 4, rule="> 4")
+    context_length: int = flag(32, "caption ids incl. [SOT] and [EOT] (FLIP: 32)", check=lambda n: n >= 3, rule=">= 3")
+    text_width: int = flag(512, "text Transformer width", check=positive, rule="> 0")
+    text_depth: int = flag(12, "text Transformer blocks", check=positive, rule="> 0")
+    text_heads: int = flag(8, "text Transformer heads", check=positive, rule="> 0")
+    text_causal: bool = flag(True, "causal text attention (CLIP); FLIP's text encoder is bidirectional")
+    text_pool: str = flag("eot", "caption feature: [EOT] output (CLIP), first output (FLIP, with --no-text_causal) "
+                          "or mean", choices=("eot", "first", "mean"))
+    text_mask_ratio: float = flag(0.0, "share of each caption's ids dropped in training (FLIP's and MAC's text "
+                                  "masking)", check=lambda r: 0 <= r < 1, rule="in [0, 1)")
+    video_pool: str = flag("mean", "video feature: mean of the encoder outputs (FLIP) or class token",
+                           choices=("mean", "cls"))
+    embed_dim: int = flag(512, "joint embedding width", check=positive, rule="> 0")
+    temperature: float = flag(0.07, "initial softmax temperature (learned; at least 0.01)",
+                              check=lambda t: 0.01 <= t <= 1, rule="in [0.01, 1]")
+    hflip: bool = flag(False, "random horizontal flips (off: they swap left and right in the captions)")
+    mae_loss_weight: float = flag(0.0, "SMAUG: weight of the MAE reconstruction loss on the same encoder pass "
+                                  "(> 0 builds the decoder)", check=non_negative, rule=">= 0")
+    sparsify_keep: float = flag(1.0, "SMAUG token sparsification: share of visible tokens kept after "
+                                "--sparsify_layer, the rest fused into one (1: off)", check=lambda k: 0 < k <= 1,
+                                rule="in (0, 1]")
+    sparsify_layer: int = flag(0, "encoder block after which tokens are dropped (0: depth // 3)", check=non_negative,
+                               rule=">= 0")
+    unmasked_epochs: int = flag(0, "FLIP's unmasked tuning: the last N epochs see every token", check=non_negative,
+                                rule=">= 0")
+    eval: str = flag("", "only test the run's weights (--output_dir's latest or --resume): retrieval, zeroshot or all",
+                     choices=("", "retrieval", "zeroshot", "all"))
+    eval_captions: str = flag("test_captions.csv", "retrieval caption list in --data_path (or absolute)")
+    eval_caption_path_format: str = flag("", "--caption_path_format of --eval_captions (default: the same)")
+    eval_list: str = flag("test.csv", "zero-shot videos: `path label` list in --data_path (or absolute)")
+    class_prompts: str = flag("class_prompts.json", "zero-shot prompts: JSON {class name: [prompt, ...]} in "
+                              "--data_path; class order from classes.txt there, else the file's")
+    eval_temporal_views: int = flag(2, "test clips per video along time (embeddings averaged)", check=positive,
+                                    rule="> 0")
+    eval_spatial_crops: int = flag(1, "test crops per clip (1: center, 3: l/c/r)", check=positive, rule="> 0")
+    eval_examples: int = flag(6, "query captions shown in OUT/retrieval_examples.png", check=positive, rule="> 0")
+
+
+class VideoTextTask(Task):
+    """A dual encoder (MAE-ST video tower on visible tokens, text Transformer) trained with InfoNCE (+ MAE loss)."""
+
+    name = "video-text pretraining"
+    architecture_flags = ("objective", "vocab_size", "context_length", "text_width", "text_depth", "text_heads",
+                          "text_causal", "text_pool", "video_pool", "embed_dim", "mae_loss_weight", "sparsify_keep",
+                          "sparsify_layer", "tokenizer", "pred_t_dim", "decoder_embed_dim", "decoder_depth",
+                          "decoder_num_heads")
+
+    def __init__(self, cfg: VideoTextConfig, pre: PretrainConfig) -> None:
+        self.cfg, self.pre, self.cross_rank = cfg, pre, RankGather()
+
+    def setup(self, trainer: Trainer) -> None:
+        self.trainer, self.root = trainer, vt.data_path(trainer)  # checks --repeat_aug 1, generates demo data
+        self.tokenizer = vt.run_tokenizer(trainer, self.cfg, self.pre.init_from, lambda: self.captions().all_captions())
+
+    def captions(self) -> CaptionList:
+        """The training caption list."""
+        return vt.caption_list(self.cfg, self.root, self.cfg.train_captions)
+
+    def build_model(self, trainer: Trainer) -> torch.nn.Module:
+        m, c, p = trainer.cfg.model, self.cfg, self.pre
+        self.model = videotext_model(
+            m.model, self.tokenizer.vocab_size, context_length=c.context_length, text_width=c.text_width,
+            text_depth=c.text_depth, text_heads=c.text_heads, text_causal=c.text_causal, text_pool=c.text_pool,
+            embed_dim=c.embed_dim, video_pool=c.video_pool, temperature=c.temperature, mae_decoder=c.mae_loss_weight > 0,
+            sparsify_keep=c.sparsify_keep, sparsify_layer=c.sparsify_layer, img_size=m.input_size,
+            num_frames=m.num_frames, t_patch_size=m.t_patch_size, cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed,
+            init_values=m.init_values, mask_type=p.mask_type, norm_pix_loss=p.norm_pix_loss,
+            pred_t_dim=p.pred_t_dim if c.mae_loss_weight > 0 else m.num_frames // m.t_patch_size,  # no decoder: any
+            decoder_embed_dim=p.decoder_embed_dim, decoder_depth=p.decoder_depth, decoder_num_heads=p.decoder_num_heads)
+        return self.model
+
+    def init_weights(self, model: torch.nn.Module, trainer: Trainer) -> None:
+        if self.pre.init_from:  # a video-text run (every weight), else MAE-ST weights for the video tower
+            sd = read_weights(self.pre.init_from)
+            if any(k.startswith("text.") for k in sd):
+                model.load_state_dict(sd)
+            else:
+                load_pretrained(model.video, sd, source=self.pre.init_from, load_decoder=self.cfg.mae_loss_weight > 0)
+
+    def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
+        return vt.train_dataset(trainer, self.cfg, self.captions(), self.tokenizer, self.model.video.patch_embed.num_patches)
+
+    def mask_ratio(self, epoch: int) -> float:
+        """0 in FLIP's unmasked tuning epochs (the last --unmasked_epochs), else --mask_ratio."""
+        return 0.0 if epoch >= self.trainer.cfg.loop.epochs - self.cfg.unmasked_epochs else self.pre.mask_ratio
+
+    def loss(self, module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        out = module(batch["clips"], batch["tokens"], self.mask_ratio(self.trainer.state.epoch), batch["noise"])
+        return videotext_loss(out, self.cross_rank, self.cfg.mae_loss_weight)
+
+    def flops_per_clip(self, model: torch.nn.Module) -> float:
+        return model.flops_per_clip(self.mask_ratio(0))["train_step"]  # of the first epoch's masking
+
+    def on_train_end(self, trainer: Trainer) -> dict:
+        return vt.evaluate(trainer, self.cfg, self.root, self.tokenizer, "all", f"step {trainer.state.global_step}",
+                           required=False)
+
+    def evaluate(self, trainer: Trainer) -> dict:
+        return vt.evaluate(trainer, self.cfg, self.root, self.tokenizer, self.cfg.eval, "eval", required=True)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """Every pretraining flag: the shared run sections (util.config) and the MAE's own."""
     parser = argparse.ArgumentParser("MAE-ST pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_flags(parser)
+    add_flags(parser, VideoTextConfig, "video-text (--objective videotext)")
     add_flags(parser, PretrainConfig, "masked autoencoder")
     return add_flags(parser, RhoConfig, "rho objectives")
 
@@ -258,12 +378,26 @@ def build_task(args: argparse.Namespace) -> Task:
     cfg = section(PretrainConfig, args)
     if cfg.objective in ("rho_byol", "rho_moco"):
         return RhoTask(section(RhoConfig, args), cfg)
+    if cfg.objective == "videotext":
+        if args.config == DEMO_CONFIG:
+            raise ConfigError("--objective videotext with the MAE demo config: use --config "
+                              "configs/pretrain/videotext_demo.yaml (or your own)")
+        # Checked here, before any data or model work (the task checks again for callers that skip this).
+        if args.repeat_aug != 1:
+            raise ConfigError("--objective videotext pairs one clip with one caption: set --repeat_aug 1 (repeats "
+                              "of a video in one batch would be each other's false negatives)")
+        if cfg.mask_type in ("adaptive", "amt"):
+            raise ConfigError(f"--objective videotext masks with a fixed sampler: --mask_type random, tube, frame or "
+                              f"cube (got {cfg.mask_type}; adaptive and amt learn from the MAE's loss or attention)")
+        return VideoTextTask(section(VideoTextConfig, args), cfg)
     return PretrainTask(cfg)
 
 
 def main(args: argparse.Namespace) -> dict:
     """Pretrain (or with --bench, measure); returns a summary (final step, outputs)."""
-    return Trainer(run_config(args), build_task(args), flag_values(args, get_args_parser())).fit()
+    task = build_task(args)
+    trainer = Trainer(run_config(args), task, flag_values(args, get_args_parser()))
+    return trainer.evaluate() if getattr(task.cfg, "eval", "") else trainer.fit()
 
 
 if __name__ == "__main__":

@@ -78,11 +78,14 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarra
 
 def render_video(label: int, rng: np.random.Generator, size: int = 64, frames: int = 48,
                  num_objects: int | None = None, background: str = "texture", object_scale: float = 1.0,
-                 speed_scale: float = 1.0, object_texture: str = "stripes") -> tuple[np.ndarray, list]:
+                 speed_scale: float = 1.0, object_texture: str = "stripes",
+                 attributes: list | None = None) -> tuple[np.ndarray, list]:
     """Render one clip of class `label`: uint8 [T, H, W, 3] and per-frame boxes [[x0, y0, x1, y1], ...].
 
     `object_texture` "stripes" (two colours, so the rotation shows) or "solid" (one colour: what a micro
     model can learn to paint back in minutes; the demo uses it). Both draw the same random numbers.
+    `attributes`, if given, receives one dict per object (shape, radius, speed, colours, ...): what
+    `datasets.captions` describes in words. Drawing them changes no random number.
     """
     if object_texture not in OBJECT_TEXTURES:
         raise ValueError(f"object_texture must be one of {OBJECT_TEXTURES}, got {object_texture!r}")
@@ -113,6 +116,8 @@ def render_video(label: int, rng: np.random.Generator, size: int = 64, frames: i
                          angle=rng.uniform(0, 2 * np.pi), omega=spin * rng.uniform(0.06, 0.15),
                          colour=rng.uniform(0.1, 1.0, 3), colour2=rng.uniform(0.0, 0.9, 3),
                          freq=rng.uniform(0.5, 1.2)))
+    if attributes is not None:
+        attributes.extend(dict(o) for o in objs)
     video = np.empty((frames, size, size, 3), np.uint8)
     boxes = []
     for t in range(frames):

@@ -131,12 +131,13 @@ class VideoDataset(torch.utils.data.Dataset):
                  rand_aug: str | None = None, reprob: float = 0.0, num_temporal_views: int = 1,
                  num_spatial_crops: int = 1, seed: int = 0, normalize: bool = True,
                  mask_noise_tokens: int | None = None, decode_threads: int = 1,
-                 clip_timespan: float | None = None):
+                 clip_timespan: float | None = None, samples: list[tuple[str, int]] | None = None):
+        # `samples` ((path, label) pairs) stands in for a list file, e.g. the videos of a caption list.
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if reprob > 0 and not normalize:
             raise ValueError("reprob > 0 erases with normal noise in normalised space: needs normalize=True")
-        self.samples = read_list_file(list_file, data_root)
+        self.samples = samples if samples is not None else read_list_file(list_file, data_root)
         self.list_file, self.mode = list_file, mode
         self.num_frames, self.sampling_rate, self.target_fps = num_frames, sampling_rate, target_fps
         self.crop_size, self.repeat_aug = crop_size, (1 if mode == "test" else repeat_aug)
@@ -273,8 +274,9 @@ def timespan_clip_starts(duration: float, span: float, timespan: float, count: i
 
 
 def collate_clips(batch: list[dict]) -> dict:
-    """Concatenate items along R: clips [B*R, C, T, H, W], label/index/view [B*R], noise [B*R, L], geometry [B*R, 7]."""
-    keys = ("clips", "label", "index", "view", "valid", "noise", "geometry")
+    """Concatenate items along R: clips [B*R, C, T, H, W], label/index/view [B*R], noise [B*R, L], geometry [B*R, 7],
+    tokens [B*R, N]."""
+    keys = ("clips", "label", "index", "view", "valid", "noise", "geometry", "tokens")
     out = {k: torch.cat([b[k] for b in batch]) for k in keys if k in batch[0]}
     out["failures"] = sum(b["failures"] for b in batch)
     out["attempts"] = sum(b["attempts"] for b in batch)
