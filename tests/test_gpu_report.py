@@ -72,7 +72,7 @@ def check_table(stdout: str, out: Path, compiled: bool) -> list[str]:
     assert numbers == {"4", "5", "6", "7", "8", "9", "target"}
     assert not [r for r in rows if "failed" in r or "timed out" in r or "not run" in r], rows
     assert "end to end" in table and "clips/s (data wait" in table and "ATen ops/step" in table
-    assert ("compile model" in table) == compiled and ("compile blocks" in table) == compiled
+    assert ("compile model" in table) == compiled
     assert len([r for r in rows if r.startswith("| target")]) == 6
     assert table.split("\n\nTotal")[0] in (out / "report" / "report.md").read_text()  # the file holds the table
     return rows
@@ -85,6 +85,8 @@ def test_quick_cpu_smoke_run_measures_every_row(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quick_cpu_run_with_compiled_rows(tmp_path: Path) -> None:
-    """The full --quick: also the whole-model compile (row 5) and per-block compile under FSDP2 + checkpointing (row 8)."""
+    """The full --quick: also the whole-model compile (row 5), with fewer host ops than eager."""
     rows = check_table(run_quick(tmp_path), tmp_path, compiled=True)
-    assert any("compile model" in r and "ATen ops/step" in r for r in rows)
+    ops = {("model" if "compile model" in r else "eager"): int(r.split(" ATen ops/step")[0].rsplit(", ", 1)[1])
+           for r in rows if r.startswith("| 5 |") and "ATen ops/step" in r}
+    assert ops["model"] < ops["eager"] / 2  # the compiled step dispatches a fraction of the eager step's ops
