@@ -24,7 +24,7 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from datasets import DistributedEvalSampler, VideoMixup, build_video_dataset
+from datasets import DistributedEvalSampler, VideoMixup
 from models import create_model
 from models.convert import load_pretrained
 from models.vit import to_linear_probe
@@ -128,12 +128,9 @@ class FinetuneTask(Task):
             raise ValueError(f"--eval with --finetune {self.cfg.finetune}: the file has no {self.cfg.num_classes}-way head")
 
     def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
-        m, d, a = trainer.cfg.model, trainer.cfg.data, self.aug
-        return build_video_dataset(
-            self.data_path, "train", data_root=d.data_root or self.data_path, mode="finetune", num_frames=m.num_frames,
-            sampling_rate=d.sampling_rate, crop_size=m.input_size, repeat_aug=d.repeat_aug, seed=trainer.cfg.loop.seed,
-            short_side_range=None if m.input_size < 160 else (256, 320), rand_aug=a.rand_aug or None,
-            reprob=a.reprob, hflip=a.hflip, scale=(a.min_crop_scale, 1.0), normalize=True)
+        a = self.aug  # random erasing draws normal noise in normalised space: the workers normalise
+        return trainer.video_dataset(self.data_path, "train", "finetune", rand_aug=a.rand_aug or None,
+                                     reprob=a.reprob, hflip=a.hflip, scale=(a.min_crop_scale, 1.0), normalize=True)
 
     def loss(self, module: nn.Module, batch: dict) -> torch.Tensor:
         clips, target = batch["clips"], batch["label"]
@@ -149,24 +146,21 @@ class FinetuneTask(Task):
 
     def test(self, trainer: Trainer, tag: str) -> dict:
         """Multi-view test of the current weights on --eval_split (collective); logged and written by rank 0."""
-        c, m, d = self.cfg, trainer.cfg.model, trainer.cfg.data
+        c = self.cfg
         if self.test_loader is None:
-            ds = build_video_dataset(
-                self.data_path, c.eval_split, data_root=d.data_root or self.data_path, mode="test",
-                num_frames=m.num_frames, sampling_rate=d.sampling_rate, crop_size=m.input_size,
-                num_temporal_views=c.test_num_temporal_views, num_spatial_crops=c.test_num_spatial_crops,
-                seed=trainer.cfg.loop.seed, normalize=not trainer.normalize_on_device)
+            ds = self.test_set = trainer.video_dataset(self.data_path, c.eval_split, "test",
+                                                       num_temporal_views=c.test_num_temporal_views,
+                                                       num_spatial_crops=c.test_num_spatial_crops)
             # With --no-dist_eval every rank tests everything and only rank 0's scores count.
             world, rank = (trainer.dist.world_size, trainer.dist.rank) if c.dist_eval else (1, 0)
-            batch = trainer.cfg.loop.batch_size * d.repeat_aug
+            batch = trainer.cfg.loop.batch_size * trainer.cfg.data.repeat_aug
             self.test_loader = trainer.make_loader(ds, DistributedEvalSampler(len(ds), world, rank), batch, train=False)
-            self.num_test_videos = len(ds.samples)
         names = Path(self.data_path, "classes.txt")
         names = names.read_text().split() if names.is_file() else None
         metrics = test_and_report(
-            trainer.backend.module, self.test_loader, self.num_test_videos, c.num_classes, trainer.dist.device,
+            trainer.backend.module, self.test_loader, len(self.test_set.samples), c.num_classes, trainer.dist.device,
             trainer.dist.is_main, trainer.out, c.eval_split, tag, c.test_num_temporal_views * c.test_num_spatial_crops,
-            c.dist_eval, trainer.backend.precision, trainer.prepare,
+            c.dist_eval, trainer.backend.precision, lambda b: trainer.prepare(b, normalize=not self.test_set.normalize),
             names if names and len(names) == c.num_classes else None)
         if hasattr(trainer, "logger"):
             trainer.logger.scalars(trainer.state.global_step, metrics, prefix=f"{c.eval_split}/")

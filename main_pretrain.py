@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from datasets import build_video_dataset
+from datasets.amt_views import CanonicalViews
 from datasets.image_folder import build_image_folder_dataset
 from models import create_model
+from models.amt import clip_attention_weights
 from models.convert import load_pretrained
 from models.masking import MASK_TYPES
 from util.checkpoint import read_weights
@@ -33,6 +34,13 @@ from util.config import (
     run_config,
     section,
 )
+from util.cross_rank import (
+    all_gather_cat,
+    convert_batchnorm,
+    cosine_momentum,
+    ema_update,
+    refresh_amt_attention,
+)
 from util.trainer import Task, Trainer
 from util.visualize import save_reconstruction
 
@@ -43,11 +51,19 @@ DEMO_CONFIG = str(Path(__file__).resolve().parent / "configs" / "pretrain" / "de
 class PretrainConfig:
     """What the encoder learns from, and what the masked autoencoder hides and predicts."""
 
-    objective: str = flag("mae", "pretraining objective: mae (masked spacetime autoencoding, MAE-ST)",
-                          choices=("mae",))
+    objective: str = flag("mae", "pretraining objective: mae (masked spacetime autoencoding, MAE-ST), rho_byol / "
+                          "rho_moco (rho clips of a video as positives; flags under 'rho objectives')",
+                          choices=("mae", "rho_byol", "rho_moco"))
     mask_ratio: float = flag(0.9, "share of tokens hidden from the encoder", check=lambda r: 0 < r < 1, rule="in (0, 1)")
     mask_type: str = flag("random", "mask sampler; adaptive: AdaMAE's learned sampler", choices=sorted(MASK_TYPES))
     sampler_loss_weight: float = flag(1e-4, "weight of the adaptive sampler's loss", check=non_negative, rule=">= 0")
+    throw_ratio: float = flag(0.4, "amt: share of all tokens thrown, out of the hidden ones (in neither encoder, "
+                              "decoder nor loss); the rest of the hidden ones are reconstructed",
+                              check=lambda r: 0 <= r < 1, rule="in [0, 1)")
+    amt_warmup_epochs: int = flag(40, "amt: epochs before the first attention pass (until then uniform weights: "
+                                  "random masking and throwing)", check=positive, rule=">= 1")
+    amt_refresh_epochs: int = flag(40, "amt: epochs between attention passes over the training videos",
+                                   check=positive, rule=">= 1")
     decoder_mask_ratio: float = flag(0.0, "share of hidden tokens the decoder skips (running cell; 0.5 recommended)",
                                      check=lambda r: 0 <= r < 1, rule="in [0, 1)")
     data_format: str = flag("video", "video list files, or class folders of images (image MAE, num_frames 1)",
@@ -82,9 +98,13 @@ class PretrainTask(Task):
 
     def setup(self, trainer: Trainer) -> None:
         self.data_path = trainer.resolve_data_path(image_folder=self.cfg.data_format == "image_folder")
+        if self.cfg.mask_type == "amt" and self.cfg.data_format != "video":
+            raise ValueError("--mask_type amt places each clip in its video's attention map: it needs --data_format video")
 
     def build_model(self, trainer: Trainer) -> torch.nn.Module:
         m, c = trainer.cfg.model, self.cfg
+        amt = c.mask_type == "amt"  # its attention table has a row per training video
+        videos = len(trainer.video_dataset(self.data_path, "train", "pretrain")) if amt else 0
         self.model = create_model(
             m.model, img_size=m.input_size, num_frames=m.num_frames, t_patch_size=m.t_patch_size,
             cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed, pred_t_dim=c.pred_t_dim, mask_type=c.mask_type,
@@ -93,6 +113,7 @@ class PretrainTask(Task):
             decoder_depth=c.decoder_depth, decoder_num_heads=c.decoder_num_heads, init_values=m.init_values,
             decoder_init_values=c.decoder_init_values, decoder_cls=c.decoder_cls,
             decoder_sep_pos_embed=c.decoder_sep_pos_embed, target_frames=c.target_frames,
+            throw_ratio=c.throw_ratio if amt else 0.0, amt_num_videos=videos,
         )
         return self.model
 
@@ -107,16 +128,17 @@ class PretrainTask(Task):
                 self.data_path, "train", crop_size=m.input_size, repeat_aug=d.repeat_aug, seed=trainer.cfg.loop.seed,
                 mask_noise_tokens=tokens, normalize=not trainer.normalize_on_device)
         else:
-            self.dataset = build_video_dataset(
-                self.data_path, "train", data_root=d.data_root or self.data_path, mode="pretrain",
-                num_frames=m.num_frames, sampling_rate=d.sampling_rate, crop_size=m.input_size,
-                repeat_aug=d.repeat_aug, seed=trainer.cfg.loop.seed, mask_noise_tokens=tokens,
-                normalize=not trainer.normalize_on_device,
-                short_side_range=None if m.input_size < 160 else (256, 320))
+            self.dataset = trainer.video_dataset(self.data_path, "train", "pretrain", mask_noise_tokens=tokens)
         return self.dataset
 
     def loss(self, module: torch.nn.Module, batch: dict) -> torch.Tensor | tuple[torch.Tensor, dict]:
-        loss = module(batch["clips"], self.cfg.mask_ratio, batch["noise"])[0]
+        attention = None
+        if self.cfg.mask_type == "amt":  # each clip's tokens read their video's map through the clip's geometry
+            m = self.model
+            attention = clip_attention_weights(m.amt_attention[batch["index"]].float() / 255, batch["geometry"],
+                                               m.grid_size, m.patch_embed.t_patch_size,
+                                               self.dataset.sampling_rate / self.dataset.target_fps, m.num_frames)
+        loss = module(batch["clips"], self.cfg.mask_ratio, batch["noise"], attention=attention)[0]
         # The adaptive sampler leaves its entropy and loss on the plain model (the same object when wrapped).
         return (loss, self.model.sampler_metrics) if self.cfg.mask_type == "adaptive" else loss
 
@@ -124,27 +146,118 @@ class PretrainTask(Task):
         return model.flops_per_clip(self.cfg.mask_ratio)["train_step"]
 
     def on_epoch_end(self, trainer: Trainer) -> None:
-        """A reconstruction grid of a fixed clip and mask: OUT/vis/epoch-N.png and TensorBoard."""
-        epoch = trainer.state.epoch
+        """AMT's attention pass when due; a reconstruction grid of a fixed clip and mask: OUT/vis/epoch-N.png."""
+        epoch, c = trainer.state.epoch, self.cfg
+        done = epoch + 1
+        if (c.mask_type == "amt" and done >= c.amt_warmup_epochs and (done - c.amt_warmup_epochs) % c.amt_refresh_epochs == 0
+                and done < trainer.cfg.loop.epochs):
+            views = CanonicalViews(self.dataset.samples, trainer.cfg.model.num_frames, trainer.cfg.model.input_size,
+                                   normalize=self.dataset.normalize)
+            refresh_amt_attention(trainer, views, self.model.amt_attention,
+                                  trainer.cfg.loop.batch_size * trainer.cfg.data.repeat_aug)
         if not self.cfg.vis_every or (epoch + 1) % self.cfg.vis_every:
             return
-        item = trainer.prepare({k: v[:1] for k, v in self.dataset[(0, 0)].items() if k in ("clips", "noise")})
+        if not hasattr(self, "vis"):  # the first training video, whole frames (no crop), a fixed mask
+            ds = self.dataset if self.cfg.data_format == "image_folder" else trainer.video_dataset(
+                self.data_path, "train", "test", num_temporal_views=1, num_spatial_crops=1)
+            clips = ds[(0, 0)]["clips"][:1]
+            noise = torch.rand(1, self.model.patch_embed.num_patches, generator=torch.Generator().manual_seed(0))
+            self.vis = trainer.prepare({"clips": clips, "noise": noise}, normalize=not ds.normalize)
         path = trainer.out / "vis" / f"epoch-{epoch:04d}.png" if trainer.dist.is_main else None
-        grid = save_reconstruction(trainer.backend.module, self.model, item["clips"], item["noise"],
+        grid = save_reconstruction(trainer.backend.module, self.model, self.vis["clips"], self.vis["noise"],
                                    self.cfg.mask_ratio, path, trainer.backend.precision)
         trainer.logger.image("reconstruction", grid, trainer.state.global_step)
+
+
+@dataclass
+class RhoConfig:
+    """rho-BYOL / rho-MoCo (Feichtenhofer et al., 2021): rho clips of one video are each other's positives."""
+
+    rho: int = flag(2, "rho objectives: clips per video (sets --repeat_aug); each clip's positives are the other rho - 1",
+                    check=lambda r: r >= 2, rule=">= 2")
+    rho_timespan: float = flag(0.0, "rho objectives: the clips of a video start at most this many seconds apart "
+                               "(0: anywhere in the video)", check=non_negative, rule=">= 0")
+    rho_rand_aug: str = flag("rand-m7-n2-mstd0.5-inc1", "clip-consistent RandAugment of each rho clip ('': off)")
+    proj_dim: int = flag(256, "projection (and MoCo key) dimension", check=positive, rule="> 0")
+    proj_hidden_dim: int = flag(4096, "hidden width of the projector MLP", check=positive, rule="> 0")
+    proj_layers: int = flag(2, "linear layers of the projector (BatchNorm + ReLU between)", check=lambda n: n >= 2,
+                            rule=">= 2")
+    pred_hidden_dim: int = flag(4096, "hidden width of BYOL's predictor MLP", check=positive, rule="> 0")
+    ema_momentum: float = flag(0.996, "momentum encoder's initial momentum, cosine-annealed to 1",
+                               check=lambda m: 0 <= m < 1, rule="in [0, 1)")
+    moco_temperature: float = flag(0.1, "MoCo's softmax temperature", check=positive, rule="> 0")
+    moco_queue: int = flag(65536, "MoCo's queue of negative keys", check=positive, rule="> 0")
+
+
+class RhoTask(Task):
+    """rho-BYOL / rho-MoCo pretraining; the momentum update and MoCo's enqueue follow each optimiser step."""
+
+    name = "rho pretraining"
+    architecture_flags = ("objective", "proj_dim", "proj_hidden_dim", "proj_layers", "pred_hidden_dim", "moco_queue")
+
+    def __init__(self, cfg: RhoConfig, pre: PretrainConfig) -> None:
+        self.cfg, self.pre, self.objective, self.keys = cfg, pre, pre.objective.removeprefix("rho_"), []
+
+    def setup(self, trainer: Trainer) -> None:
+        self.data_path = trainer.resolve_data_path()
+        p = trainer.cfg.parallel
+        if p.dist == "deepspeed" and p.precision != "fp32":  # its bf16 module would hold the momentum copy in bf16
+            raise ValueError("rho objectives under --dist deepspeed need --precision fp32: DeepSpeed casts the momentum "
+                             "encoder to 16 bits, where updates of (1 - momentum) x the difference round away; "
+                             "use --dist fsdp (fp32 shards, bf16 compute) or ddp")
+        trainer.cfg.data.repeat_aug = trainer.config_values["repeat_aug"] = self.cfg.rho  # rho clips per decode
+
+    def build_model(self, trainer: Trainer) -> torch.nn.Module:
+        m, c = trainer.cfg.model, self.cfg
+        name = "rho_vit_" + m.model.removeprefix("mae_vit_").removeprefix("vit_").removeprefix("rho_vit_")
+        self.model = convert_batchnorm(create_model(  # BatchNorm of the MLP heads over the global batch
+            name, objective=self.objective, rho=c.rho, img_size=m.input_size, num_frames=m.num_frames,
+            t_patch_size=m.t_patch_size, cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed,
+            init_values=m.init_values, proj_dim=c.proj_dim, proj_hidden_dim=c.proj_hidden_dim,
+            proj_layers=c.proj_layers, pred_hidden_dim=c.pred_hidden_dim, temperature=c.moco_temperature,
+            queue_size=c.moco_queue))
+        return self.model
+
+    def init_weights(self, model: torch.nn.Module, trainer: Trainer) -> None:
+        if self.pre.init_from:
+            load_pretrained(model, read_weights(self.pre.init_from), source=self.pre.init_from)
+            model.copy_to_momentum()
+
+    def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
+        return trainer.video_dataset(self.data_path, "train", "pretrain", repeat_aug=self.cfg.rho,
+                                     rand_aug=self.cfg.rho_rand_aug or None, clip_timespan=self.cfg.rho_timespan or None)
+
+    def loss(self, module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, metrics, keys = module(batch["clips"])
+        if keys is not None:
+            self.keys.append(keys.detach())  # enqueued after the step, as MoCo does after each batch
+        return loss, metrics
+
+    def after_step(self, trainer: Trainer) -> None:
+        st = trainer.state
+        progress = (st.epoch + st.consumed / trainer.samples_per_epoch) / trainer.cfg.loop.epochs
+        ema_update(self.model.momentum_pairs(), cosine_momentum(self.cfg.ema_momentum, progress))
+        if self.keys:  # every rank's keys, in rank order: the queue stays the same on every rank
+            self.model.enqueue(all_gather_cat(torch.cat(self.keys)))
+            self.keys.clear()
+
+    def flops_per_clip(self, model: torch.nn.Module) -> float:
+        return model.flops_per_clip()["train_step"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Every pretraining flag: the shared run sections (util.config) and the MAE's own."""
     parser = argparse.ArgumentParser("MAE-ST pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_flags(parser)
-    return add_flags(parser, PretrainConfig, "masked autoencoder")
+    add_flags(parser, PretrainConfig, "masked autoencoder")
+    return add_flags(parser, RhoConfig, "rho objectives")
 
 
 def build_task(args: argparse.Namespace) -> Task:
     """The task of --objective, from its flags."""
     cfg = section(PretrainConfig, args)
+    if cfg.objective in ("rho_byol", "rho_moco"):
+        return RhoTask(section(RhoConfig, args), cfg)
     return PretrainTask(cfg)
 
 

@@ -7,6 +7,12 @@ Eight classes = 4 directions (right, left, down, up) x 2 rotation senses (cw, cc
 object texture, background texture, start position and start angle are drawn independently of the
 class, and objects wrap around the frame edges (a torus), so the object position in any single frame
 is uniform whatever the direction: one frame carries no information about the label; two do.
+
+Generated sets are reproducible to the byte: frames come from one seeded numpy generator (PCG64 draws
+are the same on every platform) and are stored losslessly (FFV1 in Matroska, single-threaded encoder,
+`bitexact` muxing without version strings or random ids), so the same arguments give the same files on
+any machine and PyAV/FFmpeg version, and a decoder returns exactly the rendered pixels. H.264 would
+not: x264's output depends on its version and thread count, and its rounding noise differs per file.
 """
 
 import argparse
@@ -29,6 +35,7 @@ SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 
 
 BACKGROUNDS = ("texture", "smooth", "plain")
+OBJECT_TEXTURES = ("stripes", "solid")
 
 
 def _background(rng: np.random.Generator, size: int, kind: str = "texture") -> np.ndarray:
@@ -71,8 +78,14 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarra
 
 def render_video(label: int, rng: np.random.Generator, size: int = 64, frames: int = 48,
                  num_objects: int | None = None, background: str = "texture", object_scale: float = 1.0,
-                 speed_scale: float = 1.0) -> tuple[np.ndarray, list]:
-    """Render one clip of class `label`: uint8 [T, H, W, 3] and per-frame boxes [[x0, y0, x1, y1], ...]."""
+                 speed_scale: float = 1.0, object_texture: str = "stripes") -> tuple[np.ndarray, list]:
+    """Render one clip of class `label`: uint8 [T, H, W, 3] and per-frame boxes [[x0, y0, x1, y1], ...].
+
+    `object_texture` "stripes" (two colours, so the rotation shows) or "solid" (one colour: what a micro
+    model can learn to paint back in minutes; the demo uses it). Both draw the same random numbers.
+    """
+    if object_texture not in OBJECT_TEXTURES:
+        raise ValueError(f"object_texture must be one of {OBJECT_TEXTURES}, got {object_texture!r}")
     direction, sense = CLASS_NAMES[label].split("-")
     dx, dy = _DIRECTIONS[direction]
     spin = 1.0 if sense == "cw" else -1.0
@@ -116,7 +129,7 @@ def render_video(label: int, rng: np.random.Generator, size: int = 64, frames: i
             v = -np.sin(a) * ox + np.cos(a) * oy
             mask = _shape_mask(o["shape"], u, v, o["r"])
             # stripes in object coordinates make the rotation visible even for symmetric shapes
-            tex = (np.sin(o["freq"] * u) > 0)[..., None]
+            tex = (np.sin(o["freq"] * u) > 0)[..., None] if object_texture == "stripes" else True
             img = np.where(mask[..., None], np.where(tex, o["colour"], o["colour2"]), img)
             ys, xs = np.nonzero(mask)
             frame_boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
@@ -148,19 +161,46 @@ def write_video(path: str, frames: np.ndarray, fps: int = 30, codec: str = "libx
             container.mux(packet)
 
 
+def write_lossless_video(path: str, frames: np.ndarray, fps: int = 30) -> None:
+    """Encode uint8 [T, H, W, 3] RGB frames losslessly and byte-reproducibly (FFV1 in Matroska)."""
+    # Matroska writes random segment ids and the library version unless muxing is bitexact.
+    with av.open(path, "w", format="matroska", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("ffv1", rate=fps)
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        # bgr0: FFV1 codes 8-bit RGB as is (no lossy RGB->YUV step whose rounding is platform code).
+        stream.pix_fmt = "bgr0"
+        # Every choice explicit so a changed FFmpeg default cannot change the bytes; one thread because
+        # slice threading is the one place an encoder could depend on the machine; every frame a keyframe
+        # so a clip anywhere in the video decodes after one seek.
+        stream.options = {"threads": "1", "level": "3", "coder": "range_def", "context": "0", "slices": "4",
+                          "slicecrc": "1", "g": "1"}
+        pad = np.zeros(frames.shape[1:3] + (1,), np.uint8)
+        for img in frames:
+            # from BGRA: the one packed RGB layout FFV1 takes that PyAV builds from numpy without swscale
+            bgra = np.ascontiguousarray(np.concatenate([img[..., ::-1], pad], axis=-1))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(bgra, format="bgra")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+# Bump when rendering or encoding changes: cached sets are keyed by it, so an older set is never reused.
+GENERATOR_VERSION = 2  # 1: H.264 (x264) mp4 files, not reproducible; 2: lossless FFV1 in Matroska
+
+
 def generate_dataset(out: str, num_videos: int, size: int = 64, frames: int = 48, fps: int = 30,
                      seed: int = 0, single_object: bool = False, background: str = "texture",
-                     object_scale: float = 1.0, speed_scale: float = 1.0) -> str:
-    """Write `num_videos` labelled mp4 files plus train/val/test.csv (and boxes.json) into `out`."""
+                     object_scale: float = 1.0, speed_scale: float = 1.0, object_texture: str = "stripes") -> str:
+    """Write `num_videos` labelled lossless videos plus train/val/test.csv (and boxes.json) into `out`."""
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
     rng = np.random.default_rng(seed)
     rows, boxes_all = [], {}
     for i in range(num_videos):
         label = i % len(CLASS_NAMES)  # balanced classes
         video, boxes = render_video(label, rng, size, frames, 1 if single_object else None, background,
-                                     object_scale, speed_scale)
-        rel = f"videos/{i:05d}_{CLASS_NAMES[label]}.mp4"
-        write_video(os.path.join(out, rel), video, fps)
+                                     object_scale, speed_scale, object_texture)
+        rel = f"videos/{i:05d}_{CLASS_NAMES[label]}.mkv"
+        write_lossless_video(os.path.join(out, rel), video, fps)
         rows.append((rel, label))
         boxes_all[rel] = boxes
     order = np.random.default_rng(seed + 1).permutation(num_videos)
@@ -211,22 +251,31 @@ def cached_build(kind: str, params: dict, marker: str, build, cache_dir: str | N
 def ensure_synthetic_dataset(cache_dir: str | None = None, num_videos: int = 96, size: int = 64,
                              frames: int = 48, fps: int = 30, seed: int = 0,
                              single_object: bool = False, background: str = "texture",
-                             object_scale: float = 1.0, speed_scale: float = 1.0) -> str:
+                             object_scale: float = 1.0, speed_scale: float = 1.0,
+                             object_texture: str = "stripes") -> str:
     """Return a folder holding the generated set, creating it once (atomically) in a cache folder."""
+    # Every setting and the generator version name the folder: new content never reuses an old folder.
     params = dict(num_videos=num_videos, size=size, frames=frames, fps=fps, seed=seed,
-                  single_object=single_object, version=1)
-    # only when non-default: existing cache folders keep their names
-    if background != "texture":
-        params["background"] = background
-    if object_scale != 1.0 or speed_scale != 1.0:
-        params.update(object_scale=object_scale, speed_scale=speed_scale)
+                  single_object=single_object, background=background, object_scale=float(object_scale),
+                  speed_scale=float(speed_scale), object_texture=object_texture, version=GENERATOR_VERSION)
 
     def build(tmp: str) -> None:
         logger.info("generating %d synthetic videos into the cache %s", num_videos, os.path.dirname(tmp))
         generate_dataset(tmp, num_videos, size, frames, fps, seed, single_object, background, object_scale,
-                         speed_scale)
+                         speed_scale, object_texture)
 
     return cached_build("synthetic", params, "test.csv", build, cache_dir)
+
+
+def dataset_fingerprint(folder: str) -> str:
+    """SHA-256 (first 16 hex digits) over the list files and every video's bytes: equal on any machine."""
+    digest = hashlib.sha256()
+    names = [f"{split}.csv" for split, _ in SPLIT_FRACTIONS]
+    names += sorted(os.path.join("videos", n) for n in os.listdir(os.path.join(folder, "videos")))
+    for name in names:
+        with open(os.path.join(folder, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()[:16]
 
 
 def main() -> None:
@@ -247,7 +296,7 @@ def main() -> None:
     a = p.parse_args()
     generate_dataset(a.out, a.num_videos, a.size, a.frames, a.fps, a.seed, a.single_object, a.background,
                      a.object_scale, a.speed_scale)
-    print(f"wrote {a.num_videos} videos and train/val/test.csv to {a.out}")
+    print(f"wrote {a.num_videos} videos and train/val/test.csv to {a.out} (fingerprint {dataset_fingerprint(a.out)})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,15 @@ import re
 import numpy as np
 import torch
 
-from .decode import VideoInfo, clip_span, clip_times, decode_frames, random_clip_start, uniform_clip_start
+from .decode import (
+    FrameBuffer,
+    VideoInfo,
+    clip_span,
+    clip_times,
+    decode_frames,
+    random_clip_start,
+    uniform_clip_start,
+)
 from .transforms import (
     build_rand_augment,
     build_random_erasing,
@@ -122,7 +130,8 @@ class VideoDataset(torch.utils.data.Dataset):
                  hflip: bool = True, short_side_range: tuple[int, int] | None = (256, 320),
                  rand_aug: str | None = None, reprob: float = 0.0, num_temporal_views: int = 1,
                  num_spatial_crops: int = 1, seed: int = 0, normalize: bool = True,
-                 mask_noise_tokens: int | None = None, decode_threads: int = 1):
+                 mask_noise_tokens: int | None = None, decode_threads: int = 1,
+                 clip_timespan: float | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if reprob > 0 and not normalize:
@@ -137,6 +146,9 @@ class VideoDataset(torch.utils.data.Dataset):
         self.views = num_temporal_views * num_spatial_crops if mode == "test" else 1
         self.seed, self.normalize, self.mask_noise_tokens = seed, normalize, mask_noise_tokens
         self.decode_threads = decode_threads  # FFmpeg threads per decode (datasets.loader.decode_threads_for)
+        self.frame_buffer = FrameBuffer()  # decoded frames reuse one process-local array (pickles empty)
+        # pretrain: the R clips start within this many seconds of each other (rho objectives); None: anywhere
+        self.clip_timespan = clip_timespan
         self.rand_aug = build_rand_augment(rand_aug, crop_size) if rand_aug and mode != "test" else None
         self.eraser = build_random_erasing(reprob) if reprob > 0 and mode != "test" else None
         # failures are counted in the main process (FailureTracker over the batches), once
@@ -176,6 +188,8 @@ class VideoDataset(torch.utils.data.Dataset):
             item["valid"] = torch.ones(1, dtype=torch.bool)
         if self.mask_noise_tokens:
             item["noise"] = torch.from_numpy(rng.random((r, self.mask_noise_tokens), dtype=np.float32))
+        if self.mode == "pretrain":  # where each clip was cut (models/amt.py reads its attention through it)
+            item["geometry"] = self._geometry
         return item
 
     def _failed_view(self, video_index: int, view: int, label: int, path: str) -> dict:
@@ -203,19 +217,35 @@ class VideoDataset(torch.utils.data.Dataset):
             return normalize_clips(clip) if self.normalize else clip
 
         # R temporal windows, decoded in one pass: the repeats differ in time and in crop
+        placed = {}
+
         def times(info: VideoInfo) -> np.ndarray:
-            starts = [random_clip_start(info.duration, span, rng) for _ in range(self.repeat_aug)]
+            if self.clip_timespan is None:
+                starts = [random_clip_start(info.duration, span, rng) for _ in range(self.repeat_aug)]
+            else:
+                starts = timespan_clip_starts(info.duration, span, self.clip_timespan, self.repeat_aug, rng)
+            placed.update(starts=starts, duration=info.duration)
             return np.concatenate([clip_times(s, self.num_frames, self.sampling_rate, self.target_fps)
                                    for s in starts])
 
-        frames, _, _ = decode_frames(path, times, threads=self.decode_threads)
+        frames, _, _ = decode_frames(path, times, threads=self.decode_threads, buffer=self.frame_buffer)
         frames = torch.from_numpy(frames)
         _, h, w, _ = frames.shape
-        out = []
+        t, s = self.num_frames, self.crop_size
+        # without RandAugment / erasing each clip goes straight into the item's tensor
+        plain = self.rand_aug is None and self.eraser is None
+        if plain:
+            clips = torch.empty((self.repeat_aug, 3, t, s, s), dtype=torch.float32 if self.normalize else torch.uint8)
+        out, geometry = [], []
         for r in range(self.repeat_aug):
-            box = random_resized_box(h, w, rng, self.scale, self.aspect, self.short_side_range, self.crop_size)
+            box = random_resized_box(h, w, rng, self.scale, self.aspect, self.short_side_range, s)
             flip = bool(self.hflip and rng.random() < 0.5)
-            clip = crop_resize(frames[r * self.num_frames:(r + 1) * self.num_frames], box, self.crop_size, flip)
+            geometry.append((placed["starts"][r], placed["duration"], box[0] / h, box[1] / w, box[2] / h, box[3] / w,
+                             float(flip)))
+            if plain:
+                crop_resize(frames[r * t:(r + 1) * t], box, s, flip, out=clips[r])
+                continue
+            clip = crop_resize(frames[r * t:(r + 1) * t], box, s, flip)
             if self.rand_aug is not None:
                 clip = clip_rand_augment(clip, self.rand_aug, int(rng.integers(2**31)))
             if self.normalize:
@@ -223,13 +253,29 @@ class VideoDataset(torch.utils.data.Dataset):
             if self.eraser is not None:
                 clip = clip_random_erase(clip, self.eraser, int(rng.integers(2**31)))
             out.append(clip)
-        return torch.stack(out)
+        self._geometry = torch.tensor(geometry, dtype=torch.float32)  # read by __getitem__ (one item at a time)
+        if not plain:
+            return torch.stack(out)
+        return normalize_clips(clips, inplace=True) if self.normalize else clips
+
+
+def timespan_clip_starts(duration: float, span: float, timespan: float, count: int,
+                         rng: np.random.Generator) -> list[float]:
+    """`count` clip starts drawn uniformly in a window of `timespan` s placed uniformly in the video.
+
+    So no two clips start more than `timespan` apart (the rho-persistency study's timespan limit);
+    a window longer than the room for starts is the whole video.
+    """
+    room = max(0.0, duration - span)
+    width = min(room, max(0.0, timespan))
+    low = float(rng.uniform(0.0, room - width))
+    return [low + float(rng.uniform(0.0, width)) for _ in range(count)]
 
 
 def collate_clips(batch: list[dict]) -> dict:
-    """Concatenate items along R: clips [B*R, C, T, H, W], label/index/view [B*R], noise [B*R, L]."""
-    out = {k: torch.cat([b[k] for b in batch]) for k in ("clips", "label", "index", "view", "valid", "noise")
-           if k in batch[0]}
+    """Concatenate items along R: clips [B*R, C, T, H, W], label/index/view [B*R], noise [B*R, L], geometry [B*R, 7]."""
+    keys = ("clips", "label", "index", "view", "valid", "noise", "geometry")
+    out = {k: torch.cat([b[k] for b in batch]) for k in keys if k in batch[0]}
     out["failures"] = sum(b["failures"] for b in batch)
     out["attempts"] = sum(b["attempts"] for b in batch)
     out["failed_paths"] = [p for b in batch for p in b["failed_paths"]]

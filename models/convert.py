@@ -45,8 +45,12 @@ from models.video_vit import (
 log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 DECODER_PREFIXES = ("decoder_", "mask_token", "decoder.")
+# Parts only pretraining has, beside the decoder: AdaMAE's sampler, AMT's attention table, and the
+# rho objectives' heads, momentum copies and MoCo queue (models/rho.py keeps its online encoder under
+# the encoder's own names, so only these are left to drop for fine-tuning).
+PRETRAINING_ONLY_PREFIXES = ("adaptive_sampler.", "amt_", "projector.", "predictor.", "momentum_", "queue")
 # Parts a model may lack or start fresh (pretraining-only parts and the classifier head).
-NON_ENCODER_PREFIXES = ("head.", "adaptive_sampler.", *DECODER_PREFIXES)
+NON_ENCODER_PREFIXES = ("head.", *PRETRAINING_ONLY_PREFIXES, *DECODER_PREFIXES)
 LAYER_SCALE_KEY = re.compile(r"^(decoder_)?blocks\.\d+\.gamma_[12]$")
 # Decoder heads are not in the weights; each release's code fixes them. PySlowFast's MSSeparateHead
 # builds dim_out // 64 heads (no config key); VideoMAE's pretrain_videomae_{small,base,large,huge}
@@ -383,8 +387,7 @@ def adapt_to_model(canon: StateDict, model: nn.Module, fmt: str = "ours",
                                 f"({why['target_frames']}), this model uses {model.target_frames_rule!r}")
     # Parts the model does not have, or a decoder the caller declined: not loaded, reported as dropped.
     absent = [] if take_decoder else list(DECODER_PREFIXES)
-    if not any(k.startswith("adaptive_sampler.") for k in mine):
-        absent.append("adaptive_sampler.")
+    absent += [p for p in PRETRAINING_ONLY_PREFIXES if not any(k.startswith(p) for k in mine)]
     if not any(k.startswith("head.") for k in mine):
         absent.append("head.")
     for k in [k for k in canon if k.startswith(tuple(absent))]:

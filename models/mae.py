@@ -13,6 +13,13 @@ work with no measured loss in accuracy. Which frames is a convention (`target_fr
   mae_st repository's own pretraining code does (its last target is the clip's last frame).
 
 Options (constructor arguments, see models/adamae.py and models/masking.py for the why):
+- `mask_type="amt"`: AMT's attention-driven masking and throwing (models/amt.py): `throw_ratio` of
+  the tokens are thrown (in neither encoder, decoder nor loss); `forward(..., attention=w)` takes the
+  per-token attention weights [B, L] of the batch (uniform when None), `forward(clips,
+  return_cls_attention=True)` returns the last block's normalised [CLS] attention over all tokens
+  [B, L], and `amt_num_videos > 0` registers the per-video table `amt_attention` [N, t, h, w]
+  (uint8, 255 = 1.0) that the training task refreshes. Like decoder masking, the returned `mask` is
+  1 exactly where the loss is taken (the masked tokens); `amt_thrown` holds the last thrown ones.
 - `mask_type="adaptive"`: AdaMAE's learned token sampler; the loss becomes
   recon + sampler_loss_weight * policy-gradient loss, and `sampler_metrics` / `sampler_probs`
   (detached) hold the last forward's sampler entropy, sampler loss and per-token probabilities.
@@ -37,6 +44,7 @@ import torch
 from torch import nn
 
 from models.adamae import AdaptiveTokenSampler, policy_gradient_loss, sampler_stats
+from models.amt import amt_counts, amt_masking, normalize_cls_attention
 from models.flops import block_flops, masked_autoencoder_flops, with_train_step
 from models.masking import decoder_targets, get_mask_sampler, num_visible
 from models.video_vit import (
@@ -86,6 +94,8 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_cls: str = "learned",
         decoder_sep_pos_embed: bool | None = None,
         target_frames: str = "stride",
+        throw_ratio: float = 0.0,
+        amt_num_videos: int = 0,
     ) -> None:
         super().__init__()
         pred_t_dim = num_frames // 2 if pred_t_dim is None else pred_t_dim
@@ -119,7 +129,17 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_num_heads = decoder_num_heads
         self.init_values, self.decoder_init_values = init_values, decoder_init_values
         self.mask_type = mask_type
-        self.mask_sampler = None if mask_type == "adaptive" else get_mask_sampler(mask_type)
+        self.mask_sampler = None if mask_type in ("adaptive", "amt") else get_mask_sampler(mask_type)
+        if mask_type == "amt":
+            if not cls_embed:
+                raise ValueError("mask_type='amt' reads the [CLS] token's attention: set cls_embed=True")
+            if decoder_mask_ratio > 0:
+                raise ValueError("mask_type='amt' already decodes only its masked tokens: use decoder_mask_ratio=0")
+            amt_counts(num_patches, 0.5, throw_ratio)  # range check now, not at the first step
+        elif throw_ratio:
+            raise ValueError(f"throw_ratio is AMT's (mask_type='amt'), not {mask_type!r}'s")
+        self.throw_ratio = throw_ratio
+        self.amt_thrown: torch.Tensor | None = None
         self.sampler_loss_weight, self.decoder_mask_ratio = sampler_loss_weight, decoder_mask_ratio
         if not 0.0 <= decoder_mask_ratio < 1.0:
             raise ValueError(f"decoder_mask_ratio must be in [0, 1), got {decoder_mask_ratio}")
@@ -143,6 +163,12 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm = norm_layer(embed_dim)
         if mask_type == "adaptive":
             self.adaptive_sampler = AdaptiveTokenSampler(embed_dim, num_patches, num_heads, mlp_ratio, norm_layer)
+        if mask_type == "amt" and amt_num_videos > 0:
+            # One byte per token and video (K400, ViT 16x224: 240k x 1568 = 376 MB), identical on every
+            # rank, saved with the model. 255 = 1.0: uniform until the first refresh (random masking
+            # and throwing). DDP would broadcast every buffer at every forward: it is told to skip it.
+            self.register_buffer("amt_attention", torch.full((amt_num_videos, t, h, w), 255, dtype=torch.uint8))
+            self._ddp_params_and_buffers_to_ignore = ["amt_attention"]
 
         # Decoder
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
@@ -193,13 +219,18 @@ class MaskedAutoencoderViT(nn.Module):
         if self.decoder_mask_ratio > 0:
             decoder_patches = visible + max(1, int((num_patches - visible) * (1 - self.decoder_mask_ratio)))
         adaptive = self.mask_type == "adaptive"
+        pred_tokens = None
+        if self.mask_type == "amt":
+            # Thrown tokens cost nothing: the decoder sees the visible and the masked ones, the head only the masked.
+            visible, masked, _ = amt_counts(num_patches, mask_ratio, self.throw_ratio)
+            decoder_patches, pred_tokens = visible + masked, masked
         parts = masked_autoencoder_flops(
             num_patches=num_patches, num_visible=visible, num_decoder_patches=decoder_patches,
             # forward_encoder embeds only the visible tubelets, unless the sampler needs them all
             num_embed_tokens=num_patches if adaptive else visible,
             patch_dim=a["patch_dim"], enc_dim=a["embed_dim"], enc_depth=a["depth"], enc_mlp=a["mlp"],
             dec_dim=a["decoder_embed_dim"], dec_depth=a["decoder_depth"], dec_mlp=a["decoder_mlp"],
-            pred_dim=a["pred_dim"], num_prefix=int(self.cls_embed),
+            pred_dim=a["pred_dim"], num_prefix=int(self.cls_embed), num_pred_tokens=pred_tokens,
         )
         if adaptive:
             one = block_flops(num_patches, a["embed_dim"], a["mlp"])
@@ -260,11 +291,21 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward_encoder(
-        self, clips: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+        self, clips: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed, keep the visible tokens, encode: (latent [B, (1+)K, D], mask [B, L], ids_restore)."""
         B = clips.shape[0]
-        if self.mask_type == "adaptive":
+        if self.mask_type == "amt":
+            L = self.patch_embed.num_patches
+            noise = torch.rand(B, L, device=clips.device) if noise is None else noise
+            weights = torch.ones(B, L, device=clips.device) if attention is None else attention
+            ids_keep, ids_restore, ids_masked, ids_thrown = amt_masking(weights, noise, mask_ratio, self.throw_ratio)
+            self._amt_ids_masked = ids_masked  # for forward's decoder (popped there, like AdaMAE's log-probs)
+            self.amt_thrown = torch.zeros(B, L, device=clips.device).scatter(1, ids_thrown, 1.0)
+            mask = torch.ones(B, L, device=clips.device).scatter(1, ids_keep, 0.0)  # hidden from the encoder
+            x = self.patch_embed.embed(self.patch_embed.tubelets(clips, ids_keep))
+        elif self.mask_type == "adaptive":
             # The sampler reads every token's embedding; the encoder then takes its visible ones.
             tokens = self.patch_embed(clips)
             (ids_keep, ids_restore, mask), self._sampler_log_probs = self.adaptive_sampler.sample(tokens, mask_ratio, noise)
@@ -332,12 +373,33 @@ class MaskedAutoencoderViT(nn.Module):
         """Mean squared error over hidden tokens only (normalised per patch when norm_pix_loss)."""
         return (self.token_errors(clips, pred) * mask).sum() / mask.sum()
 
+    def cls_attention_map(self, clips: torch.Tensor) -> torch.Tensor:
+        """AMT's attention: the last block's [CLS] attention over every token of unmasked clips, normalised [B, L]."""
+        x = self.patch_embed(clips)
+        pos, cls_pos = self._pos_table(decoder=False)
+        x = x + pos
+        if self.cls_embed:
+            x = torch.cat([(self.cls_token + cls_pos).expand(x.shape[0], -1, -1), x], dim=1)
+        x = run_blocks(self.blocks[:-1], x)
+        return normalize_cls_attention(self.blocks[-1](x, cls_attention=True), int(self.cls_embed))
+
     def forward(
-        self, clips: torch.Tensor, mask_ratio: float = 0.9, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Masked reconstruction of clips [B, C, T, H, W]: (loss, pred [B, L, u*p*p*C], mask [B, L])."""
-        latent, mask, ids_restore = self.forward_encoder(clips, mask_ratio, noise)
-        if self.decoder_mask_ratio > 0 and self.training:
+        self, clips: torch.Tensor, mask_ratio: float = 0.9, noise: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None, return_cls_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Masked reconstruction of clips [B, C, T, H, W]: (loss, pred [B, L, u*p*p*C], mask [B, L]).
+
+        `attention` [B, L]: AMT's per-token weights. `return_cls_attention`: only AMT's attention map
+        [B, L] (`cls_attention_map`), through `forward` so that sharded wrappers gather the parameters.
+        """
+        if return_cls_attention:
+            return self.cls_attention_map(clips)
+        latent, mask, ids_restore = self.forward_encoder(clips, mask_ratio, noise, attention)
+        if self.mask_type == "amt":
+            ids_masked = self.__dict__.pop("_amt_ids_masked")
+            pred = self.forward_decoder_subset(latent, ids_restore, ids_masked)
+            mask = torch.zeros_like(mask).scatter(1, ids_masked, 1.0)  # 1 where the loss is taken
+        elif self.decoder_mask_ratio > 0 and self.training:
             num_hidden = ids_restore.shape[1] - latent.shape[1] + int(self.cls_embed)
             ids_target = decoder_targets(mask, self.grid_size, self.decoder_mask_ratio, noise, num_hidden)
             pred = self.forward_decoder_subset(latent, ids_restore, ids_target)

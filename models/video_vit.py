@@ -105,6 +105,15 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x))
 
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention weights of the first ([CLS]) query over all N tokens of x [B, N, D]: [B, heads, N]."""
+        B, N, _ = x.shape
+        # Only the class token's row is needed: q for one token, k for all (SDPA does not return weights).
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        q, k = qkv[:, :1, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # [B, h, 1, d], [B, h, N, d]
+        scores = (q.float() @ k.float().transpose(-2, -1)) * self.head_dim**-0.5
+        return scores.softmax(dim=-1).squeeze(2)
+
 
 class Block(nn.Module):
     """Pre-norm transformer block; the unit that parallelism (FSDP, checkpointing, compile) wraps.
@@ -141,8 +150,15 @@ class Block(nn.Module):
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values)))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual attention then residual MLP (each branch scaled by its gamma under layer scale)."""
+    def forward(self, x: torch.Tensor, cls_attention: bool = False) -> torch.Tensor:
+        """Residual attention then residual MLP (each branch scaled by its gamma under layer scale).
+
+        With `cls_attention` it returns instead the [CLS] query's attention weights [B, heads, N] (as
+        DINO visualises them; AMT reads the last block's). A flag of `forward`, not a method, so that
+        FSDP2 / ZeRO-3 hooks gather the block's parameters and wrappers (checkpointing, compile) pass it.
+        """
+        if cls_attention:
+            return self.attn.cls_attention(self.norm1(x))
         if self.gamma_1 is None:
             x = x + self.drop_path(self.attn(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -106,6 +106,39 @@ def test_views_averaged_per_video_and_confusion_matrix() -> None:
     assert matrix.tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]
 
 
+def test_views_that_failed_to_decode_are_not_scored_and_the_video_is_reported() -> None:
+    """A broken test video is left out of the accuracy (never credited to another video) and counted."""
+    class Fixed(torch.nn.Module):
+        def forward(self, clips: torch.Tensor) -> torch.Tensor:
+            return clips[:, :, 0, 0, 0] * 10
+
+    clips = torch.zeros(4, 3, 1, 1, 1)
+    clips[0, 0] = clips[1, 0] = 1.0  # video 0 (label 0): both views say 0
+    batches = [{"clips": clips[:2], "index": torch.tensor([0, 0]), "label": torch.tensor([0, 0]),
+                "valid": torch.tensor([True, True])},
+               {"clips": clips[2:], "index": torch.tensor([1, 1]), "label": torch.tensor([2, 2]),
+                "valid": torch.tensor([False, False])}]  # video 1 could not be decoded
+    res = evaluate(Fixed(), batches, 2, 3, torch.device("cpu"), expected_views=2)
+    assert res["top1"] == 100.0 and (res["videos"], res["videos_total"], res["videos_unscored"]) == (1, 2, 1)
+    assert (res["views"], res["views_scored"]) == (4, 2)
+
+
+def test_finetune_with_an_undecodable_test_video_finishes_and_writes_results(tmp_path: Path) -> None:
+    """One broken file in the test list: training and the final test complete, the JSON says 1 unscored."""
+    from datasets.synthetic import ensure_synthetic_dataset
+
+    data = Path(ensure_synthetic_dataset(cache_dir=str(tmp_path / "cache"), num_videos=24, size=32))
+    (data / "videos" / "broken.mp4").write_bytes(b"not a video" * 100)
+    with open(data / "test.csv", "a") as f:
+        f.write("videos/broken.mp4 3\n")
+    out = tmp_path / "ft"
+    log = run(out, "--data_path", str(data), "--mixup", "0", "--cutmix", "0")
+    result = json.loads((out / "eval_test.json").read_text())
+    n = len((data / "test.csv").read_text().splitlines())
+    assert result["videos_total"] == n and result["videos_unscored"] == 1 and result["videos"] == n - 1
+    assert "could not be decoded" in log
+
+
 def test_two_rank_eval_counts_every_video_once(tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     torchrun(2, "eval_worker.py", str(out), timeout=300)

@@ -223,6 +223,12 @@ class DataConfig:
                                    check=lambda x: 0 <= x <= 1, rule="in [0, 1]")
     synthetic_videos: int = flag(96, "generated videos when no data_path is given", check=positive, rule="> 0")
     synthetic_size: int = flag(64, "side of the generated videos in pixels", check=positive, rule="> 0")
+    synthetic_background: str = flag("texture", "background of the generated videos",
+                                     choices=("texture", "smooth", "plain"))
+    synthetic_object_scale: float = flag(1.0, "size factor of the generated objects", check=positive, rule="> 0")
+    synthetic_speed_scale: float = flag(1.0, "speed factor of the generated objects", check=positive, rule="> 0")
+    synthetic_object_texture: str = flag("stripes", "generated objects: two-colour stripes or one solid colour",
+                                         choices=("stripes", "solid"))
 
 
 @dataclass

@@ -399,11 +399,15 @@ class DeepSpeedBackend(Backend):
 
     def full_model_state_dict(self) -> dict:
         """fp32 master weights gathered per parameter (works for every ZeRO stage); collective."""
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         out = {}
         for name, p in self.engine.module.named_parameters():
             full = safe_get_full_fp32_param(p)
+            if full is None and not p.requires_grad:  # a frozen parameter (e.g. a momentum encoder) has no fp32 master
+                with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                    full = p.data.detach().float().cpu().clone()
             if self.info.is_main and full is not None:
                 out[clean_name(name)] = full.detach().float().cpu().clone()
         if self.info.is_main:

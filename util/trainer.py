@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from datasets import FailureTracker, ResumableDistributedSampler, collate_clips, normalize_clips
+from datasets import (
+    FailureTracker,
+    ResumableDistributedSampler,
+    VideoDataset,
+    build_video_dataset,
+    collate_clips,
+    normalize_clips,
+)
 from datasets.loader import build_loader, decode_threads_for
 from util.checkpoint import Checkpointer, find_latest, load_checkpoint, read_trainer_state
 from util.config import RunConfig, save_config
@@ -73,6 +80,9 @@ class Task(abc.ABC):
     def flops_per_clip(self, model: nn.Module) -> float | None:
         """Training FLOPs per clip (forward + backward) for MFU, or None."""
         return None
+
+    def after_step(self, trainer: Trainer) -> None:  # noqa: B027 - optional hook
+        """After each optimiser step, on every rank (e.g. a momentum-encoder update); `trainer.state` is advanced."""
 
     def on_epoch_end(self, trainer: Trainer) -> None:  # noqa: B027 - optional hook
         """After each finished epoch (`trainer.state.epoch` is the epoch just done), on every rank."""
@@ -151,7 +161,11 @@ class Trainer:
         def make() -> str:
             if image_folder:
                 return ensure_synthetic_image_folder(size=data.synthetic_size)
-            return ensure_synthetic_dataset(num_videos=data.synthetic_videos, size=data.synthetic_size, seed=0)
+            return ensure_synthetic_dataset(num_videos=data.synthetic_videos, size=data.synthetic_size, seed=0,
+                                            background=data.synthetic_background,
+                                            object_scale=data.synthetic_object_scale,
+                                            speed_scale=data.synthetic_speed_scale,
+                                            object_texture=data.synthetic_object_texture)
 
         if self.dist.is_main:
             make()
@@ -169,12 +183,31 @@ class Trainer:
                             d.prefetch_factor, pin_memory=d.pin_mem and self.dist.device.type == "cuda",
                             drop_last=train, persistent_workers=train)
 
-    def prepare(self, batch: dict) -> dict:
-        """A batch on the device (without blocking the host); uint8 clips normalised there when the loader ships them."""
+    def prepare(self, batch: dict, normalize: bool | None = None) -> dict:
+        """A batch on the device (without blocking the host); `normalize`: its uint8 clips are normalised there.
+
+        By default that is decided by the training set: it ships uint8 clips when it was built with
+        `normalize=False` (the datasets say so in their `normalize` attribute; `video_dataset` builds
+        them that way on a GPU).
+        """
+        if normalize is None:
+            normalize = not getattr(getattr(self, "dataset", None), "normalize", True)
         out = {k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if self.normalize_on_device:
+        if normalize:
             out["clips"] = normalize_clips(out["clips"])
         return out
+
+    def video_dataset(self, data_path: str, split: str, mode: str, **kw: Any) -> VideoDataset:
+        """A list-file video dataset with the run's clip geometry, frame sampling, seed and normalisation;
+        `kw` overrides (e.g. the task's augmentation)."""
+        m, d = self.cfg.model, self.cfg.data
+        args: dict[str, Any] = dict(
+            data_root=d.data_root or data_path, mode=mode, num_frames=m.num_frames, sampling_rate=d.sampling_rate,
+            crop_size=m.input_size, seed=self.cfg.loop.seed, normalize=not self.normalize_on_device,
+            short_side_range=None if m.input_size < 160 else (256, 320))
+        if mode != "test":
+            args["repeat_aug"] = d.repeat_aug
+        return build_video_dataset(data_path, split, **{**args, **kw})
 
     def _build(self, train: bool) -> Path | None:
         """Model, weights, data, lr and backend; returns the checkpoint to resume from (None: fresh)."""
@@ -232,15 +265,17 @@ class Trainer:
                  f"{self.peak / 1e12:.1f} TFLOP/s ({peak_source})" if self.flops else "no FLOP count")
         if loop.bench:
             return self._finish(self._bench(), start=time.time())
-        start, finished, metrics = time.time(), True, {}
-        while self.state.epoch < loop.epochs and finished:
-            finished = self._train_epoch()
-            if finished:
+        start, outcome, metrics = time.time(), "epoch", {}
+        while self.state.epoch < loop.epochs:
+            outcome = self._train_epoch()
+            if outcome == "epoch":
                 self.task.on_epoch_end(self)
                 self.state.epoch += 1
                 self.state.consumed = self.state.step_in_epoch = 0
             self.save()
-        if finished:
+            if outcome != "epoch":
+                break
+        if outcome != "stopped":  # the last epoch or --max_steps: training is over (a stop resumes later)
             metrics = self.task.on_train_end(self)
         return self._finish({"eval": metrics} if metrics else {}, start)
 
@@ -266,8 +301,9 @@ class Trainer:
         return summary
 
     # ------------------------------------------------------------------ the loop
-    def _train_epoch(self, limit: int | None = None, saving: bool = True) -> bool:
-        """The remaining optimiser steps of `state.epoch` (at most `limit`); False when stopped early."""
+    def _train_epoch(self, limit: int | None = None, saving: bool = True) -> str:
+        """The remaining optimiser steps of `state.epoch` (at most `limit`); returns why it ended:
+        "epoch" (all done), "max_steps", "stopped" (a signal or STOP file: save and resume later) or "limit"."""
         st, loop, cfg = self.state, self.cfg.loop, self.cfg
         self.sampler.set_epoch(st.epoch)
         self.sampler.set_consumed(st.consumed)  # the saved position, whatever the world size was
@@ -278,11 +314,11 @@ class Trainer:
         window_start = time.perf_counter()
         for n in range(steps_left):
             if limit is not None and n >= limit:
-                return False
+                return "limit"
             if loop.max_steps and st.global_step >= loop.max_steps:
-                return False
+                return "max_steps"
             if self.watcher.should_stop():
-                return False
+                return "stopped"
             step_start = time.perf_counter()
             lr = lr_at(st.epoch + st.consumed / self.samples_per_epoch, self.lr, cfg.optim.min_lr,
                        cfg.optim.warmup_epochs, loop.epochs)
@@ -294,6 +330,7 @@ class Trainer:
             st.global_step += 1
             st.step_in_epoch += 1
             st.consumed += self.videos_per_step
+            self.task.after_step(self)  # before any save: a momentum target is part of this step's state
             window.add(st.global_step, loss, grad_norm, extra)
             clips += n_clips
             step_times.append(time.perf_counter() - step_start)
@@ -318,7 +355,7 @@ class Trainer:
                 self.window = window
                 self.save()
         self.window = window
-        return True
+        return "epoch"
 
     def _micro_batches(self, raw: Iterator[dict], timer: dict) -> Iterator[dict]:
         """The next accum_iter batches on the device; time spent waiting for them is data wait."""
@@ -363,6 +400,7 @@ class Trainer:
                     sync()
                     t0 = time.perf_counter()
                 train_step(self.backend, itertools.repeat(fixed, loop.accum_iter), self.task.loss, loop.accum_iter)
+                self.task.after_step(self)
             sync()
             secs = (time.perf_counter() - t0) / n
             rows["model"] = {"clips_per_s": per_step / secs, "step_s": secs, "data_wait": 0.0}
@@ -408,7 +446,7 @@ class Trainer:
         """Up to `limit` steps of the real loop (no logs, no saves): (steps, seconds, data-wait seconds)."""
         before = self.state.global_step
         t0 = time.perf_counter()
-        finished = self._train_epoch(limit=limit, saving=False)
+        finished = self._train_epoch(limit=limit, saving=False) == "epoch"
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)
         secs = time.perf_counter() - t0
