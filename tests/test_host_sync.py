@@ -66,6 +66,7 @@ def audited_steps(backend, accum: int = 1, mask_ratio: float = 0.75, n: int = 2)
 @pytest.mark.parametrize("model_kw", [
     {}, {"mask_type": "tube"}, {"mask_type": "frame"}, {"mask_type": "cube"}, {"mask_type": "adaptive"},
     {"decoder_mask_ratio": 0.5}, {"target_frames": "linspace"}, {"sep_pos_embed": False, "cls_embed": False},
+    {"mask_type": "amt", "throw_ratio": 0.25},
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 def test_train_step_never_syncs_for_any_model_option(model_kw: dict) -> None:
     """DDP backend (one process), bf16 autocast, clipping on: no op of the step reads or copies host data."""
@@ -83,6 +84,71 @@ def test_train_step_never_syncs_on_each_backend(dist: str, precision: str, accum
     backend = make_backend(tiny(), CPU, dist=dist, precision=precision, accum_iter=accum, grad_ckpt=grad_ckpt)
     events = audited_steps(backend, accum=accum)
     assert not events, "\n".join(f"{e.op}: {e.frames()}" for e in events)
+
+
+def test_amt_step_with_its_attention_table_never_syncs() -> None:
+    """AMT as PretrainTask.loss runs it: each clip's weights read from the uint8 per-video table through
+    the clip's geometry (an integer gather and grid_sample on the device), then masking and throwing."""
+    from models.amt import clip_attention_weights
+
+    model = tiny(mask_type="amt", throw_ratio=0.25, amt_num_videos=6)
+    model.amt_attention.copy_(torch.randint(0, 256, model.amt_attention.shape, generator=torch.Generator().manual_seed(0)))
+    backend = make_backend(model, CPU, precision="bf16")
+    clips, noise = batch([0, 1, 2, 3])
+    index = torch.tensor([5, 0, 3, 3])
+    # (start s, duration s, crop top, left, height, width, flip): models.amt.GEOMETRY_FIELDS
+    geometry = torch.tensor([[0.5, 4.0, 0.1, 0.2, 0.8, 0.7, 1.0], [0.0, 2.0, 0.0, 0.0, 1.0, 1.0, 0.0],
+                             [3.0, 9.5, 0.3, 0.1, 0.5, 0.6, 0.0], [1.0, 9.5, 0.0, 0.4, 0.6, 0.6, 1.0]])
+
+    def loss_fn(module, b):
+        attention = clip_attention_weights(model.amt_attention[b["index"]].float() / 255, b["geometry"],
+                                           model.grid_size, model.patch_embed.t_patch_size, 0.25, model.num_frames)
+        return module(b["clips"], 0.75, b["noise"], attention=attention)[0]
+
+    micro = [{"clips": clips, "noise": noise, "index": index, "geometry": geometry}]
+    train_step(backend, micro, loss_fn, 1)
+    with HostSyncAudit() as audit:
+        train_step(backend, micro, loss_fn, 1)
+    assert not audit.events, "\n".join(f"{e.op}: {e.frames()}" for e in audit.events)
+    assert model.amt_thrown.sum() > 0  # the step threw tokens: the audited path is AMT's
+
+
+@pytest.mark.parametrize("objective", ["byol", "moco"])
+def test_rho_step_and_its_after_step_never_sync(objective: str) -> None:
+    """rho-BYOL / rho-MoCo: the step (momentum forward, BatchNorm heads, MoCo's queue) and what
+    RhoTask.after_step runs after it (the EMA of the momentum copies, MoCo's enqueue) stay on the device."""
+    from util.cross_rank import all_gather_cat, convert_batchnorm, ema_update
+
+    torch.manual_seed(0)
+    model = convert_batchnorm(create_model("rho_vit_micro_patch8", objective=objective, rho=2, img_size=32,
+                                           num_frames=4, depth=2, proj_dim=16, proj_hidden_dim=32,
+                                           pred_hidden_dim=32, queue_size=24))
+    backend = make_backend(model, CPU, precision="bf16")
+    clips, _ = batch([0, 1, 2, 3])
+    keys: list[torch.Tensor] = []
+
+    def loss_fn(module, b):
+        loss, metrics, k = module(b["clips"])
+        if k is not None:
+            keys.append(k.detach())
+        return loss, metrics
+
+    def after_step() -> None:
+        ema_update(model.momentum_pairs(), 0.99)
+        if keys:
+            model.enqueue(all_gather_cat(torch.cat(keys)))
+            keys.clear()
+
+    train_step(backend, [{"clips": clips}], loss_fn, 1)
+    after_step()
+    ptr = model.queue_ptr.clone() if objective == "moco" else None
+    with HostSyncAudit() as audit:
+        loss, _, metrics, _ = train_step(backend, [{"clips": clips}], loss_fn, 1)
+        after_step()
+    assert not audit.events, "\n".join(f"{e.op}: {e.frames()}" for e in audit.events)
+    assert torch.isfinite(loss) and metrics
+    if ptr is not None:
+        assert not torch.equal(model.queue_ptr, ptr)  # the audited after_step enqueued
 
 
 def test_audit_sees_what_a_gpu_would_wait_for() -> None:
