@@ -3,6 +3,8 @@ a function of the sample, attention read through each clip's geometry, FLOPs tha
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -175,7 +177,7 @@ def test_amt_table_is_a_uint8_buffer_ddp_skips_and_weights_import_without_it() -
 
 
 def test_reconstruction_image_shows_thrown_tokens_as_black() -> None:
-    from util.visualize import reconstruction_grid
+    from util.visualize import MIN_SIDE, reconstruction_grid
 
     model = tiny_amt().eval()
     clips = torch.rand(1, 3, 4, 32, 32) * 2 - 1  # shown as 0.225 ... 0.675: no pixel is black by itself
@@ -184,6 +186,8 @@ def test_reconstruction_image_shows_thrown_tokens_as_black() -> None:
     plain = reconstruction_grid(model, clips, pred, mask)
     marked = reconstruction_grid(model, clips, pred, mask, thrown=model.amt_thrown)
     thrown = int(model.amt_thrown.sum())
-    # Each thrown token covers t_pred_patch_size frames of 8 x 8 pixels in 3 channels of the reconstruction row.
+    # Each thrown token covers t_pred_patch_size frames of 8 x 8 pixels in 3 channels of the reconstruction row,
+    # each pixel drawn as a zoom x zoom square (32 px frames are enlarged to at least MIN_SIDE).
+    zoom = math.ceil(MIN_SIDE / 32)
     black = int((marked == 0).sum() - (plain == 0).sum())
-    assert thrown == 9 and black == thrown * model.t_pred_patch_size * 8 * 8 * 3
+    assert thrown == 9 and black == thrown * model.t_pred_patch_size * (8 * zoom) ** 2 * 3
