@@ -1,8 +1,9 @@
 """benchmarks/gpu_report.py: the targets are judged from the scripts' JSON, and the smoke mode runs every row.
 
 The smoke run is `--quick --device cpu --compile none`: every row's script through the training path at
-tiny sizes, eager only (inductor's C++ builds take minutes on 2 cores). The full `--quick`, with the
-compiled rows, is the slow test. Neither checks a speed: the figures only have to exist.
+tiny sizes, eager only (inductor's C++ builds take minutes on 2 cores). It and the full `--quick`, with
+the compiled rows, are slow tests: the default suite keeps the targets' unit test. Neither checks a speed:
+the figures only have to exist.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def check_table(stdout: str, out: Path, compiled: bool) -> list[str]:
     return rows
 
 
+@pytest.mark.slow  # 6 subprocess runs of the scripts: minutes on 2 cores (19 min at load 17-25), over the default suite's budget
 def test_quick_cpu_smoke_run_measures_every_row(tmp_path: Path) -> None:
     """--quick --device cpu --compile none: rows 4-9 each measured by its script, and the six targets judged."""
     check_table(run_quick(tmp_path, "--compile", "none"), tmp_path, compiled=False)
