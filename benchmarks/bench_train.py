@@ -14,7 +14,7 @@ and prints clips/s, data-wait share, MFU and peak memory. Overlap is good when e
         --repeat_aug 2 --num_workers 1 --synthetic_size 128
     python benchmarks/bench_train.py --nproc 8 --config configs/pretrain/vit_l_k400.yaml --data_path K400 \\
         --num_workers 14 --batch_size 8 --repeat_aug 1                # one 8-GPU node
-Flags other than the benchmark's own (--steps, --modes, --nproc, --out) are main_pretrain.py flags.
+Flags other than the benchmark's own (--steps, --modes, --nproc, --out, --json) are main_pretrain.py flags.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--modes", default="model,loader,e2e", help="comma-separated subset of model,loader,e2e")
     p.add_argument("--nproc", type=int, default=1, help="ranks (torchrun --nproc_per_node)")
     p.add_argument("--out", default="", help="output folder of the measured run (default: a temporary one)")
+    p.add_argument("--json", default="", help="also write the measured dict (OUT/bench.json) to this file")
     return p.parse_known_args(argv)
 
 
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         res = run(rest, bargs.steps, bargs.modes, bargs.nproc, bargs.out or tmp)
     print(table(res, rest))
+    if bargs.json:
+        Path(bargs.json).write_text(json.dumps({**res, "argv": rest}, indent=1))
     return res
 
 

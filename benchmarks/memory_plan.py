@@ -3,18 +3,25 @@
     python benchmarks/memory_plan.py --model mae_vit_huge_patch16 --batch_size 2 --mask_ratio 0.9 \
         --precision bf16 --world_size 64            # every backend, with and without checkpointing
     python benchmarks/memory_plan.py --calibrate     # check the activation formula against autograd (CPU)
+    python benchmarks/memory_plan.py --model mae_vit_large_patch16 --fit_gib 68   # largest per-GPU batch that fits
 
 "computed" figures are analytic. Activations count the tensors autograd saves per transformer
 Block (ours: pre-norm, fused qkv, SDPA, timm Mlp with GELU) at the encoder's visible token count
 K + 1 and the decoder's full count L + 1; `--calibrate` measures the same on the CPU with
 torch.autograd.graph.saved_tensors_hooks and prints both. With a GPU, `--measure` runs one real
-step on one device (no sharding) and reports torch.cuda.max_memory_allocated, labelled "measured".
+step on one device (no sharding) and reports torch.cuda.max_memory_allocated, labelled "measured"; on the
+CPU it runs the same step and reports the process's resident-memory growth (a smoke test of the path, not
+a GPU figure). `--fit_gib G` finds, per backend, the largest power-of-two per-GPU batch (videos) whose
+computed total fits in G GiB when the GPUs (or accumulation steps) make up `--clips_per_step` (512).
 Not counted: the CUDA context and allocator caching (~1-3 GB), NCCL buffers, DataLoader memory.
+`--json PATH` writes every figure for scripts (benchmarks/gpu_report.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,7 +92,8 @@ def states(shape: dict, backend: str, precision: str, world: int) -> tuple[float
     P, W, half = shape["params"], world, precision != "fp32"
     blk = shape["block_params"]
     if backend == "ddp":  # full replica; DDP's gradient buckets hold a second copy of the grads
-        return 4 * P, 2 * 4 * P, 8 * P
+        # (one process trains the plain module, without DDP and its buckets: util.parallel.DDPBackend)
+        return 4 * P, (2 if W > 1 else 1) * 4 * P, 8 * P
     if backend == "fsdp":  # sharded fp32; two blocks gathered at once (current + prefetch) in param dtype
         gathered = 2 * blk * (2 if half else 4)
         return 4 * P / W + gathered, 4 * P / W + gathered, 8 * P / W
@@ -157,17 +165,62 @@ def calibrate(batch: int = 2, tokens: int = 197, dim: int = 128, heads: int = 4)
     return out
 
 
+def fit(model: str, budget_gib: float, backend: str, mask_ratio: float, precision: str, checkpointing: bool,
+        repeat_aug: int = 4, clips_per_step: int = 512, num_frames: int = 16, input_size: int = 224) -> dict | None:
+    """Largest power-of-two per-GPU batch (videos) whose computed total fits `budget_gib`, with the GPUs
+    (times accumulation steps) that make up `clips_per_step`; None if not even one video fits."""
+    best = None
+    videos = 1
+    while videos * repeat_aug <= clips_per_step:
+        clips = videos * repeat_aug
+        world = clips_per_step // clips
+        row = plan(model, clips, mask_ratio, precision, world, (backend,), num_frames, input_size)[0]
+        total = row["total_ckpt" if checkpointing else "total"]
+        if total <= budget_gib:
+            best = {"backend": backend, "grad_ckpt": checkpointing, "batch_size": videos, "repeat_aug": repeat_aug,
+                    "clips_per_gpu": clips, "gpus_x_accum": world, "computed_gib": total}
+        videos *= 2
+    return best
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_rss_peak() -> None:
+    try:  # Linux: "5" resets VmHWM, the peak that /proc/self/status reports
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _rss_peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return _rss_bytes()
+
+
 def measure(model: str, batch: int, mask_ratio: float, precision: str, checkpointing: bool,
-            num_frames: int = 16, input_size: int = 224) -> dict:
-    """One real training step on one GPU (the training backend in one process: DDP layout, no sharding):
-    peak bytes from torch.cuda.max_memory_allocated."""
+            num_frames: int = 16, input_size: int = 224, device: str = "cuda") -> dict:
+    """One real training step on one device (the training backend in one process: DDP layout, no sharding).
+
+    CUDA: peak bytes from torch.cuda.max_memory_allocated. CPU: growth of the process's resident memory
+    (states: after building and one step; peak: its high-water mark during the next step).
+    """
     from util.config import OptimConfig, ParallelConfig
     from util.distributed import DistInfo
     from util.engine import train_step
     from util.parallel import setup_parallel
 
-    dev = torch.device("cuda")
-    torch.cuda.reset_peak_memory_stats()
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     m = create_model(model, img_size=input_size, num_frames=num_frames)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=dev, is_main=True)
     backend = setup_parallel(m, ParallelConfig(precision=precision, grad_ckpt=checkpointing), OptimConfig(), 1e-4,
@@ -176,11 +229,19 @@ def measure(model: str, batch: int, mask_ratio: float, precision: str, checkpoin
     noise = torch.rand(batch, m.patch_embed.num_patches, device=dev)
     micro = {"clips": clips, "noise": noise}
     for _ in range(2):  # the second step has the optimizer state already allocated
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            base = _rss_bytes()
+            _reset_rss_peak()
         train_step(backend, [micro], lambda mod, b: mod(b["clips"], mask_ratio, b["noise"])[0], 1)
-    peak = torch.cuda.max_memory_allocated()
-    return dict(states=base / GiB, peak=peak / GiB, act=(peak - base) / GiB)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        return dict(states=base / GiB, peak=peak / GiB, act=(peak - base) / GiB, method="torch.cuda.max_memory_allocated")
+    peak = _rss_peak_bytes()
+    return dict(states=(base - start) / GiB, peak=(peak - start) / GiB, act=(peak - base) / GiB,
+                method="CPU resident-memory growth (not a GPU figure)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,6 +258,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--calibrate", action="store_true", help="compare the Block formula with autograd's saved tensors")
     p.add_argument("--measure", action="store_true", help="also run one step on this GPU (if there is one)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="where --measure runs (cpu: the same step, resident-memory growth; a smoke test)")
+    p.add_argument("--fit_gib", type=float, default=0.0,
+                   help="largest power-of-two per-GPU batch whose computed total fits in this many GiB")
+    p.add_argument("--clips_per_step", type=int, default=512, help="clips per optimiser step for --fit_gib")
+    p.add_argument("--json", default="", help="also write every figure to this JSON file")
     a = p.parse_args(argv)
     clips = a.batch_size * a.repeat_aug
     backends = BACKENDS if a.backend == "all" else (a.backend,)
@@ -208,14 +275,37 @@ def main(argv: list[str] | None = None) -> None:
         for kind, measured, formula in calibrate():
             print(f"calibration ({kind}, one Block, CPU): autograd saved {measured} B, formula {formula} B "
                   f"({measured / formula:.3f}x)")
+    out: dict = {"model": a.model, "clips_per_gpu": clips, "mask_ratio": a.mask_ratio, "precision": a.precision,
+                 "world_size": a.world_size, "computed": rows, "measured": [], "fit": []}
+    if a.fit_gib:
+        print(f"\nlargest per-GPU batch whose computed total fits {a.fit_gib:g} GiB, {a.clips_per_step} clips per "
+              f"optimiser step (repeat_aug {a.repeat_aug}; GPUs x accum_iter make up the rest):\n")
+        print("| backend | act. ckpt | batch_size (videos) | clips / GPU | GPUs x accum_iter | computed GiB |\n"
+              "| --- | --- | ---: | ---: | ---: | ---: |")
+        for backend in backends:
+            for ckpt in (False, True):
+                best = fit(a.model, a.fit_gib, backend, a.mask_ratio, a.precision, ckpt, a.repeat_aug,
+                           a.clips_per_step, a.num_frames, a.input_size)
+                if best is None:
+                    print(f"| {backend} | {'yes' if ckpt else 'no'} | does not fit | | | |")
+                    continue
+                out["fit"].append(best)
+                print(f"| {backend} | {'yes' if ckpt else 'no'} | {best['batch_size']} | {best['clips_per_gpu']} | "
+                      f"{best['gpus_x_accum']} | {best['computed_gib']:.1f} |")
     if a.measure:
-        if not torch.cuda.is_available():
+        if a.device == "cuda" and not torch.cuda.is_available():
             print("measured: no GPU here; figures above are computed only")
-            return
-        for ckpt in (False, True):
-            m = measure(a.model, clips, a.mask_ratio, a.precision, ckpt, a.num_frames, a.input_size)
-            print(f"measured (1 GPU, ddp layout, ckpt={ckpt}): states {m['states']:.2f} GiB, "
-                  f"activations {m['act']:.2f} GiB, peak {m['peak']:.2f} GiB  [torch.cuda.max_memory_allocated]")
+        else:
+            for ckpt in (False, True):
+                m = measure(a.model, clips, a.mask_ratio, a.precision, ckpt, a.num_frames, a.input_size, a.device)
+                computed = plan(a.model, clips, a.mask_ratio, a.precision, 1, ("ddp",), a.num_frames,
+                                a.input_size)[0]["total_ckpt" if ckpt else "total"]
+                out["measured"].append({"grad_ckpt": ckpt, **m, "computed_1gpu": computed})
+                print(f"measured (1 {a.device.upper() if a.device == 'cpu' else 'GPU'}, ddp layout, ckpt={ckpt}): "
+                      f"states {m['states']:.2f} GiB, activations {m['act']:.2f} GiB, peak {m['peak']:.2f} GiB "
+                      f"(computed {computed:.2f})  [{m['method']}]")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

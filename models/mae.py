@@ -256,8 +256,8 @@ class MaskedAutoencoderViT(nn.Module):
         """Frames the decoder regresses, [B, C, pred_t_dim, H, W], by the `target_frames` convention."""
         if self.target_frames_rule == "stride":
             return clips[:, :, :: self.num_frames // self.pred_t_dim]  # a view: no copy
-        ids = torch.tensor(self.target_frame_ids, device=clips.device)
-        return clips.index_select(2, ids)
+        # Slices by Python ints: an index tensor made from the list would be a host->device copy per step.
+        return torch.cat([clips[:, :, i : i + 1] for i in self.target_frame_ids], dim=2)
 
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
         """[B, C, T_pred, H, W] -> [B, L, u * p * p * C] in token order (u frames per token)."""

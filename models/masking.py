@@ -47,14 +47,14 @@ def _rank(values: torch.Tensor) -> torch.Tensor:
 
 def masks_from_scores(score: torch.Tensor, ratio: float) -> MaskOutput:
     """Keep the K lowest-score tokens per sample; return (ids_keep, ids_restore, mask)."""
-    B, L = score.shape
+    L = score.shape[1]
     K = num_visible(L, ratio)
     ids_shuffle = score.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     ids_keep = ids_shuffle[:, :K]
-    mask = torch.ones(B, L, device=score.device)
-    mask[:, :K] = 0
-    mask = torch.gather(mask, 1, ids_restore)
+    # A token is hidden iff its place in the shuffled order is >= K: one comparison on the device
+    # (writing a Python 0 into a slice would build a host scalar tensor every step).
+    mask = (ids_restore >= K).to(torch.float32)
     return ids_keep, ids_restore, mask
 
 

@@ -216,18 +216,26 @@ def test_two_node_torchrun_with_c10d_rendezvous_matches_one_node(tmp_path: Path,
     assert_same_losses(losses(out), reference)
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "pretrain").glob("vit_*_k400*.yaml")), ids=lambda p: p.stem)
-def test_recipe_parses_and_states_a_512_clip_layout(recipe: Path) -> None:
-    """Every key is a main_pretrain flag; the stated nodes x GPUs x batch x repeat x accum is the paper's 512."""
+RECIPES = sorted((ROOT / "configs" / "pretrain").glob("vit_*_k400*.yaml"))
+
+
+def recipe_layout(recipe: Path):
+    """(parsed flags, GPUs) of a recipe, from its `layout: N nodes x G GPUs` line."""
     import re
 
     import main_pretrain
     from util.config import parse_args
 
     args = parse_args(main_pretrain.get_args_parser(), ["--config", str(recipe)])
-    layout = re.search(r"layout: (\d+) nodes x (\d+) GPUs", recipe.read_text())
+    layout = re.search(r"layout: (\d+) nodes? x (\d+) GPUs?", recipe.read_text())
     assert layout, "the recipe must state its layout"
-    world = int(layout.group(1)) * int(layout.group(2))
+    return args, int(layout.group(1)) * int(layout.group(2))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_parses_and_states_a_512_clip_layout(recipe: Path) -> None:
+    """Every key is a main_pretrain flag; the stated nodes x GPUs x batch x repeat x accum is the paper's 512."""
+    args, world = recipe_layout(recipe)
     clips_per_video = args.rho if args.objective.startswith("rho_") else args.repeat_aug  # rho sets repeat_aug
     assert args.batch_size * clips_per_video * args.accum_iter * world == 512 and args.precision == "bf16"
     if args.objective != "mae":  # the rho recipes (AdamW as MoCo v3 trains ViTs, 200 epochs as the rho study)
@@ -236,3 +244,16 @@ def test_recipe_parses_and_states_a_512_clip_layout(recipe: Path) -> None:
     assert args.mask_ratio in (0.9, 0.95) and args.blr == 1.6e-3
     assert (args.mask_ratio == 0.95) == ("mr95" in recipe.stem) and (args.epochs == 1600) == ("1600ep" in recipe.stem)
     assert (args.mask_type == "amt") == ("amt" in recipe.stem)
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.stem.endswith("_80gb")], ids=lambda p: p.stem)
+def test_80gb_recipe_fills_the_gpu_by_the_memory_plan(recipe: Path) -> None:
+    """The 80 GB recipes take the largest power-of-two per-GPU batch whose computed memory fits 68 GiB at their
+    layout (memory_plan.fit), and the GiB they state is that computation."""
+    from benchmarks import memory_plan
+
+    args, world = recipe_layout(recipe)
+    best = memory_plan.fit(args.model, 68, args.dist, args.mask_ratio, args.precision, args.grad_ckpt, args.repeat_aug)
+    assert (best["batch_size"], best["gpus_x_accum"]) == (args.batch_size, world)
+    assert f"Memory: {best['computed_gib']:.1f} GiB per GPU, computed (not measured)" in recipe.read_text()
+    assert len(list(RECIPES[0].parent.glob("vit_*_k400_80gb.yaml"))) == 3  # one per model size

@@ -29,3 +29,22 @@ def test_cli_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     memory_plan.main(["--model", "mae_vit_huge_patch16", "--world_size", "64"])
     out = capsys.readouterr().out
     assert "| fsdp |" in out and "| zero3 |" in out and "computed" in out
+
+
+def test_fit_takes_the_largest_power_of_two_batch_under_the_budget() -> None:
+    """fit() returns a batch whose computed total fits, the next power of two does not, and the GPUs x accum
+    make up 512 clips."""
+    best = memory_plan.fit("mae_vit_large_patch16", 68, "ddp", 0.9, "bf16", False)
+    assert best["computed_gib"] <= 68 and best["clips_per_gpu"] * best["gpus_x_accum"] == 512
+    bigger = 2 * best["clips_per_gpu"]
+    over = memory_plan.plan("mae_vit_large_patch16", bigger, 0.9, "bf16", 512 // bigger, ("ddp",))[0]
+    assert over["total"] > 68
+    with_ckpt = memory_plan.fit("mae_vit_large_patch16", 68, "ddp", 0.9, "bf16", True)
+    assert with_ckpt["batch_size"] > best["batch_size"]  # checkpointing trades FLOPs for a larger batch
+    assert memory_plan.fit("mae_vit_huge_patch16", 1, "ddp", 0.9, "bf16", False) is None
+
+
+def test_one_process_ddp_has_no_gradient_bucket_copy() -> None:
+    """One process trains the plain module (util.parallel.DDPBackend): grads once; with 2 ranks DDP's buckets double them."""
+    one, two = (memory_plan.plan("mae_vit_base_patch16", 8, 0.9, "bf16", w, ("ddp",))[0] for w in (1, 2))
+    assert one["grads"] == pytest.approx(one["params"]) and two["grads"] == pytest.approx(2 * two["params"])

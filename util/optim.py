@@ -62,11 +62,15 @@ def param_groups(
 
 def build_adamw(groups: list[dict], lr: float, device: torch.device,
                 betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW over the groups, each starting at lr * lr_scale; fused on CUDA, foreach on CPU.
+    """AdamW over the groups, each starting at lr * lr_scale; fused on CUDA and CPU, foreach elsewhere.
 
+    Fused keeps the step count on the parameters' device and updates every tensor in one kernel per
+    group: no host read of the step count (foreach reads it per parameter), and on the CPU it measured
+    5-9x faster than foreach (micro model 2.9 vs 14.4 ms, ViT-B 0.24 vs 2.1 s, one thread). It
+    accepts FSDP2's DTensor parameters too.
     betas (0.9, 0.95) is MAE's pretraining choice; MAE-ST fine-tunes with (0.9, 0.999) (`--opt_betas`).
     """
-    fused = device.type == "cuda"
+    fused = device.type in ("cuda", "cpu")
     groups = [{k: v for k, v in g.items() if k != "names"} | {"lr": lr * g["lr_scale"]} for g in groups]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None, foreach=None if fused else True)
 

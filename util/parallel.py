@@ -359,11 +359,14 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, model: nn.Module, cfg: ParallelConfig, optim: OptimConfig, lr: float, info: DistInfo,
                  accum_iter: int, micro_batch: int) -> None:
+        if cfg.compile == "model":
+            # The engine runs ZeRO's partitioning and gradient-reduction hooks around and inside the model;
+            # a whole-model graph would have to trace them. Blocks compile inside the engine as usual.
+            raise ValueError("--compile model is not available with --dist deepspeed (DeepSpeed's engine hooks "
+                             "into the whole model); use --compile blocks (each block compiled) or none")
         import deepspeed
 
         super().__init__(model, cfg, info, accum_iter)
-        if cfg.compile == "model":
-            raise ValueError("--dist deepspeed compiles per block: use --compile blocks (or none)")
         self.config = deepspeed_config(cfg, optim, accum_iter, micro_batch)  # checked before any work
         ensure_process_group(info)
         deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")

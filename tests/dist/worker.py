@@ -1,7 +1,7 @@
 """torchrun worker: runs many backend scenarios in one process group, writes results.json on rank 0.
 
 usage: torchrun --nproc_per_node N tests/dist/worker.py OUT_DIR SCENARIO [SCENARIO ...]
-A scenario is `<backend>[:accum=K][:ckpt]`, backend in ddp, fsdp, zero1, zero2, zero3, or one of the
+A scenario is `<backend>[:accum=K][:ckpt][:compile=blocks|model]`, backend in ddp, fsdp, zero1, zero2, zero3, or one of the
 special ones below. Assertions live in the pytest side; this file only measures.
 """
 
@@ -44,6 +44,8 @@ def parse(scenario: str) -> tuple[dict, dict]:
             flags["clip_grad"] = 0.0
         elif k in ("bf16", "fp16"):
             flags["precision"] = k
+        elif k == "compile":
+            flags["compile"] = v
         else:
             extra[k] = v
     return flags, extra

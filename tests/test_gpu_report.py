@@ -1,0 +1,94 @@
+"""benchmarks/gpu_report.py: the targets are judged from the scripts' JSON, and the smoke mode runs every row.
+
+The smoke run is `--quick --device cpu --compile none`: every row's script through the training path at
+tiny sizes, eager only (inductor's C++ builds take minutes on 2 cores). It and the full `--quick`, with
+the compiled rows, are slow tests: the default suite keeps the targets' unit test. Neither checks a speed:
+the figures only have to exist.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import gpu_report  # noqa: E402
+
+
+def step_json(*results: tuple[str, str, float, float]) -> dict:
+    """A bench_step --json payload with (name, compile, median_s, mfu) results."""
+    return {"device": "NVIDIA H200", "torch": "2.11.0", "results": [
+        {"name": n, "compile": c, "median_s": t, "mfu": m} for n, c, t, m in results]}
+
+
+def by_target(data: dict, hf: bool = True) -> dict[str, tuple[str, str]]:
+    return {what.split(":")[0].split(" (")[0]: (value, state) for what, value, _, state in gpu_report.targets(data, hf)}
+
+
+def test_targets_pass_and_miss_from_the_scripts_json() -> None:
+    """Each target reads its row: the best compile mode for MFU, eager against eager for HF, 0% vs 90% masking."""
+    data = {
+        "step_small": step_json(("ours (eager)", "none", 0.052, 0.074), ("ours (model)", "model", 0.012, 0.31),
+                                ("hf VideoMAE", "none", 0.077, 0.05)),
+        "step_large": step_json(("ours (eager)", "none", 0.10, 0.20), ("ours (model)", "model", 0.054, 0.285)),
+        "sweep": {"mask_sweep": [{"ratio": 0.0, "median_s": 0.086, "flops_per_step": 7.9},
+                                 {"ratio": 0.75, "median_s": 0.058, "flops_per_step": 2.5},
+                                 {"ratio": 0.9, "median_s": 0.060, "flops_per_step": 1.0}]},
+        "huge": None,
+        "e2e": {"bench": {"model": {"clips_per_s": 332.0}, "loader": {"clips_per_s": 141.0},
+                          "e2e": {"clips_per_s": 135.0}}},
+    }
+    got = by_target(data)
+    assert got["model-only MFU at the small batch"] == ("31.0%", "PASS")
+    assert got["model-only MFU at the large batch"] == ("28.5%", "MISS")
+    assert got["masking"] == ("1.43x / 7.90x = 0.18", "MISS")
+    assert got["ViT-H, FSDP2 + act. ckpt"] == ("-", "not measured")
+    assert got["ours vs HF VideoMAE at the small batch, both eager"] == ("1.48x", "PASS")
+    assert got["end to end / min(model only, loader only)"] == ("0.96", "PASS")
+    assert by_target({}, hf=False)["ours vs HF VideoMAE at the small batch, both eager"] == (
+        "-", "skipped (transformers not installed)")
+
+
+def run_quick(out: Path, *extra: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "MAE_ST_CACHE": str(out / "cache")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "--quick", "--device", "cpu",
+                           "--out", str(out / "report"), "--budget_s", "3000", *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def check_table(stdout: str, out: Path, compiled: bool) -> list[str]:
+    """Every row measured (none failed or skipped for time), the heading names the versions; returns the rows."""
+    table = stdout[stdout.index("### --quick"):]
+    assert "torch " in table.splitlines()[0] and "PyAV " in table.splitlines()[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")][2:]
+    numbers = {line.split(" | ")[0].strip("| ") for line in rows}
+    assert numbers == {"4", "5", "6", "7", "8", "9", "target"}
+    assert not [r for r in rows if "failed" in r or "timed out" in r or "not run" in r], rows
+    assert "end to end" in table and "clips/s (data wait" in table and "ATen ops/step" in table
+    assert ("compile model" in table) == compiled
+    assert len([r for r in rows if r.startswith("| target")]) == 6
+    assert table.split("\n\nTotal")[0] in (out / "report" / "report.md").read_text()  # the file holds the table
+    return rows
+
+
+@pytest.mark.slow  # 6 subprocess runs of the scripts: minutes on 2 cores (19 min at load 17-25), over the default suite's budget
+def test_quick_cpu_smoke_run_measures_every_row(tmp_path: Path) -> None:
+    """--quick --device cpu --compile none: rows 4-9 each measured by its script, and the six targets judged."""
+    check_table(run_quick(tmp_path, "--compile", "none"), tmp_path, compiled=False)
+
+
+@pytest.mark.slow
+def test_quick_cpu_run_with_compiled_rows(tmp_path: Path) -> None:
+    """The full --quick: also the whole-model compile (row 5), with fewer host ops than eager."""
+    rows = check_table(run_quick(tmp_path), tmp_path, compiled=True)
+    ops = {("model" if "compile model" in r else "eager"): int(r.split(" ATen ops/step")[0].rsplit(", ", 1)[1])
+           for r in rows if r.startswith("| 5 |") and "ATen ops/step" in r}
+    assert ops["model"] < ops["eager"] / 2  # the compiled step dispatches a fraction of the eager step's ops
