@@ -4,6 +4,7 @@ config training end to end (also with the adaptive sampler: its entropy is logge
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from PIL import Image
 
 from datasets.image_folder import ImageFolderDataset, build_image_folder_dataset, generate_image_folder
 from models import create_model
+from util.visualize import MIN_SIDE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +73,8 @@ def test_image_demo_config_trains(tmp_path: Path, image_folder: Path) -> None:
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["loss"] == r["loss"] for r in records)  # finite, not NaN
     height = Image.open(tmp_path / "run" / "vis" / "epoch-0000.png").height
-    assert height == 3 * 33 + 1  # original / masked / reconstruction rows of one 32 px frame
+    side = 32 * math.ceil(MIN_SIDE / 32)  # small frames are enlarged, pixel for pixel, in the grid
+    assert height == 3 * (side + 1) + 1  # original / masked / reconstruction rows of one 32 px frame
 
 
 def test_adaptive_logs_sampler_entropy_and_draws_the_heat_map(tmp_path: Path, image_folder: Path) -> None:
@@ -80,4 +83,4 @@ def test_adaptive_logs_sampler_entropy_and_draws_the_heat_map(tmp_path: Path, im
     assert all("sampler_entropy" in r and "sampler_loss" in r for r in records)
     assert all(0 < r["sampler_entropy"] <= torch.log(torch.tensor(16.0)) + 1e-4 for r in records)
     height = Image.open(tmp_path / "run" / "vis" / "epoch-0000.png").height
-    assert height == 4 * 33 + 1  # plus the sampling-probability row
+    assert height == 4 * (32 * math.ceil(MIN_SIDE / 32) + 1) + 1  # plus the sampling-probability row

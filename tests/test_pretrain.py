@@ -51,7 +51,7 @@ def losses(out: Path) -> dict[int, float]:
 
 def test_demo_writes_logs_checkpoint_tensorboard_and_images(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run(command(out, 1, ["--epochs", "2", "--save_every", "5"]), cwd=ROOT, env=env(),
+    proc = subprocess.run(command(out, 1, ["--epochs", "2", "--save_every", "5", "--vis_every", "1"]), cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = losses(out)
@@ -64,7 +64,7 @@ def test_demo_writes_logs_checkpoint_tensorboard_and_images(tmp_path: Path) -> N
     assert sorted(p.name for p in (out / "vis").iterdir()) == ["epoch-0000.png", "epoch-0001.png"]
     assert (out / "config.yaml").is_file()
     # A second run with the same output folder resumes: nothing left to do, no step is repeated.
-    again = subprocess.run(command(out, 1, ["--epochs", "2"]), cwd=ROOT, env=env(), capture_output=True,
+    again = subprocess.run(command(out, 1, ["--epochs", "2", "--vis_every", "1"]), cwd=ROOT, env=env(), capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert losses(out) == steps
