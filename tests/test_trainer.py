@@ -89,8 +89,8 @@ def test_changed_config_on_resume_architecture_refused_schedule_warned(tmp_path:
     pretrain(out, "--max_steps", "2")
     proc = pretrain(out, "--max_steps", "3", "--decoder_depth", "2", check=False)
     assert proc.returncode != 0 and "--decoder_depth 1 -> 2" in proc.stderr and "another architecture" in proc.stderr
-    proc = pretrain(out, "--max_steps", "3", "--mask_ratio", "0.5")
-    assert "changed flags" in proc.stderr and "mask_ratio: 0.9 -> 0.5" in proc.stderr
+    proc = pretrain(out, "--max_steps", "3", "--mask_ratio", "0.6")
+    assert "changed flags" in proc.stderr and "mask_ratio: 0.5 -> 0.6" in proc.stderr
     assert "max_steps: 2 -> 3" in proc.stderr
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]

@@ -72,11 +72,15 @@ def init_distributed(dist_backend: str | None = None, *, need_group: bool = Fals
         device = torch.device("cpu")
     backend = dist_backend or ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized() and (world > 1 or need_group):
+        init_method = None
         if world == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+            if "MASTER_PORT" not in os.environ:
+                # A private address, not MASTER_PORT in os.environ: child processes inherit the environment,
+                # and a later run started from this process would try to listen on this group's port.
+                init_method = f"tcp://127.0.0.1:{free_port()}"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=30))
     info = DistInfo(rank=rank, world_size=world, local_rank=local, device=device, is_main=rank == 0)
     setup_logging(rank)
     return info
