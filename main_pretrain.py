@@ -3,223 +3,267 @@
     python main_pretrain.py                                   # CPU demo on generated video
     torchrun --nproc_per_node 8 main_pretrain.py --config configs/pretrain/vit_l_k400.yaml --data_path DIR
 
-With no `--config`, `configs/pretrain/demo.yaml` is used. The loop itself lives in `util/engine.py`
-(shared with fine-tuning); parallelism is applied from outside the model by `util/parallel.py`.
+With no `--config`, `configs/pretrain/demo.yaml` is used. This file is the pretraining flags and the
+pretraining task; the run loop they plug into (resume, backends, logging, saving) is `util/trainer.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from datasets import (
-    FailureTracker,
-    ResumableDistributedSampler,
-    build_video_dataset,
-    collate_clips,
-    ensure_synthetic_dataset,
-)
-from datasets.image_folder import build_image_folder_dataset, ensure_synthetic_image_folder
-from datasets.loader import build_loader as make_loader
-from datasets.loader import decode_threads_for
+from datasets.amt_views import CanonicalViews
+from datasets.image_folder import build_image_folder_dataset
 from models import create_model
+from models.amt import clip_attention_weights
+from models.convert import load_pretrained
 from models.masking import MASK_TYPES
-from util.checkpoint import TrainingSaver, find_latest, finish_pending_save, load_checkpoint
-from util.config import BOOL, add_common_args, parse_args, save_config
-from util.distributed import DistInfo, barrier, cleanup, init_distributed, set_cpu_threads
-from util.engine import TrainState, steps_in_epoch, to_device, train_one_epoch
-from util.flops import device_peak_flops, mae_flops_per_clip
-from util.logger import TrainLogger
-from util.lr_sched import effective_lr
-from util.parallel import setup_parallel
-from util.preemption import PreemptionWatcher
+from util.checkpoint import read_weights
+from util.config import (
+    add_flags,
+    add_run_flags,
+    flag,
+    flag_values,
+    non_negative,
+    parse_args,
+    positive,
+    run_config,
+    section,
+)
+from util.cross_rank import (
+    all_gather_cat,
+    convert_batchnorm,
+    cosine_momentum,
+    ema_update,
+    refresh_amt_attention,
+)
+from util.trainer import Task, Trainer
 from util.visualize import save_reconstruction
 
 DEMO_CONFIG = str(Path(__file__).resolve().parent / "configs" / "pretrain" / "demo.yaml")
-log = logging.getLogger("mae_st.pretrain")
+
+
+@dataclass
+class PretrainConfig:
+    """What the encoder learns from, and what the masked autoencoder hides and predicts."""
+
+    objective: str = flag("mae", "pretraining objective: mae (masked spacetime autoencoding, MAE-ST), rho_byol / "
+                          "rho_moco (rho clips of a video as positives; flags under 'rho objectives')",
+                          choices=("mae", "rho_byol", "rho_moco"))
+    mask_ratio: float = flag(0.9, "share of tokens hidden from the encoder", check=lambda r: 0 < r < 1, rule="in (0, 1)")
+    mask_type: str = flag("random", "mask sampler; adaptive: AdaMAE's learned sampler", choices=sorted(MASK_TYPES))
+    sampler_loss_weight: float = flag(1e-4, "weight of the adaptive sampler's loss", check=non_negative, rule=">= 0")
+    throw_ratio: float = flag(0.4, "amt: share of all tokens thrown, out of the hidden ones (in neither encoder, "
+                              "decoder nor loss); the rest of the hidden ones are reconstructed",
+                              check=lambda r: 0 <= r < 1, rule="in [0, 1)")
+    amt_warmup_epochs: int = flag(40, "amt: epochs before the first attention pass (until then uniform weights: "
+                                  "random masking and throwing)", check=positive, rule=">= 1")
+    amt_refresh_epochs: int = flag(40, "amt: epochs between attention passes over the training videos",
+                                   check=positive, rule=">= 1")
+    decoder_mask_ratio: float = flag(0.0, "share of hidden tokens the decoder skips (running cell; 0.5 recommended)",
+                                     check=lambda r: 0 <= r < 1, rule="in [0, 1)")
+    data_format: str = flag("video", "video list files, or class folders of images (image MAE, num_frames 1)",
+                            choices=("video", "image_folder"))
+    norm_pix_loss: bool = flag(True, "regress per-patch normalised pixels")
+    pred_t_dim: int = flag(8, "frames the decoder predicts (every T/pred_t_dim-th)", check=positive, rule="> 0")
+    trunc_init: bool = flag(False, "trunc-normal instead of xavier init")
+    decoder_embed_dim: int = flag(512, "decoder width", check=positive, rule="> 0")
+    decoder_depth: int = flag(4, "decoder blocks", check=positive, rule="> 0")
+    decoder_num_heads: int = flag(16, "decoder attention heads", check=positive, rule="> 0")
+    decoder_init_values: float | None = flag(None, "layer scale in the decoder blocks; default: --init_values",
+                                             check=non_negative, rule=">= 0")
+    decoder_cls: str = flag("learned", "decoder class token: learned (mae_st code) or decoder_embed of the encoder's "
+                            "class output (PySlowFast, released MAE-ST weights)", choices=("learned", "encoder"))
+    decoder_sep_pos_embed: bool | None = flag(None, "separable decoder position table; default: --sep_pos_embed; "
+                                              "PySlowFast's is joint")
+    target_frames: str = flag("stride", "frames the decoder regresses: every T/pred_t_dim-th (PySlowFast, released "
+                              "weights) or linspace(0, T-1, pred_t_dim) (mae_st code)", choices=("stride", "linspace"))
+    vis_every: int = flag(1, "epochs between reconstruction images (0: off)", check=non_negative, rule=">= 0")
+    init_from: str = flag("", "start a fresh run from these weights (file or run folder; weights only)")
+
+
+class PretrainTask(Task):
+    """MAE-ST: reconstruct the hidden spacetime patches of each clip."""
+
+    name = "MAE pretraining"
+    architecture_flags = ("objective", "pred_t_dim", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mask_type",
+                          "decoder_init_values", "decoder_cls", "decoder_sep_pos_embed")
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+
+    def setup(self, trainer: Trainer) -> None:
+        self.data_path = trainer.resolve_data_path(image_folder=self.cfg.data_format == "image_folder")
+        if self.cfg.mask_type == "amt" and self.cfg.data_format != "video":
+            raise ValueError("--mask_type amt places each clip in its video's attention map: it needs --data_format video")
+
+    def build_model(self, trainer: Trainer) -> torch.nn.Module:
+        m, c = trainer.cfg.model, self.cfg
+        amt = c.mask_type == "amt"  # its attention table has a row per training video
+        videos = len(trainer.video_dataset(self.data_path, "train", "pretrain")) if amt else 0
+        self.model = create_model(
+            m.model, img_size=m.input_size, num_frames=m.num_frames, t_patch_size=m.t_patch_size,
+            cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed, pred_t_dim=c.pred_t_dim, mask_type=c.mask_type,
+            sampler_loss_weight=c.sampler_loss_weight, decoder_mask_ratio=c.decoder_mask_ratio,
+            norm_pix_loss=c.norm_pix_loss, trunc_init=c.trunc_init, decoder_embed_dim=c.decoder_embed_dim,
+            decoder_depth=c.decoder_depth, decoder_num_heads=c.decoder_num_heads, init_values=m.init_values,
+            decoder_init_values=c.decoder_init_values, decoder_cls=c.decoder_cls,
+            decoder_sep_pos_embed=c.decoder_sep_pos_embed, target_frames=c.target_frames,
+            throw_ratio=c.throw_ratio if amt else 0.0, amt_num_videos=videos,
+        )
+        return self.model
+
+    def init_weights(self, model: torch.nn.Module, trainer: Trainer) -> None:
+        if self.cfg.init_from:
+            load_pretrained(model, read_weights(self.cfg.init_from), source=self.cfg.init_from)
+
+    def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
+        m, d, tokens = trainer.cfg.model, trainer.cfg.data, self.model.patch_embed.num_patches
+        if self.cfg.data_format == "image_folder":
+            self.dataset = build_image_folder_dataset(
+                self.data_path, "train", crop_size=m.input_size, repeat_aug=d.repeat_aug, seed=trainer.cfg.loop.seed,
+                mask_noise_tokens=tokens, normalize=not trainer.normalize_on_device)
+        else:
+            self.dataset = trainer.video_dataset(self.data_path, "train", "pretrain", mask_noise_tokens=tokens)
+        return self.dataset
+
+    def loss(self, module: torch.nn.Module, batch: dict) -> torch.Tensor | tuple[torch.Tensor, dict]:
+        attention = None
+        if self.cfg.mask_type == "amt":  # each clip's tokens read their video's map through the clip's geometry
+            m = self.model
+            attention = clip_attention_weights(m.amt_attention[batch["index"]].float() / 255, batch["geometry"],
+                                               m.grid_size, m.patch_embed.t_patch_size,
+                                               self.dataset.sampling_rate / self.dataset.target_fps, m.num_frames)
+        loss = module(batch["clips"], self.cfg.mask_ratio, batch["noise"], attention=attention)[0]
+        # The adaptive sampler leaves its entropy and loss on the plain model (the same object when wrapped).
+        return (loss, self.model.sampler_metrics) if self.cfg.mask_type == "adaptive" else loss
+
+    def flops_per_clip(self, model: torch.nn.Module) -> float:
+        return model.flops_per_clip(self.cfg.mask_ratio)["train_step"]
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        """AMT's attention pass when due; a reconstruction grid of a fixed clip and mask: OUT/vis/epoch-N.png."""
+        epoch, c = trainer.state.epoch, self.cfg
+        done = epoch + 1
+        if (c.mask_type == "amt" and done >= c.amt_warmup_epochs and (done - c.amt_warmup_epochs) % c.amt_refresh_epochs == 0
+                and done < trainer.cfg.loop.epochs):
+            views = CanonicalViews(self.dataset.samples, trainer.cfg.model.num_frames, trainer.cfg.model.input_size,
+                                   normalize=self.dataset.normalize)
+            refresh_amt_attention(trainer, views, self.model.amt_attention,
+                                  trainer.cfg.loop.batch_size * trainer.cfg.data.repeat_aug)
+        if not self.cfg.vis_every or (epoch + 1) % self.cfg.vis_every:
+            return
+        if not hasattr(self, "vis"):  # the first training video, whole frames (no crop), a fixed mask
+            ds = self.dataset if self.cfg.data_format == "image_folder" else trainer.video_dataset(
+                self.data_path, "train", "test", num_temporal_views=1, num_spatial_crops=1)
+            clips = ds[(0, 0)]["clips"][:1]
+            noise = torch.rand(1, self.model.patch_embed.num_patches, generator=torch.Generator().manual_seed(0))
+            self.vis = trainer.prepare({"clips": clips, "noise": noise}, normalize=not ds.normalize)
+        path = trainer.out / "vis" / f"epoch-{epoch:04d}.png" if trainer.dist.is_main else None
+        grid = save_reconstruction(trainer.backend.module, self.model, self.vis["clips"], self.vis["noise"],
+                                   self.cfg.mask_ratio, path, trainer.backend.precision)
+        trainer.logger.image("reconstruction", grid, trainer.state.global_step)
+
+
+@dataclass
+class RhoConfig:
+    """rho-BYOL / rho-MoCo (Feichtenhofer et al., 2021): rho clips of one video are each other's positives."""
+
+    rho: int = flag(2, "rho objectives: clips per video (sets --repeat_aug); each clip's positives are the other rho - 1",
+                    check=lambda r: r >= 2, rule=">= 2")
+    rho_timespan: float = flag(0.0, "rho objectives: the clips of a video start at most this many seconds apart "
+                               "(0: anywhere in the video)", check=non_negative, rule=">= 0")
+    rho_rand_aug: str = flag("rand-m7-n2-mstd0.5-inc1", "clip-consistent RandAugment of each rho clip ('': off)")
+    proj_dim: int = flag(256, "projection (and MoCo key) dimension", check=positive, rule="> 0")
+    proj_hidden_dim: int = flag(4096, "hidden width of the projector MLP", check=positive, rule="> 0")
+    proj_layers: int = flag(2, "linear layers of the projector (BatchNorm + ReLU between)", check=lambda n: n >= 2,
+                            rule=">= 2")
+    pred_hidden_dim: int = flag(4096, "hidden width of BYOL's predictor MLP", check=positive, rule="> 0")
+    ema_momentum: float = flag(0.996, "momentum encoder's initial momentum, cosine-annealed to 1",
+                               check=lambda m: 0 <= m < 1, rule="in [0, 1)")
+    moco_temperature: float = flag(0.1, "MoCo's softmax temperature", check=positive, rule="> 0")
+    moco_queue: int = flag(65536, "MoCo's queue of negative keys", check=positive, rule="> 0")
+
+
+class RhoTask(Task):
+    """rho-BYOL / rho-MoCo pretraining; the momentum update and MoCo's enqueue follow each optimiser step."""
+
+    name = "rho pretraining"
+    architecture_flags = ("objective", "proj_dim", "proj_hidden_dim", "proj_layers", "pred_hidden_dim", "moco_queue")
+
+    def __init__(self, cfg: RhoConfig, pre: PretrainConfig) -> None:
+        self.cfg, self.pre, self.objective, self.keys = cfg, pre, pre.objective.removeprefix("rho_"), []
+
+    def setup(self, trainer: Trainer) -> None:
+        self.data_path = trainer.resolve_data_path()
+        p = trainer.cfg.parallel
+        if p.dist == "deepspeed" and p.precision != "fp32":  # its bf16 module would hold the momentum copy in bf16
+            raise ValueError("rho objectives under --dist deepspeed need --precision fp32: DeepSpeed casts the momentum "
+                             "encoder to 16 bits, where updates of (1 - momentum) x the difference round away; "
+                             "use --dist fsdp (fp32 shards, bf16 compute) or ddp")
+        trainer.cfg.data.repeat_aug = trainer.config_values["repeat_aug"] = self.cfg.rho  # rho clips per decode
+
+    def build_model(self, trainer: Trainer) -> torch.nn.Module:
+        m, c = trainer.cfg.model, self.cfg
+        name = "rho_vit_" + m.model.removeprefix("mae_vit_").removeprefix("vit_").removeprefix("rho_vit_")
+        self.model = convert_batchnorm(create_model(  # BatchNorm of the MLP heads over the global batch
+            name, objective=self.objective, rho=c.rho, img_size=m.input_size, num_frames=m.num_frames,
+            t_patch_size=m.t_patch_size, cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed,
+            init_values=m.init_values, proj_dim=c.proj_dim, proj_hidden_dim=c.proj_hidden_dim,
+            proj_layers=c.proj_layers, pred_hidden_dim=c.pred_hidden_dim, temperature=c.moco_temperature,
+            queue_size=c.moco_queue))
+        return self.model
+
+    def init_weights(self, model: torch.nn.Module, trainer: Trainer) -> None:
+        if self.pre.init_from:
+            load_pretrained(model, read_weights(self.pre.init_from), source=self.pre.init_from)
+            model.copy_to_momentum()
+
+    def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
+        return trainer.video_dataset(self.data_path, "train", "pretrain", repeat_aug=self.cfg.rho,
+                                     rand_aug=self.cfg.rho_rand_aug or None, clip_timespan=self.cfg.rho_timespan or None)
+
+    def loss(self, module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, metrics, keys = module(batch["clips"])
+        if keys is not None:
+            self.keys.append(keys.detach())  # enqueued after the step, as MoCo does after each batch
+        return loss, metrics
+
+    def after_step(self, trainer: Trainer) -> None:
+        st = trainer.state
+        progress = (st.epoch + st.consumed / trainer.samples_per_epoch) / trainer.cfg.loop.epochs
+        ema_update(self.model.momentum_pairs(), cosine_momentum(self.cfg.ema_momentum, progress))
+        if self.keys:  # every rank's keys, in rank order: the queue stays the same on every rank
+            self.model.enqueue(all_gather_cat(torch.cat(self.keys)))
+            self.keys.clear()
+
+    def flops_per_clip(self, model: torch.nn.Module) -> float:
+        return model.flops_per_clip()["train_step"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """Every pretraining flag (shared ones come from util.config)."""
+    """Every pretraining flag: the shared run sections (util.config) and the MAE's own."""
     parser = argparse.ArgumentParser("MAE-ST pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(parser)
-    g = parser.add_argument_group("masked autoencoder")
-    g.add_argument("--mask_ratio", type=float, default=0.9, help="share of tokens hidden from the encoder")
-    g.add_argument("--mask_type", default="random", choices=sorted(MASK_TYPES),
-                   help="mask sampler; adaptive: AdaMAE's learned sampler (models/adamae.py)")
-    g.add_argument("--sampler_loss_weight", type=float, default=1e-4, help="weight of the adaptive sampler's loss")
-    g.add_argument("--decoder_mask_ratio", type=float, default=0.0,
-                   help="share of hidden tokens the decoder skips (running cell; 0: off, 0.5 recommended)")
-    g.add_argument("--data_format", default="video", choices=["video", "image_folder"],
-                   help="video list files, or a folder of class subfolders of images (image MAE, num_frames 1)")
-    g.add_argument("--norm_pix_loss", action=BOOL, default=True, help="regress per-patch normalised pixels")
-    g.add_argument("--pred_t_dim", type=int, default=8, help="frames the decoder predicts (every T/pred_t_dim-th)")
-    g.add_argument("--trunc_init", action=BOOL, default=False, help="trunc-normal instead of xavier init")
-    g.add_argument("--decoder_embed_dim", type=int, default=512)
-    g.add_argument("--decoder_depth", type=int, default=4)
-    g.add_argument("--decoder_num_heads", type=int, default=16)
-    g.add_argument("--vis_every", type=int, default=1, help="epochs between reconstruction images (0: off)")
-    return parser
+    add_run_flags(parser)
+    add_flags(parser, PretrainConfig, "masked autoencoder")
+    return add_flags(parser, RhoConfig, "rho objectives")
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """The plain single-device MAE named by --model with the clip and decoder flags."""
-    return create_model(
-        args.model,
-        img_size=args.input_size,
-        num_frames=args.num_frames,
-        t_patch_size=args.t_patch_size,
-        pred_t_dim=args.pred_t_dim,
-        mask_type=args.mask_type,
-        sampler_loss_weight=args.sampler_loss_weight,
-        decoder_mask_ratio=args.decoder_mask_ratio,
-        norm_pix_loss=args.norm_pix_loss,
-        cls_embed=args.cls_embed,
-        sep_pos_embed=args.sep_pos_embed,
-        trunc_init=args.trunc_init,
-        decoder_embed_dim=args.decoder_embed_dim,
-        decoder_depth=args.decoder_depth,
-        decoder_num_heads=args.decoder_num_heads,
-    )
-
-
-def resolve_data_path(args: argparse.Namespace, is_main: bool) -> str:
-    """--data_path, or generated motion videos (made once by rank 0, cached) when it is empty."""
-    if args.data_path:
-        return args.data_path
-    if getattr(args, "data_format", "video") == "image_folder":  # fine-tuning has no such flag
-        if is_main:
-            ensure_synthetic_image_folder(size=args.synthetic_size)
-        barrier()
-        return ensure_synthetic_image_folder(size=args.synthetic_size)
-    kw = dict(num_videos=args.synthetic_videos, size=args.synthetic_size, seed=0)
-    if is_main:
-        ensure_synthetic_dataset(**kw)
-    barrier()
-    return ensure_synthetic_dataset(**kw)
-
-
-def tracked(batches: Iterator[dict], tracker: FailureTracker) -> Iterator[dict]:
-    """Count undecodable videos as batches arrive and stop when too many fail."""
-    for batch in batches:
-        tracker.update_from_batch(batch)
-        tracker.check()
-        yield batch
-
-
-def build_dataset(
-    args: argparse.Namespace, data_path: str, num_tokens: int, normalize: bool = True
-) -> torch.utils.data.Dataset:
-    """The training set (videos or an image folder) with per-sample mask noise for `num_tokens` tokens."""
-    if args.data_format == "image_folder":
-        return build_image_folder_dataset(data_path, "train", crop_size=args.input_size, repeat_aug=args.repeat_aug,
-                                          seed=args.seed, mask_noise_tokens=num_tokens)
-    return build_video_dataset(
-        data_path, "train", data_root=args.data_root or data_path, mode="pretrain",
-        num_frames=args.num_frames, sampling_rate=args.sampling_rate, crop_size=args.input_size,
-        repeat_aug=args.repeat_aug, seed=args.seed, mask_noise_tokens=num_tokens, normalize=normalize,
-        short_side_range=None if args.input_size < 160 else (256, 320),
-        max_failure_rate=args.max_failure_rate,
-    )
-
-
-def build_loader(
-    args: argparse.Namespace, dataset: torch.utils.data.Dataset, dist: DistInfo
-) -> tuple[ResumableDistributedSampler, torch.utils.data.DataLoader]:
-    """Resumable sampler + DataLoader: persistent workers, prefetching, pinned memory on GPU."""
-    sampler = ResumableDistributedSampler(
-        len(dataset), dist.world_size, dist.rank, shuffle=True, seed=args.seed, batch_size=args.batch_size
-    )
-    if hasattr(dataset, "decode_threads"):
-        dataset.decode_threads = decode_threads_for(args.num_workers, args.decode_threads,
-                                                    int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    loader = make_loader(dataset, sampler, args.batch_size, collate_clips, args.num_workers, args.mp_context,
-                          args.prefetch_factor, pin_memory=args.pin_mem and dist.device.type == "cuda", drop_last=True)
-    return sampler, loader
+def build_task(args: argparse.Namespace) -> Task:
+    """The task of --objective, from its flags."""
+    cfg = section(PretrainConfig, args)
+    if cfg.objective in ("rho_byol", "rho_moco"):
+        return RhoTask(section(RhoConfig, args), cfg)
+    return PretrainTask(cfg)
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Pretrain; returns a summary (final step, last loss, output paths)."""
-    dist = init_distributed(need_group=args.dist != "ddp")
-    set_cpu_threads(dist, args.num_workers)
-    watcher = PreemptionWatcher(args.output_dir)  # SIGUSR2/SIGTERM -> all ranks stop at one step, save, requeue
-    torch.manual_seed(args.seed)
-    out = Path(args.output_dir)
-    model = build_model(args)
-    num_tokens = model.patch_embed.num_patches
-    data_path = resolve_data_path(args, dist.is_main)
-    # On a GPU the loader ships uint8 clips and the engine normalises them on the device.
-    dataset = build_dataset(args, data_path, num_tokens, normalize=dist.device.type != "cuda")
-    if args.lr is None:
-        args.lr = effective_lr(args.blr, args.batch_size, args.repeat_aug, args.accum_iter, dist.world_size)
-    backend = setup_parallel(model, args, dist)
-    sampler, loader = build_loader(args, dataset, dist)
-    steps = steps_in_epoch(len(dataset), args.batch_size, dist.world_size, args.accum_iter)
-    videos_per_step = args.batch_size * dist.world_size * args.accum_iter
-
-    state = TrainState()
-    resume = args.resume or (find_latest(args.output_dir) if args.auto_resume else None)
-    if resume:
-        trainer_state = load_checkpoint(backend, resume)
-        state.load_state_dict(trainer_state)
-        log.info("resumed from %s at epoch %d, step %d of the epoch", resume, state.epoch, state.step_in_epoch)
-    if dist.is_main:
-        save_config(args, out / "config.yaml", get_args_parser())
-    logger = TrainLogger(str(out), enabled=dist.is_main, total_steps=min(
-        args.epochs * steps, args.max_steps or args.epochs * steps))
-    tracker = FailureTracker(args.max_failure_rate)
-    flops = mae_flops_per_clip(model, args.mask_ratio)["train_step"]
-    peak, peak_source = device_peak_flops(dist.device, args.precision)
-    log.info(
-        "%s: %.1fM params, %d train videos, %d steps/epoch, %d clips/step, lr %.2e, %s on %d rank(s); "
-        "%.1f GFLOP per clip (fwd+bwd), MFU against %.1f TFLOP/s (%s)",
-        args.model, sum(p.numel() for p in model.parameters()) / 1e6, len(dataset), steps,
-        videos_per_step * args.repeat_aug, args.lr, args.dist, dist.world_size, flops / 1e9, peak / 1e12, peak_source,
-    )
-    vis_item = dataset[(0, 0)]  # a fixed clip and mask for the reconstruction images
-    vis = to_device({"clips": vis_item["clips"][:1], "noise": vis_item["noise"][:1]}, dist.device)
-    vis_clips, vis_noise = vis["clips"], vis["noise"]
-    save = TrainingSaver(backend, args, videos_per_step, last_step=state.global_step)
-
-    def loss_fn(module: torch.nn.Module, batch: dict) -> torch.Tensor | tuple[torch.Tensor, dict]:
-        loss = module(batch["clips"], args.mask_ratio, batch["noise"])[0]
-        # The adaptive sampler leaves its entropy and loss on the plain model (same object when wrapped).
-        return (loss, backend.unwrapped.sampler_metrics) if args.mask_type == "adaptive" else loss
-
-    start = time.time()
-    finished = True
-    while state.epoch < args.epochs and finished:
-        sampler.set_epoch(state.epoch)
-        sampler.set_consumed(state.step_in_epoch * videos_per_step)
-        finished = train_one_epoch(
-            backend, tracked(iter(loader), tracker), loss_fn, state, args, steps, logger, dist.device,
-            rank=dist.rank, world_size=dist.world_size, save_fn=save, flops_per_clip=flops, peak_flops=peak,
-            should_stop=watcher.should_stop,
-        )
-        if finished:
-            if args.vis_every and (state.epoch + 1) % args.vis_every == 0:
-                path = out / "vis" / f"epoch-{state.epoch:04d}.png" if dist.is_main else None
-                grid = save_reconstruction(backend.module, backend.unwrapped, vis_clips, vis_noise, args.mask_ratio,
-                                           path, backend.autocast)
-                logger.image("reconstruction", grid, state.global_step)
-            state.epoch += 1
-            state.step_in_epoch = 0
-        save.save_if_new(state)
-    finish_pending_save(wait=True)
-    logger.close()
-    watcher.finish()  # after a signal-stop: exits for requeue under submitit; returns otherwise
-    summary = {"global_step": state.global_step, "epoch": state.epoch, "minutes": (time.time() - start) / 60,
-               "output_dir": str(out), "checkpoint": str(find_latest(args.output_dir))}
-    log.info("done: %s", summary)
-    cleanup()
-    return summary
+    """Pretrain (or with --bench, measure); returns a summary (final step, outputs)."""
+    return Trainer(run_config(args), build_task(args), flag_values(args, get_args_parser())).fit()
 
 
 if __name__ == "__main__":

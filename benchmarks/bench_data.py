@@ -1,18 +1,30 @@
 """Data-loading throughput: clips/s of one worker process pinned to one core, decode + augment.
 
-    python benchmarks/bench_data.py            # 568x320 and 1280x720 sources, R = 1, 2, 4
-    python benchmarks/bench_data.py --quick    # fewer items, 568x320 only
+    python benchmarks/bench_data.py                # every source, R = 1, 2, 4, uint8 and float output
+    python benchmarks/bench_data.py --quick        # fewer items, 568x320 only, R = 1, 4, uint8
+    python benchmarks/bench_data.py --profile      # where one worker's CPU time goes, per stage
+    python benchmarks/bench_data.py --gop-sweep    # datasets.resize settings: file size vs decode time
 
-Sources: generated once into --cache (default ~/.cache/mae_st_scale/bench_data): 10 s H.264 at
-30 fps with a keyframe every 250 frames (the worst common case for seeking). Each item is what a
-DataLoader worker does for pretraining: 16 frames at stride 4, random resized crop to 224x224, flip,
-normalisation, R clips per decode. "ours" is `VideoDataset` (seek to the window, decode only up to
-the last needed frame, convert only sampled frames); "baseline" decodes the whole video and converts
-every frame to RGB before cutting the same clips (what the official MAE-ST code does).
+Sources, generated once into --cache (default ~/.cache/mae_st_scale/bench_data):
+  568x320               10 s H.264 at 30 fps, x264 veryfast crf 18, a keyframe every 250 frames and
+                        x264's B-pyramid: Kinetics-style, the worst common case for seeking
+  568x320-resized       that file re-encoded by `datasets.resize` (crf 23, a keyframe every 2 s,
+                        no B-pyramid: B-frames are never references)
+  568x320-resized-x264  the same re-encode with x264's own GOP (250) and B-pyramid, which is what
+                        `datasets.resize` wrote before: the pair isolates what the two settings do
+  1280x720              like the first, at 720p
+Each item is what a DataLoader worker does for pretraining: 16 frames at stride 4, random resized
+crop to 224x224, flip, R clips per decode. Output "uint8" is the GPU path (the device normalises);
+"float" normalises in the worker (the CPU path). "ours" is `VideoDataset`; "baseline" decodes the
+whole video and converts every frame to RGB before cutting the same kind of clips (what the official
+MAE-ST code does), with the same output. Clips per CPU-second (process time) are what one worker
+achieves with a core to itself, and do not depend on what else the machine runs; clips/s do.
 """
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 import tempfile
 import time
@@ -22,12 +34,25 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets.decode import clip_span, clip_times, random_clip_start  # noqa: E402
+from datasets.decode import clip_span, clip_times, decode_frames, probe, random_clip_start  # noqa: E402
+from datasets.resize import resize_video  # noqa: E402
 from datasets.synthetic import write_video  # noqa: E402
 from datasets.transforms import crop_resize, normalize_clips, random_resized_box  # noqa: E402
 from datasets.video_dataset import VideoDataset  # noqa: E402
 
-SOURCES = {"568x320": (568, 320), "1280x720": (1280, 720)}
+SOURCES = ("568x320", "568x320-resized", "568x320-resized-x264", "1280x720")
+SIZES = {"568x320": (568, 320), "1280x720": (1280, 720)}
+
+# cProfile entries (substrings of "file:line(function)") -> stage of the worker's work
+STAGES = (
+    ("demux + decode (FFmpeg)", ("'decode' of 'av.", "av.container.core.open", "_read_packets", "_send_planned",
+                                 "_skipping", "_pick", "'demux' of", "_decode_everything")),
+    ("YUV->RGB", ("to_ndarray", "reformat")),
+    ("resize (crop box -> 224)", ("_upsample_bilinear2d_aa",)),
+    ("flip, layout, cast", ("'flip'", "'copy_'", "'contiguous'", "'float'")),
+    ("normalise", ("'mul_'", "'sub_'")),
+    ("packing (output arrays)", ("torch.stack", "torch.empty", "numpy.empty", "(take)", "(decode_frames)")),
+)
 
 
 def make_source(path: str, width: int, height: int, seconds: int = 10, fps: int = 30, gop: int = 250) -> str:
@@ -51,8 +76,23 @@ def make_source(path: str, width: int, height: int, seconds: int = 10, fps: int 
     return path
 
 
+def source_path(cache: str, name: str) -> str:
+    """Path of source `name` (see the module doc), generated on first use."""
+    if name in SIZES:
+        return make_source(os.path.join(cache, f"src_{name}_gop250.mp4"), *SIZES[name])
+    src = source_path(cache, "568x320")
+    if name == "568x320-resized":
+        dst, kw = os.path.join(cache, "src_568x320_resized_gop2s.mp4"), {}
+    elif name == "568x320-resized-x264":
+        dst, kw = os.path.join(cache, "src_568x320_resized_x264.mp4"), {"gop_seconds": 0, "b_pyramid": True}
+    else:
+        raise ValueError(f"unknown source {name!r}; choose from {SOURCES}")
+    resize_video(src, dst, short_side=320, **kw)  # skipped when present
+    return dst
+
+
 def baseline_item(path: str, rng: np.random.Generator, repeat: int, frames: int = 16, rate: int = 4,
-                  size: int = 224) -> torch.Tensor:
+                  size: int = 224, normalize: bool = True) -> torch.Tensor:
     """Official-style: decode all frames to RGB, then cut `repeat` clips and augment them."""
     import av
 
@@ -68,7 +108,8 @@ def baseline_item(path: str, rng: np.random.Generator, repeat: int, frames: int 
         idx = np.minimum((clip_times(start, frames, rate) * fps + 1e-6).astype(int), len(video) - 1)
         clip = video[idx]
         box = random_resized_box(clip.shape[1], clip.shape[2], rng, (0.5, 1.0), (0.75, 1.3333), (256, 320), size)
-        out.append(normalize_clips(crop_resize(clip, box, size, bool(rng.random() < 0.5))))
+        clip = crop_resize(clip, box, size, bool(rng.random() < 0.5))
+        out.append(normalize_clips(clip) if normalize else clip)
     return torch.stack(out)
 
 
@@ -76,7 +117,8 @@ def measure(fn, items: int) -> tuple[float, float]:
     """Items per wall second and per CPU second of this process, after one warm-up call.
 
     On a shared machine the wall rate drops when other processes take turns on our core; the
-    CPU-time rate is what the worker achieves when it has the core to itself.
+    CPU-time rate is what the worker achieves when it has the core to itself (nearly: neighbours
+    still share the caches, which is why `main` keeps the best of several rounds).
     """
     fn(10_000)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -85,43 +127,134 @@ def measure(fn, items: int) -> tuple[float, float]:
     return items / (time.perf_counter() - wall), items / (time.process_time() - cpu)
 
 
+def best_of(rounds: int, *fns) -> list[tuple[float, float]]:
+    """Run each (fn, items) in turn, `rounds` times interleaved; keep each one's best rates."""
+    best = [(0.0, 0.0)] * len(fns)
+    for _ in range(rounds):
+        for k, (fn, items) in enumerate(fns):
+            wall, cpu = measure(fn, items)
+            best[k] = (max(best[k][0], wall), max(best[k][1], cpu))
+    return best
+
+
+def dataset(path: str, repeat: int, normalize: bool, tmp: str) -> VideoDataset:
+    """The pretraining dataset over one video (every index decodes it; the epoch varies the draws)."""
+    lst = os.path.join(tmp, f"list_{abs(hash(path))}.csv")
+    with open(lst, "w") as f:
+        f.write(f"{path} 0\n")
+    return VideoDataset(lst, mode="pretrain", num_frames=16, sampling_rate=4, crop_size=224, repeat_aug=repeat,
+                        normalize=normalize)
+
+
+def profile(path: str, repeat: int, normalize: bool, items: int, tmp: str) -> None:
+    """Print the share of one worker's CPU time per stage (cProfile, process time)."""
+    ds = dataset(path, repeat, normalize, tmp)
+    ds[(10_000, 0)]
+    prof = cProfile.Profile(time.process_time)
+    prof.enable()
+    for i in range(items):
+        ds[(i, 0)]
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    total = sum(v[2] for v in stats.values())
+    spent = dict.fromkeys([name for name, _ in STAGES] + ["other (Python, sampling, IPC-free rest)"], 0.0)
+    for (file, line, func), v in stats.items():
+        key = f"{os.path.basename(file)}:{line}({func})"
+        stage = next((name for name, pats in STAGES if any(p in key for p in pats)), None)
+        spent[stage or "other (Python, sampling, IPC-free rest)"] += v[2]
+    print(f"\nprofile: {os.path.basename(path)}, R = {repeat}, {'float' if normalize else 'uint8'} output, "
+          f"{items} items, {1e3 * total / items:.1f} ms CPU per item (profiler overhead included)")
+    print("| stage | ms per item | share |")
+    print("| --- | ---: | ---: |")
+    for name, sec in spent.items():
+        print(f"| {name} | {1e3 * sec / items:.1f} | {sec / total:.0%} |")
+
+
+def gop_sweep(cache: str, items: int) -> None:
+    """File size and decode time (decode only, best of 5) of `datasets.resize` copies per GOP setting."""
+    src = source_path(cache, "568x320")
+    duration = probe(src).duration
+    windows = {r: [np.concatenate([clip_times(random_clip_start(duration, clip_span(16, 4), rng), 16, 4)
+                                   for _ in range(r)]) for rng in map(np.random.default_rng, range(items))]
+               for r in (1, 4)}
+    settings = [("x264 default (250 frames)", 0, True), ("250 frames", 0, False), ("4 s", 4, False),
+                ("2 s (default)", 2, False), ("1 s", 1, False), ("0.5 s", 0.5, False)]
+    print("| keyframe every | B-pyramid | MB | decode ms/item R=1 | decode ms/item R=4 |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, gop, pyramid in settings:
+        path = os.path.join(cache, f"sweep_gop{gop}_{'pyr' if pyramid else 'nopyr'}.mp4")
+        resize_video(src, path, short_side=320, gop_seconds=gop, b_pyramid=pyramid)
+        ms = {}
+        for r, sets in windows.items():
+            best = float("inf")
+            for _ in range(5):
+                cpu = time.process_time()
+                for times in sets:
+                    decode_frames(path, times)
+                best = min(best, (time.process_time() - cpu) / len(sets))
+            ms[r] = 1e3 * best
+        print(f"| {label} | {'yes' if pyramid else 'no'} | {os.path.getsize(path) / 1e6:.2f} | {ms[1]:.1f} | {ms[4]:.1f} |",
+              flush=True)
+
+
 def main() -> None:
     """Run the benchmark and print a markdown table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "mae_st_scale", "bench_data"))
     p.add_argument("--items", type=int, default=24, help="items (decodes) timed per row")
     p.add_argument("--repeats", default="1,2,4")
-    p.add_argument("--sources", default="568x320,1280x720")
+    p.add_argument("--sources", default=",".join(SOURCES))
+    p.add_argument("--outputs", default="uint8,float", help="uint8 (GPU path), float (CPU path) or both")
     p.add_argument("--core", type=int, default=0, help="CPU core the process is pinned to")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row; the best is kept")
     p.add_argument("--no-baseline", action="store_true")
-    p.add_argument("--quick", action="store_true", help="8 items, 568x320 only")
+    p.add_argument("--quick", action="store_true", help="8 items, 568x320 only, R = 1 and 4, uint8")
+    p.add_argument("--profile", action="store_true", help="per-stage split of one worker instead of the table")
+    p.add_argument("--gop-sweep", action="store_true", help="file size and decode time per datasets.resize GOP")
     a = p.parse_args()
     if a.quick:
-        a.items, a.sources = 8, "568x320"
+        a.items, a.sources, a.repeats, a.outputs, a.rounds = 8, "568x320", "1,4", "uint8", 1
     os.sched_setaffinity(0, {a.core})  # one DataLoader worker = one process on one core
     torch.set_num_threads(1)  # as in DataLoader workers
     os.makedirs(a.cache, exist_ok=True)
-    print(f"one process pinned to core {a.core}; 16 frames x stride 4 -> 224x224; {a.items} decodes per row")
-    print(f"load average before: {os.getloadavg()[0]:.1f} (CPU-s rate = clips/s with the core to itself)")
-    print("| source | R | ours clips/s | ours clips/CPU-s | baseline clips/s | baseline clips/CPU-s | speed-up (CPU) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name in a.sources.split(","):
-        w, h = SOURCES[name]
-        src = make_source(os.path.join(a.cache, f"src_{name}_gop250.mp4"), w, h)
-        with tempfile.TemporaryDirectory() as tmp:
-            lst = os.path.join(tmp, "list.csv")
-            with open(lst, "w") as f:
-                f.write(f"{src} 0\n")
-            for r in (int(x) for x in a.repeats.split(",")):
-                ds = VideoDataset(lst, mode="pretrain", num_frames=16, sampling_rate=4, crop_size=224, repeat_aug=r)
-                ours = [r * x for x in measure(lambda i, ds=ds: ds[(i, 0)], a.items)]  # new epoch: new window
-                row = f"| {name} | {r} | {ours[0]:.1f} | {ours[1]:.1f} |"
-                if a.no_baseline:
-                    print(row + " - | - | - |", flush=True)
-                    continue
-                base = [r * x for x in measure(lambda i, r=r, src=src: baseline_item(src, np.random.default_rng(i), r),
-                                               max(4, a.items // 3))]
-                print(row + f" {base[0]:.1f} | {base[1]:.1f} | {ours[1] / base[1]:.1f}x |", flush=True)
+    if a.gop_sweep:
+        gop_sweep(a.cache, max(4, a.items // 3))
+        return
+    names = a.sources.split(",")
+    paths = {name: source_path(a.cache, name) for name in names}
+    repeats = [int(x) for x in a.repeats.split(",")]
+    outputs = a.outputs.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.profile:
+            for name in names:
+                for r in repeats:
+                    for out in outputs:
+                        profile(paths[name], r, out == "float", a.items, tmp)
+            return
+        print(f"one process pinned to core {a.core}; 16 frames x stride 4 -> 224x224; {a.items} decodes per row, "
+              f"best of {a.rounds} interleaved rounds")
+        print(f"load average before: {os.getloadavg()[0]:.1f} (CPU-s rate = clips/s with the core to itself)")
+        print("| source | MB | R | output | ours clips/s | ours clips/CPU-s | baseline clips/s | baseline clips/CPU-s "
+              "| speed-up (CPU) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name in names:
+            src, mb = paths[name], os.path.getsize(paths[name]) / 1e6
+            for r in repeats:
+                for out in outputs:
+                    norm = out == "float"
+                    ds = dataset(src, r, norm, tmp)
+                    ours_fn = (lambda i, ds=ds: ds[(i, 0)], a.items)  # new epoch: new windows and crops
+                    base_fn = (lambda i, r=r, src=src, norm=norm: baseline_item(src, np.random.default_rng(i), r,
+                                                                                normalize=norm), max(4, a.items // 3))
+                    rates = best_of(a.rounds, ours_fn, *([] if a.no_baseline else [base_fn]))
+                    ours = [r * x for x in rates[0]]
+                    row = f"| {name} | {mb:.2f} | {r} | {out} | {ours[0]:.1f} | {ours[1]:.1f} |"
+                    if a.no_baseline:
+                        print(row + " - | - | - |", flush=True)
+                        continue
+                    base = [r * x for x in rates[1]]
+                    print(row + f" {base[0]:.1f} | {base[1]:.1f} | {ours[1] / base[1]:.1f}x |", flush=True)
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

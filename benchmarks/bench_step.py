@@ -1,9 +1,12 @@
-"""Time one MAE pretraining step (forward, backward, AdamW) of our model, optionally against a peer.
+"""Time the MAE pretraining step that training runs (forward, backward, AdamW), optionally against a peer.
 
     python benchmarks/bench_step.py --model mae_vit_base_patch16 --frames 16 --img 224 --batch 2 \
         --mask-ratio 0.9 --peer hf
 
-Prints median step time, clips/s, FLOPs per step (analytic, and as `torch.utils.flop_counter`
+Ours is built and stepped exactly as `main_pretrain.py` does: `models.create_model`, the parallel
+backend of `util.parallel.setup_parallel` (DDP in one process, the run's precision, activation
+checkpointing and `--compile {none,blocks,model}`) and `util.engine.train_step`, the function the
+training loop calls every step. Prints median step time, clips/s, FLOPs per step (analytic, and as `torch.utils.flop_counter`
 sees them), achieved GFLOP/s, peak memory, and the share of this machine's fp32 matmul peak
 (a large `torch.mm` timed in the same run). `--peer hf` times Hugging Face `VideoMAEForPreTraining`
 at the same shapes with the same optimizer and prints HF step time / ours (>= 1 means ours is at
@@ -32,8 +35,14 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import create_model  # noqa: E402
+from models.flops import masked_autoencoder_flops  # noqa: E402
 from models.masking import num_visible  # noqa: E402
-from util.flops import mae_flops_per_clip, masked_autoencoder_flops, matmul_peak_flops  # noqa: E402
+from util.config import OptimConfig, ParallelConfig  # noqa: E402
+from util.distributed import DistInfo  # noqa: E402
+from util.engine import train_step  # noqa: E402
+from util.flops import matmul_peak_flops  # noqa: E402
+from util.optim import build_adamw, param_groups  # noqa: E402
+from util.parallel import setup_parallel  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -69,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--steps", type=int, default=7, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (mainly for GPU)")
+    p.add_argument("--compile", choices=["none", "blocks", "model"], default="none",
+                   help="torch.compile as training does it: each block, or the whole model (the peer: whole model)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block")
     p.add_argument("--peer", choices=["none", "hf"], default="none")
     p.add_argument("--profile", action="store_true", help="print the top ops of a profiled step")
@@ -124,10 +134,9 @@ def autocast(args: argparse.Namespace, device: torch.device) -> contextlib.Abstr
     return contextlib.nullcontext()
 
 
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """The same AdamW (MAE-ST betas, weight decay) for every model benchmarked."""
-    # Fused AdamW runs on CPU and CUDA; the per-tensor foreach kernels cost ~8% of a CPU step.
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+def peer_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The peer's AdamW: the same parameter groups, betas and weight decay as ours (util.optim)."""
+    return build_adamw(param_groups(model, 0.05), 1e-4, device, (0.9, 0.95))
 
 
 def count_flops(step: Callable[[], torch.Tensor]) -> int:
@@ -158,22 +167,9 @@ class Bench:
     step: Callable[[], torch.Tensor]
 
 
-def prepare(
-    name: str, model: nn.Module, forward: Callable[[], torch.Tensor], args: argparse.Namespace,
-    device: torch.device, flops_analytic: int,
-) -> Bench:
-    """Wrap forward -> loss into a training step; warm it up while measuring its peak memory."""
-    opt = make_optimizer(model)
-    params = sum(p.numel() for p in model.parameters())
-
-    def step() -> torch.Tensor:
-        with autocast(args, device):
-            loss = forward()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
+def prepare(name: str, params: int, step: Callable[[], torch.Tensor], args: argparse.Namespace,
+            device: torch.device, flops_analytic: int) -> Bench:
+    """Warm a training-step closure up while measuring its peak memory."""
     reset_peak_memory(device)
     before = current_memory(device)
     for _ in range(max(1, args.warmup)):
@@ -195,23 +191,28 @@ def run_interleaved(benches: list[Bench], args: argparse.Namespace, device: torc
             b.result.step_times.append(time.perf_counter() - t0)
     for b in benches:
         # torch.compile'd graphs hide their ops from the counter; it counts eager steps only.
-        b.result.flops_counter = count_flops(b.step) if not args.compile else 0
+        b.result.flops_counter = count_flops(b.step) if args.compile == "none" else 0
         if args.profile:
             b.result.profile = profile_table(b.step, device, args.profile_rows)
 
 
 def bench_ours(args: argparse.Namespace, device: torch.device, clips: torch.Tensor, noise: torch.Tensor) -> Bench:
-    """Our MaskedAutoencoderViT."""
+    """Our MaskedAutoencoderViT, wrapped and stepped as main_pretrain.py does it."""
     model = create_model(args.model, num_frames=args.frames, img_size=args.img).to(device).train()
-    if args.grad_ckpt:
-        model.set_grad_checkpointing(True)
-    flops = mae_flops_per_clip(model, args.mask_ratio)["train_step"] * args.batch
-    fwd_model = torch.compile(model) if args.compile else model
+    flops = model.flops_per_clip(args.mask_ratio)["train_step"] * args.batch
+    params = sum(p.numel() for p in model.parameters())
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
+    parallel = ParallelConfig(dist="ddp", precision=args.dtype, grad_ckpt=args.grad_ckpt, compile=args.compile)
+    backend = setup_parallel(model, parallel, OptimConfig(), 1e-4, info, accum_iter=1, micro_batch=args.batch)
+    batch = {"clips": clips, "noise": noise}
 
-    def forward() -> torch.Tensor:
-        return fwd_model(clips, args.mask_ratio, noise=noise)[0]
+    def loss_fn(module: nn.Module, b: dict) -> torch.Tensor:  # PretrainTask.loss for the random sampler
+        return module(b["clips"], args.mask_ratio, b["noise"])[0]
 
-    return prepare("ours", model, forward, args, device, flops)
+    def step() -> torch.Tensor:
+        return train_step(backend, [batch], loss_fn, 1)[0]
+
+    return prepare("ours", params, step, args, device, flops)
 
 
 def build_hf_peer(model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -261,12 +262,18 @@ def bench_hf(args: argparse.Namespace, device: torch.device, clips: torch.Tensor
         dec_mlp=cfg.decoder_intermediate_size, pred_dim=3 * t * p * p, num_prefix=0, num_pred_tokens=L - K,
     )["train_step"] * args.batch
     del ref
-    fwd_model = torch.compile(peer) if args.compile else peer
+    fwd_model = torch.compile(peer) if args.compile != "none" else peer
+    opt = peer_optimizer(peer, device)
 
-    def forward() -> torch.Tensor:
-        return fwd_model(pixel_values, bool_masked_pos=bool_masked_pos).loss
+    def step() -> torch.Tensor:
+        with autocast(args, device):
+            loss = fwd_model(pixel_values, bool_masked_pos=bool_masked_pos).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
 
-    return prepare("hf VideoMAE", peer, forward, args, device, flops)
+    return prepare("hf VideoMAE", sum(p.numel() for p in peer.parameters()), step, args, device, flops)
 
 
 def fmt_row(cells: list[str]) -> str:
@@ -348,14 +355,14 @@ def main(argv: list[str] | None = None) -> None:
     K = num_visible(L, args.mask_ratio)
     print(f"\n## step benchmark: {args.model}, {args.frames}x{args.img}x{args.img}, batch {args.batch}, "
           f"mask {args.mask_ratio} ({K}/{L} tokens visible), {args.dtype}, {device.type}"
-          f"{', compile' if args.compile else ''}{', grad-ckpt' if args.grad_ckpt else ''}")
+          f"{f', compile {args.compile}' if args.compile != 'none' else ''}{', grad-ckpt' if args.grad_ckpt else ''}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 mm peak ({args.mm_size}^2): "
           f"{peak:.1f} GFLOP/s before, {peak_after:.1f} after (the higher is used)\n")
     print(report(results, args, max(peak, peak_after), device))
     print("\nSteps are timed in turn (ours, peer, ours, ...). Peak memory is the process's (the peer is "
           "built second, so its peak includes our resident model); step mem = peak - memory before the "
           "warm-up steps (activations, grads, AdamW state).")
-    print("FLOPs: analytic = 3 x forward matmul FLOPs (util/flops.py), used for GFLOP/s; the counter "
+    print("FLOPs: analytic = 3 x forward matmul FLOPs (models/flops.py), used for GFLOP/s; the counter "
           "(torch.utils.flop_counter) misses fused CPU flash attention.")
     for r in results:
         print(f"step times {r.name}: " + ", ".join(f"{t:.3f}" for t in r.step_times))

@@ -159,22 +159,26 @@ def calibrate(batch: int = 2, tokens: int = 197, dim: int = 128, heads: int = 4)
 
 def measure(model: str, batch: int, mask_ratio: float, precision: str, checkpointing: bool,
             num_frames: int = 16, input_size: int = 224) -> dict:
-    """One real step on one GPU (DDP layout, no sharding): peak bytes from torch.cuda.max_memory_allocated."""
+    """One real training step on one GPU (the training backend in one process: DDP layout, no sharding):
+    peak bytes from torch.cuda.max_memory_allocated."""
+    from util.config import OptimConfig, ParallelConfig
+    from util.distributed import DistInfo
+    from util.engine import train_step
+    from util.parallel import setup_parallel
+
     dev = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
-    m = create_model(model, img_size=input_size, num_frames=num_frames).to(dev)
-    m.set_grad_checkpointing(checkpointing)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    m = create_model(model, img_size=input_size, num_frames=num_frames)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=dev, is_main=True)
+    backend = setup_parallel(m, ParallelConfig(precision=precision, grad_ckpt=checkpointing), OptimConfig(), 1e-4,
+                             info, micro_batch=batch)
     clips = torch.randn(batch, 3, num_frames, input_size, input_size, device=dev)
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    noise = torch.rand(batch, m.patch_embed.num_patches, device=dev)
+    micro = {"clips": clips, "noise": noise}
     for _ in range(2):  # the second step has the optimizer state already allocated
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-            loss = m(clips, mask_ratio)[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(backend, [micro], lambda mod, b: mod(b["clips"], mask_ratio, b["noise"])[0], 1)
     peak = torch.cuda.max_memory_allocated()
     return dict(states=base / GiB, peak=peak / GiB, act=(peak - base) / GiB)
 

@@ -1,12 +1,21 @@
-"""PyAV decoding of exactly the frames a clip needs.
+"""PyAV decoding of exactly the frames a clip needs, and nothing it does not need.
 
 Frame times follow MAE-ST: `num_frames` frames `sampling_rate` apart at a reference rate of 30 fps,
 so a clip spans num_frames * sampling_rate / 30 seconds whatever the source fps (24, 30, 60 ...).
-For each wanted time t we take the frame shown at t (the last frame with pts <= t). We seek to the
-keyframe before the earliest wanted time, decode forward only until the latest wanted time, and
-convert to RGB only the frames we keep: the official code decodes and converts the whole video.
+For each wanted time t we take the frame shown at t (the last frame with pts <= t): the result equals
+decoding the whole video and picking those frames (`tests/test_data_exact.py` checks it bit for bit).
+
+How little is decoded: the packets are read (cheap: no decoding) from the keyframe before the
+earliest wanted time until a packet's decode time passes the latest one, so the pts of every frame
+there is known before anything is decoded and the wanted frames are known exactly. Then each packet
+is sent to the decoder only if it can matter: a wanted frame is decoded in full; any other packet
+is sent with `skip_frame=NONREF`, so FFmpeg skips it when no other frame references it (about half
+of the B-frames of an x264 stream) and decodes it otherwise; decoding stops at the last wanted
+packet; and when a keyframe lies between two wanted windows the packets before it are not sent at
+all. Only the wanted frames are converted to RGB, straight into the output array.
 """
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -77,6 +86,14 @@ def probe(path: str) -> VideoInfo:
         return _stream_info(container)[1]
 
 
+def _output_size(info: VideoInfo, short_side: int | None) -> tuple[int, int] | None:
+    """(width, height) with the short side scaled to `short_side`, or None to keep the decoded size."""
+    if short_side is None or not info.width or not info.height:
+        return None
+    f = short_side / min(info.width, info.height)
+    return max(short_side, round(info.width * f)), max(short_side, round(info.height * f))
+
+
 def _to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
     """Convert (and optionally scale to (width, height)) one frame to uint8 [H, W, 3]."""
     if size is None:
@@ -84,113 +101,241 @@ def _to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
     return frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray()
 
 
-def _pick(frames_iter, origin: float, times: np.ndarray, size, must_cover_first: bool, tol: float):
-    """Walk decoded frames, keeping for every wanted time the frame shown then.
+class FrameBuffer:
+    """Memory a process decodes into item after item (`decode_frames(..., buffer=)`).
 
-    Returns (images, frame_times) or None when the first decoded frame is already after the first
-    wanted time although it should not be (a seek that overshot).
+    A fresh ~35 MB frame array per item (R = 4 at 568x320) costs its page faults again every time,
+    about a tenth of a worker's time; reused pages cost nothing. Pickles empty, so a dataset that
+    decoded in the parent still ships to its workers without frames.
     """
-    out, got = [None] * len(times), np.zeros(len(times))
-    j, prev, prev_t = 0, None, 0.0
-    converted_src, converted = None, None
-    for frame in frames_iter:
-        if frame.pts is None:
-            continue
-        t = float(frame.pts * frame.time_base) - origin
-        if prev is None and must_cover_first and t > times[0] + tol:
-            return None
-        while j < len(times) and t > times[j] + tol:
-            # the previous frame is the one on screen at times[j]; before the first frame, clamp to it
-            src, src_t = (prev, prev_t) if prev is not None else (frame, t)
-            if src is not converted_src:  # several wanted times can fall on one frame: convert it once
-                converted_src, converted = src, _to_rgb(src, size)
-            out[j], got[j] = converted, src_t
-            j += 1
-        if j == len(times):
-            return out, got
-        prev, prev_t = frame, t
-    if prev is None:
-        raise ValueError("no decodable video frame")
-    while j < len(times):  # past the end: clamp to the last frame
-        if prev is not converted_src:
-            converted_src, converted = prev, _to_rgb(prev, size)
-        out[j], got[j] = converted, prev_t
-        j += 1
-    return out, got
+
+    def __init__(self):
+        self._memory = np.empty(0, np.uint8)
+
+    def array(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A uint8 array of `shape` over the reused memory (the previous result is overwritten)."""
+        n = math.prod(shape)
+        if self._memory.size < n:
+            self._memory = np.empty(n, np.uint8)
+        return self._memory[:n].reshape(shape)
+
+    def __getstate__(self) -> dict:
+        """Nothing: the memory stays with the process that filled it."""
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        """Start empty."""
+        self.__init__()
+
+
+class _Output:
+    """The uint8 [N, H, W, 3] result, filled in the caller's order as wanted frames arrive."""
+
+    def __init__(self, rows_of: dict[int, list[int]], size: tuple[int, int] | None, count: int,
+                 buffer: FrameBuffer | None = None):
+        self.rows_of, self.size, self.count, self.buffer = rows_of, size, count, buffer
+        self.array: np.ndarray | None = None
+
+    def take(self, frame: av.VideoFrame) -> None:
+        """Convert `frame` once if some wanted time shows it, into every row that shows it."""
+        rows = self.rows_of.pop(frame.pts, None)
+        if rows is None:
+            return
+        img = _to_rgb(frame, self.size)
+        if self.array is None:
+            shape = (self.count,) + img.shape
+            self.array = self.buffer.array(shape) if self.buffer is not None else np.empty(shape, np.uint8)
+        for r in rows:
+            self.array[r] = img
 
 
 def decode_frames(path: str, times, short_side: int | None = None, seek: bool = True,
-                  skip_nonref: bool = True, threads: int = 1) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
+                  skip_nonref: bool = True, threads: int = 1, stats: dict | None = None,
+                  buffer: FrameBuffer | None = None) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
     """Decode the frames shown at `times` (s, from the first frame; any order, repeats allowed).
 
     `times` is an array or a function VideoInfo -> array (to place clips from the duration without a
     second open). Returns uint8 [N, H, W, 3] in the order of the times, the actual times (s) of those
     frames, and the stream info. `short_side` scales while converting (swscale: cheaper than later).
     `threads`: FFmpeg decoding threads (1 when the DataLoader workers already fill the cores).
+    `seek=False` reads from the start of the file; `skip_nonref=False` decodes every packet it sends.
+    `stats`, if given, receives how the frames were obtained: "path" ("planned" or "everything"),
+    "sent" (packets given to the decoder) and "decoded" (frames it returned).
+    `buffer`: decode into this reused memory; the result is then a view that the next call with the
+    same buffer overwrites.
     """
-    holder = {}
+    holder: dict = {"stats": stats if stats is not None else {}}
     result = None
     if seek:
         try:
-            result = _decode(path, times, holder, short_side, True, skip_nonref, threads)
+            result = _decode(path, times, holder, short_side, True, skip_nonref, threads, buffer)
         except av.FFmpegError:
             if "times" not in holder:  # the file did not even open: nothing to retry
                 raise
-            result = None  # e.g. a container without an index: retried below from the start
-    if result is None:
-        # no seek wanted, or the seek failed / overshot (missing index, odd timestamps)
-        result = _decode(path, times, holder, short_side, False, skip_nonref, threads)
-    images, got, info = result
-    order = holder["order"]
-    out = np.empty((len(images),) + images[0].shape, np.uint8)
-    out[order] = images  # back to the caller's order in one copy
-    times_out = np.empty_like(got)
-    times_out[order] = got
-    return out, times_out, info
+    if result is None:  # no seek wanted, or the seek failed / overshot (missing index, odd timestamps)
+        result = _decode(path, times, holder, short_side, False, skip_nonref, threads, buffer)
+    if result is None:  # packets without timestamps, or a wanted frame the decoder never produced
+        result = _decode_everything(path, holder, short_side, threads)
+    return result
 
 
-def _skipping(frames, stream, origin: float, until: float):
-    """Yield decoded frames, decoding non-reference frames only from `until` (s) on."""
-    cc = stream.codec_context
-    skipping = until > 0
-    if skipping:
-        cc.skip_frame = "NONREF"
-    for frame in frames:
-        if skipping and frame.pts is not None and float(frame.pts * frame.time_base) - origin >= until:
-            cc.skip_frame = "DEFAULT"
-            skipping = False
-        yield frame
+def _open_video(path: str, times, holder: dict, threads: int):
+    """Open `path`; fix the wanted times once (a retry reuses them, and their rng draws) in `holder`."""
+    container = av.open(path)
+    try:
+        stream, info = _stream_info(container)
+    except BaseException:
+        container.close()
+        raise
+    if "times" not in holder:
+        holder["times"] = np.asarray(times(info) if callable(times) else times, dtype=np.float64)
+    # Frame threads only pay off with spare cores; with one core per worker they only add overhead.
+    if threads > 1:
+        stream.thread_type, stream.thread_count = "AUTO", threads
+    else:
+        stream.thread_type = "NONE"
+    origin = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    # a frame stamped up to one time-base tick late still counts as on screen at t
+    tol = min(max(_TIME_TOL, float(stream.time_base or 0)), 0.25 / info.fps)
+    return container, stream, info, origin, tol
+
+
+# H.264/HEVC allow up to 16 frames of reordering: read this many packets past the one that proves
+# the window is complete, in case the container's decode times are guesses (matroska stores none)
+_REORDER_MARGIN = 16
+
+
+def _read_packets(container, stream, tb: float, origin: float, until: float, after_seek: bool):
+    """Packets in decode order from the first keyframe until every frame shown up to `until` is known.
+
+    Returns None when a packet has no pts (nothing can be planned; the caller decodes everything).
+    """
+    packets, margin = [], None
+    for packet in container.demux(stream):
+        if packet.pts is None:
+            if packet.size == 0:  # the demuxer's end-of-stream marker
+                continue
+            return None
+        if after_seek and not packets and not packet.is_keyframe:
+            continue  # a seek should land on a keyframe; nothing before the next one can be decoded
+        packets.append(packet)
+        if margin is None:
+            # decode times never decrease and pts >= dts, so no later packet is shown before `until`
+            if packet.dts is not None and packet.dts * tb - origin > until:
+                margin = _REORDER_MARGIN
+        else:
+            margin -= 1
+            if margin <= 0:
+                break
+    return packets
 
 
 def _decode(path: str, times, holder: dict, short_side: int | None, seek: bool, skip_nonref: bool,
-            threads: int = 1):
-    """One pass over the file; None if a seek overshot the first wanted frame."""
-    with av.open(path) as container:
-        stream, info = _stream_info(container)
-        if "times" not in holder:  # computed once, so a retry uses the same times (and rng draws)
-            t = np.asarray(times(info) if callable(times) else times, dtype=np.float64)
-            holder["order"] = np.argsort(t, kind="stable")
-            holder["times"] = t[holder["order"]]
-        sorted_times = holder["times"]
-        size = None
-        if short_side is not None and info.width and info.height:
-            f = short_side / min(info.width, info.height)
-            size = (max(short_side, round(info.width * f)), max(short_side, round(info.height * f)))
-        # Frame threads only pay off with spare cores; with one core per worker they only add overhead.
-        if threads > 1:
-            stream.thread_type, stream.thread_count = "AUTO", threads
-        else:
-            stream.thread_type = "NONE"
-        origin = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        seek = seek and sorted_times[0] > _TIME_TOL
+            threads: int, buffer: FrameBuffer | None = None):
+    """Planned decode (see the module doc); None if the seek overshot or the plan cannot be followed."""
+    container, stream, info, origin, tol = _open_video(path, times, holder, threads)
+    with container:
+        t = holder["times"]
+        tb = float(stream.time_base)
+        seek = seek and t.min() > _TIME_TOL
         if seek:
-            target = int(math.floor((float(sorted_times[0]) + origin) / stream.time_base))
+            target = int(math.floor((float(t.min()) + origin) / stream.time_base))
             container.seek(target, stream=stream, backward=True, any_frame=False)
-        # a frame stamped up to one time-base tick late still counts as on screen at t
-        tol = min(max(_TIME_TOL, float(stream.time_base or 0)), 0.25 / info.fps)
-        frames = container.decode(stream)
-        if skip_nonref:
-            # switch back early: frames come in decode order, up to 16 frames before display order
-            frames = _skipping(frames, stream, origin, float(sorted_times[0]) - 20.0 / info.fps)
-        picked = _pick(frames, origin, sorted_times, size, seek, tol)
-    return None if picked is None else (*picked, info)
+        packets = _read_packets(container, stream, tb, origin, float(t.max()) + tol, seek)
+        if not packets:
+            if packets is not None and not seek:
+                raise ValueError("no decodable video frame")
+            return None
+        pts = np.array([p.pts for p in packets], dtype=np.int64)
+        if len(np.unique(pts)) != len(pts):
+            return None  # repeated timestamps: frames cannot be told apart by pts
+        shown = np.argsort(pts, kind="stable")  # packet indices in display order
+        shown_time = pts[shown] * tb - origin
+        k = np.searchsorted(shown_time, t + tol, side="right") - 1  # last frame with time <= t
+        if seek and (k < 0).any():
+            return None  # the seek landed after the first wanted time
+        picked = shown[np.maximum(k, 0)]  # before the first frame: clamp to it
+        rows_of: dict[int, list[int]] = {}
+        for row, i in enumerate(picked):
+            rows_of.setdefault(int(pts[i]), []).append(row)
+        out = _Output(rows_of, _output_size(info, short_side), len(t), buffer)
+        sent, decoded = _send_planned(stream.codec_context, packets, pts, np.unique(picked), out, skip_nonref)
+        holder["stats"].update(path="planned", sent=sent, decoded=decoded)
+        if out.rows_of or out.array is None:
+            return None  # the decoder did not produce a wanted frame: fall back to decoding everything
+        return out.array, pts[picked] * tb - origin, info
+
+
+def _send_planned(cc, packets: list, pts: np.ndarray, wanted: np.ndarray, out: _Output,
+                  skip_nonref: bool) -> tuple[int, int]:
+    """Send the decoder only the packets the wanted frames (decode-order indices, ascending) need.
+
+    Returns (packets sent, frames decoded).
+    """
+    keys = [i for i, p in enumerate(packets) if p.is_keyframe or i == 0]
+    # where decoding must start for each wanted frame: the last keyframe before it in decode order
+    # that is also shown no later than it (an open GOP's leading frames need the GOP before)
+    starts = []
+    for i in wanted:
+        j = bisect.bisect_right(keys, i) - 1
+        while j > 0 and pts[keys[j]] > pts[i]:
+            j -= 1
+        starts.append(keys[max(j, 0)])
+    first_needed = np.minimum.accumulate(np.array(starts)[::-1])[::-1]  # by every wanted frame from here on
+    mode, pos, sent, decoded = None, -1, 0, 0
+    for i, need_from in zip(wanted, first_needed, strict=True):
+        if need_from > pos + 1:
+            if pos >= 0:  # a keyframe lies ahead: finish what is decoded, then jump to it
+                for frame in cc.decode(None):
+                    out.take(frame)
+                    decoded += 1
+                cc.flush_buffers()
+            pos = int(need_from) - 1
+        for j in range(pos + 1, int(i) + 1):
+            want = "DEFAULT" if not skip_nonref or int(pts[j]) in out.rows_of else "NONREF"
+            if want != mode:
+                cc.skip_frame = mode = want
+            for frame in cc.decode(packets[j]):
+                out.take(frame)
+                decoded += 1
+        sent += int(i) - pos
+        pos = int(i)
+    for frame in cc.decode(None):
+        out.take(frame)
+        decoded += 1
+    return sent, decoded
+
+
+def _decode_everything(path: str, holder: dict, short_side: int | None, threads: int):
+    """Reference path: decode every frame from the start and keep the one shown at each wanted time."""
+    container, stream, info, origin, tol = _open_video(path, None, holder, threads)
+    with container:
+        t = holder["times"]
+        order = np.argsort(t, kind="stable")
+        sorted_t = t[order]
+        size = _output_size(info, short_side)
+        images, got = [None] * len(t), np.zeros(len(t))
+        j, prev, prev_t, decoded = 0, None, 0.0, 0
+        for frame in container.decode(stream):
+            decoded += 1
+            if frame.pts is None:
+                continue
+            ft = float(frame.pts * frame.time_base) - origin
+            while j < len(t) and ft > sorted_t[j] + tol:
+                src, src_t = (prev, prev_t) if prev is not None else (frame, ft)  # before the first: clamp
+                images[j], got[j] = _to_rgb(src, size), src_t
+                j += 1
+            if j == len(t):
+                break
+            prev, prev_t = frame, ft
+        if prev is None:
+            raise ValueError("no decodable video frame")
+        while j < len(t):  # past the end: clamp to the last frame
+            images[j], got[j] = _to_rgb(prev, size), prev_t
+            j += 1
+    holder["stats"].update(path="everything", sent=decoded, decoded=decoded)
+    out = np.empty((len(t),) + images[0].shape, np.uint8)
+    out[order] = images
+    times_out = np.empty_like(got)
+    times_out[order] = got
+    return out, times_out, info

@@ -7,6 +7,12 @@ for mp4 inputs; other containers keep their name too, holding H.264 in a contain
 A file is written to a temporary name and renamed when complete, so an interrupted run is resumed by
 running the same command again: finished outputs are skipped. List files (*.csv, *.txt) are copied.
 Decoding 320p is about 3x faster than 720p, which is why MAE-ST and VideoMAE train on resized copies.
+
+The copies are written for clip sampling (`datasets.decode` decodes only what a clip needs):
+a keyframe every --gop-seconds (default 2 s; x264's default is every 250 frames) so a clip's decode
+starts near the clip, and B-frames that are never references (x264 `b-pyramid=none`) so the decoder
+skips every B-frame a clip does not show. Shorter GOPs cost more than they save: keyframes are the
+most expensive frames to store and to decode (README "Data": file size and decode time per setting).
 """
 
 import argparse
@@ -28,8 +34,20 @@ def _even(x: float) -> int:
     return max(2, int(round(x / 2)) * 2)
 
 
-def resize_video(src: str, dst: str, short_side: int = 320, crf: int = 23) -> str:
-    """Re-encode one video to H.264 with the given short side, same fps; returns 'done' or 'skipped'."""
+def x264_params(fps: float, gop_seconds: float = 2.0, b_pyramid: bool = False) -> str:
+    """x264 settings for clip sampling: keyframe every `gop_seconds` (0: x264's default), B-pyramid off."""
+    params = [f"b-pyramid={'normal' if b_pyramid else 'none'}"]
+    if gop_seconds > 0:
+        params.append(f"keyint={max(1, round(fps * gop_seconds))}")
+    return ":".join(params)
+
+
+def resize_video(src: str, dst: str, short_side: int = 320, crf: int = 23, gop_seconds: float = 2.0,
+                 b_pyramid: bool = False) -> str:
+    """Re-encode one video to H.264 with the given short side, same fps; returns 'done' or 'skipped'.
+
+    `gop_seconds` and `b_pyramid` shape the stream for clip sampling (see the module doc).
+    """
     if os.path.isfile(dst):
         return "skipped"
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
@@ -46,7 +64,8 @@ def resize_video(src: str, dst: str, short_side: int = 320, crf: int = 23) -> st
             rate = vin.average_rate or vin.guessed_rate or 30
             vout = out.add_stream("libx264", rate=rate)
             vout.width, vout.height, vout.pix_fmt = nw, nh, "yuv420p"
-            vout.options = {"preset": "veryfast", "crf": str(crf)}
+            vout.options = {"preset": "veryfast", "crf": str(crf),
+                            "x264-params": x264_params(float(rate), gop_seconds, b_pyramid)}
             vout.time_base = vin.time_base
             for frame in inp.decode(vin):
                 # keep source timestamps so variable frame rates and the start offset survive
@@ -64,15 +83,16 @@ def resize_video(src: str, dst: str, short_side: int = 320, crf: int = 23) -> st
 
 
 def _job(args: tuple) -> tuple[str, str]:
-    """Pool worker: (src, dst, short_side) -> (src, status or error text)."""
-    src, dst, short_side = args
+    """Pool worker: (src, dst, short_side, gop_seconds) -> (src, status or error text)."""
+    src, dst, short_side, gop_seconds = args
     try:
-        return src, resize_video(src, dst, short_side)
+        return src, resize_video(src, dst, short_side, gop_seconds=gop_seconds)
     except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
         return src, f"failed: {type(e).__name__}: {e}"
 
 
-def resize_dataset(src_dir: str, dst_dir: str, short_side: int = 320, workers: int = 1) -> dict:
+def resize_dataset(src_dir: str, dst_dir: str, short_side: int = 320, workers: int = 1,
+                   gop_seconds: float = 2.0) -> dict:
     """Resize every video under src_dir into dst_dir; copy list files; returns {status: count, 'failed': [...]}."""
     jobs = []
     for dirpath, _, names in os.walk(src_dir):
@@ -80,7 +100,7 @@ def resize_dataset(src_dir: str, dst_dir: str, short_side: int = 320, workers: i
             src = os.path.join(dirpath, name)
             dst = os.path.join(dst_dir, os.path.relpath(src, src_dir))
             if name.lower().endswith(VIDEO_EXTS) and ".tmp-" not in name:
-                jobs.append((src, dst, short_side))
+                jobs.append((src, dst, short_side, gop_seconds))
             elif name.lower().endswith(LIST_EXTS):
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 shutil.copyfile(src, dst)
@@ -102,9 +122,11 @@ def main() -> None:
     p.add_argument("--dst", required=True)
     p.add_argument("--short-side", type=int, default=320)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--gop-seconds", type=float, default=2.0,
+                   help="seconds between keyframes (0: x264's default of 250 frames)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    s = resize_dataset(a.src, a.dst, a.short_side, a.workers)
+    s = resize_dataset(a.src, a.dst, a.short_side, a.workers, a.gop_seconds)
     logger.info("resized %d, skipped %d (already done), failed %d", s["done"], s["skipped"], len(s["failed"]))
     for src, why in s["failed"]:
         logger.info("  %s: %s", src, why)

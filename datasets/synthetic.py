@@ -35,6 +35,7 @@ SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 
 
 BACKGROUNDS = ("texture", "smooth", "plain")
+OBJECT_TEXTURES = ("stripes", "solid")
 
 
 def _background(rng: np.random.Generator, size: int, kind: str = "texture") -> np.ndarray:
@@ -77,8 +78,14 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarra
 
 def render_video(label: int, rng: np.random.Generator, size: int = 64, frames: int = 48,
                  num_objects: int | None = None, background: str = "texture", object_scale: float = 1.0,
-                 speed_scale: float = 1.0) -> tuple[np.ndarray, list]:
-    """Render one clip of class `label`: uint8 [T, H, W, 3] and per-frame boxes [[x0, y0, x1, y1], ...]."""
+                 speed_scale: float = 1.0, object_texture: str = "stripes") -> tuple[np.ndarray, list]:
+    """Render one clip of class `label`: uint8 [T, H, W, 3] and per-frame boxes [[x0, y0, x1, y1], ...].
+
+    `object_texture` "stripes" (two colours, so the rotation shows) or "solid" (one colour: what a micro
+    model can learn to paint back in minutes; the demo uses it). Both draw the same random numbers.
+    """
+    if object_texture not in OBJECT_TEXTURES:
+        raise ValueError(f"object_texture must be one of {OBJECT_TEXTURES}, got {object_texture!r}")
     direction, sense = CLASS_NAMES[label].split("-")
     dx, dy = _DIRECTIONS[direction]
     spin = 1.0 if sense == "cw" else -1.0
@@ -122,7 +129,7 @@ def render_video(label: int, rng: np.random.Generator, size: int = 64, frames: i
             v = -np.sin(a) * ox + np.cos(a) * oy
             mask = _shape_mask(o["shape"], u, v, o["r"])
             # stripes in object coordinates make the rotation visible even for symmetric shapes
-            tex = (np.sin(o["freq"] * u) > 0)[..., None]
+            tex = (np.sin(o["freq"] * u) > 0)[..., None] if object_texture == "stripes" else True
             img = np.where(mask[..., None], np.where(tex, o["colour"], o["colour2"]), img)
             ys, xs = np.nonzero(mask)
             frame_boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
@@ -183,7 +190,7 @@ GENERATOR_VERSION = 2  # 1: H.264 (x264) mp4 files, not reproducible; 2: lossles
 
 def generate_dataset(out: str, num_videos: int, size: int = 64, frames: int = 48, fps: int = 30,
                      seed: int = 0, single_object: bool = False, background: str = "texture",
-                     object_scale: float = 1.0, speed_scale: float = 1.0) -> str:
+                     object_scale: float = 1.0, speed_scale: float = 1.0, object_texture: str = "stripes") -> str:
     """Write `num_videos` labelled lossless videos plus train/val/test.csv (and boxes.json) into `out`."""
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -191,7 +198,7 @@ def generate_dataset(out: str, num_videos: int, size: int = 64, frames: int = 48
     for i in range(num_videos):
         label = i % len(CLASS_NAMES)  # balanced classes
         video, boxes = render_video(label, rng, size, frames, 1 if single_object else None, background,
-                                     object_scale, speed_scale)
+                                     object_scale, speed_scale, object_texture)
         rel = f"videos/{i:05d}_{CLASS_NAMES[label]}.mkv"
         write_lossless_video(os.path.join(out, rel), video, fps)
         rows.append((rel, label))
@@ -244,17 +251,18 @@ def cached_build(kind: str, params: dict, marker: str, build, cache_dir: str | N
 def ensure_synthetic_dataset(cache_dir: str | None = None, num_videos: int = 96, size: int = 64,
                              frames: int = 48, fps: int = 30, seed: int = 0,
                              single_object: bool = False, background: str = "texture",
-                             object_scale: float = 1.0, speed_scale: float = 1.0) -> str:
+                             object_scale: float = 1.0, speed_scale: float = 1.0,
+                             object_texture: str = "stripes") -> str:
     """Return a folder holding the generated set, creating it once (atomically) in a cache folder."""
     # Every setting and the generator version name the folder: new content never reuses an old folder.
     params = dict(num_videos=num_videos, size=size, frames=frames, fps=fps, seed=seed,
                   single_object=single_object, background=background, object_scale=float(object_scale),
-                  speed_scale=float(speed_scale), version=GENERATOR_VERSION)
+                  speed_scale=float(speed_scale), object_texture=object_texture, version=GENERATOR_VERSION)
 
     def build(tmp: str) -> None:
         logger.info("generating %d synthetic videos into the cache %s", num_videos, os.path.dirname(tmp))
         generate_dataset(tmp, num_videos, size, frames, fps, seed, single_object, background, object_scale,
-                         speed_scale)
+                         speed_scale, object_texture)
 
     return cached_build("synthetic", params, "test.csv", build, cache_dir)
 

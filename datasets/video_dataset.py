@@ -5,13 +5,22 @@ Randomness belongs to samples: every random choice of item (epoch, index) comes 
 """
 
 import logging
+import math
 import os
 import re
 
 import numpy as np
 import torch
 
-from .decode import VideoInfo, clip_span, clip_times, decode_frames, random_clip_start, uniform_clip_start
+from .decode import (
+    FrameBuffer,
+    VideoInfo,
+    clip_span,
+    clip_times,
+    decode_frames,
+    random_clip_start,
+    uniform_clip_start,
+)
 from .transforms import (
     build_rand_augment,
     build_random_erasing,
@@ -54,9 +63,18 @@ def read_list_file(list_file: str, data_root: str = "") -> list[tuple[str, int]]
 
 
 class FailureTracker:
-    """Accumulates decode attempts/failures and stops the run when the failure rate passes a threshold."""
+    """Counts decode attempts and failures (from the batches, in the main process) and stops a run whose
+    files are too often unreadable.
 
-    def __init__(self, max_failure_rate: float = 0.1, min_attempts: int = 20, max_examples: int = 5,
+    Stopping needs evidence, not a lucky streak: at least `min_attempts` decodes, and the lower end of
+    the 99% Wilson interval of the failure rate above `max_failure_rate`. With 8% bad files and a 10%
+    limit a run therefore goes on (the rate is within chance of 8%), while 30% bad files stop it
+    within the first hundred decodes.
+    """
+
+    Z = 2.576  # two-sided 99% normal quantile
+
+    def __init__(self, max_failure_rate: float = 0.1, min_attempts: int = 50, max_examples: int = 5,
                  log: bool = True):
         self.max_failure_rate, self.min_attempts, self.max_examples = max_failure_rate, min_attempts, max_examples
         self.log = log
@@ -83,12 +101,24 @@ class FailureTracker:
         """Failures per attempted decode so far."""
         return self.failures / max(1, self.attempts)
 
+    def lower_bound(self) -> float:
+        """Lower end of the 99% Wilson score interval of the failure rate."""
+        n, z = self.attempts, self.Z
+        if n == 0:
+            return 0.0
+        p = self.failures / n
+        centre = p + z * z / (2 * n)
+        spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return max(0.0, (centre - spread) / (1 + z * z / n))
+
     def check(self) -> None:
-        """Raise RuntimeError once enough attempts were made and the failure rate passes the threshold."""
-        if self.attempts >= self.min_attempts and self.rate > self.max_failure_rate:
+        """Raise RuntimeError once the failure rate is above the threshold beyond reasonable doubt."""
+        if self.attempts >= self.min_attempts and self.lower_bound() > self.max_failure_rate:
             raise RuntimeError(
-                f"video decode failure rate {self.rate:.1%} ({self.failures} of {self.attempts} decodes) "
-                f"exceeds max_failure_rate {self.max_failure_rate:.1%}; example files: {self.examples}")
+                f"video decode failure rate {self.rate:.1%} ({self.failures} of {self.attempts} decodes; at least "
+                f"{self.lower_bound():.1%} with 99% confidence) exceeds --max_failure_rate "
+                f"{self.max_failure_rate:.1%}; example files: {self.examples}. Fix or remove them (or re-encode with "
+                f"python -m datasets.resize), or raise --max_failure_rate")
 
 
 class VideoDataset(torch.utils.data.Dataset):
@@ -100,7 +130,8 @@ class VideoDataset(torch.utils.data.Dataset):
                  hflip: bool = True, short_side_range: tuple[int, int] | None = (256, 320),
                  rand_aug: str | None = None, reprob: float = 0.0, num_temporal_views: int = 1,
                  num_spatial_crops: int = 1, seed: int = 0, normalize: bool = True,
-                 mask_noise_tokens: int | None = None, max_failure_rate: float = 0.1, decode_threads: int = 1):
+                 mask_noise_tokens: int | None = None, decode_threads: int = 1,
+                 clip_timespan: float | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if reprob > 0 and not normalize:
@@ -115,11 +146,12 @@ class VideoDataset(torch.utils.data.Dataset):
         self.views = num_temporal_views * num_spatial_crops if mode == "test" else 1
         self.seed, self.normalize, self.mask_noise_tokens = seed, normalize, mask_noise_tokens
         self.decode_threads = decode_threads  # FFmpeg threads per decode (datasets.loader.decode_threads_for)
+        self.frame_buffer = FrameBuffer()  # decoded frames reuse one process-local array (pickles empty)
+        # pretrain: the R clips start within this many seconds of each other (rho objectives); None: anywhere
+        self.clip_timespan = clip_timespan
         self.rand_aug = build_rand_augment(rand_aug, crop_size) if rand_aug and mode != "test" else None
         self.eraser = build_random_erasing(reprob) if reprob > 0 and mode != "test" else None
-        # per process (each DataLoader worker holds its own copy): a worker stops itself, and its
-        # RuntimeError reaches the main process through the DataLoader, when too many files fail
-        self.tracker = FailureTracker(max_failure_rate, log=False)
+        # failures are counted in the main process (FailureTracker over the batches), once
 
     def __len__(self) -> int:
         """Number of items: videos, times views per video in test mode."""
@@ -135,14 +167,15 @@ class VideoDataset(torch.utils.data.Dataset):
             path, label = self.samples[video_index]
             try:
                 clips = self._clips(path, rng, view)
-                self.tracker.update(1, 0)
                 break
             except Exception as e:  # noqa: BLE001 - any undecodable input must not kill the worker
                 failures += 1
                 failed_paths.append(path)
                 if _is_rank0():
-                    logger.warning("cannot decode %s (%s: %s); drawing another video", path, type(e).__name__, e)
-                self.tracker.update(1, 1, [path])
+                    logger.warning("cannot decode %s (%s: %s); %s", path, type(e).__name__, e,
+                                   "its view is not scored" if self.mode == "test" else "drawing another video")
+                if self.mode == "test":  # a test view stands for its own video: never score another in its place
+                    return self._failed_view(video_index, view, label, path)
                 video_index = int(rng.integers(len(self.samples)))  # deterministic replacement
         else:
             raise RuntimeError(f"{MAX_RETRIES + 1} videos in a row failed to decode, e.g. {failed_paths[:5]}")
@@ -152,9 +185,20 @@ class VideoDataset(torch.utils.data.Dataset):
                 "failures": failures, "attempts": failures + 1, "failed_paths": failed_paths}
         if self.mode == "test":
             item["view"] = torch.tensor([view], dtype=torch.long)
+            item["valid"] = torch.ones(1, dtype=torch.bool)
         if self.mask_noise_tokens:
             item["noise"] = torch.from_numpy(rng.random((r, self.mask_noise_tokens), dtype=np.float32))
+        if self.mode == "pretrain":  # where each clip was cut (models/amt.py reads its attention through it)
+            item["geometry"] = self._geometry
         return item
+
+    def _failed_view(self, video_index: int, view: int, label: int, path: str) -> dict:
+        """A test item for a view that could not be decoded: blank clip, `valid` False (evaluation skips it)."""
+        s = self.crop_size
+        clips = torch.zeros(1, 3, self.num_frames, s, s, dtype=torch.float32 if self.normalize else torch.uint8)
+        return {"clips": clips, "label": torch.tensor([label]), "index": torch.tensor([video_index]),
+                "view": torch.tensor([view]), "valid": torch.zeros(1, dtype=torch.bool),
+                "failures": 1, "attempts": 1, "failed_paths": [path]}
 
     def _clips(self, path: str, rng: np.random.Generator, view: int) -> torch.Tensor:
         """Decode once and cut the item's clips: [R, C, T, H, W]."""
@@ -173,19 +217,35 @@ class VideoDataset(torch.utils.data.Dataset):
             return normalize_clips(clip) if self.normalize else clip
 
         # R temporal windows, decoded in one pass: the repeats differ in time and in crop
+        placed = {}
+
         def times(info: VideoInfo) -> np.ndarray:
-            starts = [random_clip_start(info.duration, span, rng) for _ in range(self.repeat_aug)]
+            if self.clip_timespan is None:
+                starts = [random_clip_start(info.duration, span, rng) for _ in range(self.repeat_aug)]
+            else:
+                starts = timespan_clip_starts(info.duration, span, self.clip_timespan, self.repeat_aug, rng)
+            placed.update(starts=starts, duration=info.duration)
             return np.concatenate([clip_times(s, self.num_frames, self.sampling_rate, self.target_fps)
                                    for s in starts])
 
-        frames, _, _ = decode_frames(path, times, threads=self.decode_threads)
+        frames, _, _ = decode_frames(path, times, threads=self.decode_threads, buffer=self.frame_buffer)
         frames = torch.from_numpy(frames)
         _, h, w, _ = frames.shape
-        out = []
+        t, s = self.num_frames, self.crop_size
+        # without RandAugment / erasing each clip goes straight into the item's tensor
+        plain = self.rand_aug is None and self.eraser is None
+        if plain:
+            clips = torch.empty((self.repeat_aug, 3, t, s, s), dtype=torch.float32 if self.normalize else torch.uint8)
+        out, geometry = [], []
         for r in range(self.repeat_aug):
-            box = random_resized_box(h, w, rng, self.scale, self.aspect, self.short_side_range, self.crop_size)
+            box = random_resized_box(h, w, rng, self.scale, self.aspect, self.short_side_range, s)
             flip = bool(self.hflip and rng.random() < 0.5)
-            clip = crop_resize(frames[r * self.num_frames:(r + 1) * self.num_frames], box, self.crop_size, flip)
+            geometry.append((placed["starts"][r], placed["duration"], box[0] / h, box[1] / w, box[2] / h, box[3] / w,
+                             float(flip)))
+            if plain:
+                crop_resize(frames[r * t:(r + 1) * t], box, s, flip, out=clips[r])
+                continue
+            clip = crop_resize(frames[r * t:(r + 1) * t], box, s, flip)
             if self.rand_aug is not None:
                 clip = clip_rand_augment(clip, self.rand_aug, int(rng.integers(2**31)))
             if self.normalize:
@@ -193,13 +253,29 @@ class VideoDataset(torch.utils.data.Dataset):
             if self.eraser is not None:
                 clip = clip_random_erase(clip, self.eraser, int(rng.integers(2**31)))
             out.append(clip)
-        return torch.stack(out)
+        self._geometry = torch.tensor(geometry, dtype=torch.float32)  # read by __getitem__ (one item at a time)
+        if not plain:
+            return torch.stack(out)
+        return normalize_clips(clips, inplace=True) if self.normalize else clips
+
+
+def timespan_clip_starts(duration: float, span: float, timespan: float, count: int,
+                         rng: np.random.Generator) -> list[float]:
+    """`count` clip starts drawn uniformly in a window of `timespan` s placed uniformly in the video.
+
+    So no two clips start more than `timespan` apart (the rho-persistency study's timespan limit);
+    a window longer than the room for starts is the whole video.
+    """
+    room = max(0.0, duration - span)
+    width = min(room, max(0.0, timespan))
+    low = float(rng.uniform(0.0, room - width))
+    return [low + float(rng.uniform(0.0, width)) for _ in range(count)]
 
 
 def collate_clips(batch: list[dict]) -> dict:
-    """Concatenate items along R: clips [B*R, C, T, H, W], label/index/view [B*R], noise [B*R, L]."""
-    out = {k: torch.cat([b[k] for b in batch]) for k in ("clips", "label", "index", "view", "noise")
-           if k in batch[0]}
+    """Concatenate items along R: clips [B*R, C, T, H, W], label/index/view [B*R], noise [B*R, L], geometry [B*R, 7]."""
+    keys = ("clips", "label", "index", "view", "valid", "noise", "geometry")
+    out = {k: torch.cat([b[k] for b in batch]) for k in keys if k in batch[0]}
     out["failures"] = sum(b["failures"] for b in batch)
     out["attempts"] = sum(b["attempts"] for b in batch)
     out["failed_paths"] = [p for b in batch for p in b["failed_paths"]]

@@ -76,13 +76,11 @@ class Trainer:
         """The next submission after a time-out or preemption: the same run, resuming from OUT/checkpoints/latest.
 
         util.preemption calls this on rank 0 after the collective save (it stands in for submitit's
-        in-signal call, which would exit rank 0 before the others saved).
+        in-signal call, which would exit rank 0 before the others saved). submitit's own handler calls
+        it only before the watcher is installed (start-up), when there is nothing to save yet.
         """
         import submitit
 
-        from util.preemption import request_stop
-
-        request_stop()  # if submitit's own handler called us: make the ranks stop and save first
         args = copy.deepcopy(self.args)
         args.resume, args.auto_resume = "", True
         return submitit.helpers.DelayedSubmission(Trainer(args, self.main_module))

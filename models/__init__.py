@@ -6,13 +6,13 @@ from collections.abc import Callable
 
 from torch import nn
 
-from models import mae, vit
+from models import mae, rho, vit
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     name: getattr(module, name)
-    for module in (mae, vit)
+    for module in (mae, rho, vit)
     for name in dir(module)
-    if name.startswith(("mae_vit_", "vit_")) and callable(getattr(module, name))
+    if name.startswith(("mae_vit_", "rho_vit_", "vit_")) and callable(getattr(module, name))
 }
 
 

@@ -22,8 +22,8 @@ Design choices:
   logits enter nothing but the policy-gradient term.
 - The Gumbel noise is built from `1 - u`, so with equal logits the sampler keeps exactly the tokens
   random masking keeps for the same noise (a untrained sampler starts as random masking, in law).
-- The block is a plain `models.video_vit.Block`, so FSDP2 / ZeRO / activation checkpointing wrap it
-  like every other block, from outside.
+- The block is a plain `models.video_vit.Block` listed by the MAE's `shard_units()`, so FSDP2 / ZeRO /
+  activation checkpointing / compile wrap it like every other block, from outside.
 """
 
 from __future__ import annotations
@@ -81,11 +81,10 @@ class AdaptiveTokenSampler(nn.Module):
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)])
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, 1)
-        self.grad_checkpointing = False
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, L] of the sampling distribution over the L tokens of `tokens` [B, L, D]."""
-        x = run_blocks(self.blocks, tokens + self.pos_embed, self.grad_checkpointing)
+        x = run_blocks(self.blocks, tokens + self.pos_embed)
         return self.head(self.norm(x)).squeeze(-1).float()
 
     def sample(

@@ -4,14 +4,31 @@ The encoder sees only the visible tokens (10% at the default 90% masking), which
 pretraining cheap; a light decoder (512-d, 4 blocks) gets the encoder output plus mask tokens and
 regresses the (per-patch normalised) pixels of the hidden tokens.
 
-Targets: the decoder predicts `pred_t_dim` frames (default 8 of 16, i.e. every second frame), so a
-2-frame token regresses its first frame only. MAE-ST predicts 8 frames for 16-frame clips too; it
-halves the pixel head and the target work with no measured loss in accuracy.
+Targets: the decoder predicts `pred_t_dim` frames (default 8 of 16), so a 2-frame token regresses
+one frame. MAE-ST predicts 8 frames for 16-frame clips too; it halves the pixel head and the target
+work with no measured loss in accuracy. Which frames is a convention (`target_frames`):
+- "stride" (default): every (T / pred_t_dim)-th frame, [0, 2, ..., 14] for 16 -> 8, the first frame
+  of each token. PySlowFast (`MASK.TIME_STRIDE_LOSS`), which trained the released MAE-ST weights.
+- "linspace": `linspace(0, T - 1, pred_t_dim)` rounded down, [0, 2, ..., 12, 15] for 16 -> 8, as the
+  mae_st repository's own pretraining code does (its last target is the clip's last frame).
 
 Options (constructor arguments, see models/adamae.py and models/masking.py for the why):
+- `mask_type="amt"`: AMT's attention-driven masking and throwing (models/amt.py): `throw_ratio` of
+  the tokens are thrown (in neither encoder, decoder nor loss); `forward(..., attention=w)` takes the
+  per-token attention weights [B, L] of the batch (uniform when None), `forward(clips,
+  return_cls_attention=True)` returns the last block's normalised [CLS] attention over all tokens
+  [B, L], and `amt_num_videos > 0` registers the per-video table `amt_attention` [N, t, h, w]
+  (uint8, 255 = 1.0) that the training task refreshes. Like decoder masking, the returned `mask` is
+  1 exactly where the loss is taken (the masked tokens); `amt_thrown` holds the last thrown ones.
 - `mask_type="adaptive"`: AdaMAE's learned token sampler; the loss becomes
   recon + sampler_loss_weight * policy-gradient loss, and `sampler_metrics` / `sampler_probs`
   (detached) hold the last forward's sampler entropy, sampler loss and per-token probabilities.
+- `init_values > 0`: layer scale (per-channel gains on each residual branch, VideoMAE/CaiT style) in
+  the encoder blocks; `decoder_init_values` (default: the same) in the decoder blocks.
+- `decoder_cls="encoder"`: the decoder's class token is `decoder_embed` of the encoder's class-token
+  output, as PySlowFast's MAE decoder does, instead of a learned `decoder_cls_token` (MAE-ST code).
+- `decoder_sep_pos_embed`: the decoder's position table form (default: as `sep_pos_embed`);
+  PySlowFast's MAE decoder has one joint table (`MASK.DECODER_SEP_POS_EMBED: False`).
 - `decoder_mask_ratio > 0` (training mode only): VideoMAE v2 decoder masking; the decoder gets the
   visible tokens plus only a running-cell subset of the hidden ones. Then `pred` is [B, L, P] with
   zeros for tokens the decoder did not predict, and the returned `mask` is 1 exactly where the loss
@@ -27,7 +44,9 @@ import torch
 from torch import nn
 
 from models.adamae import AdaptiveTokenSampler, policy_gradient_loss, sampler_stats
-from models.masking import decoder_targets, get_mask_sampler
+from models.amt import amt_counts, amt_masking, normalize_cls_attention
+from models.flops import block_flops, masked_autoencoder_flops, with_train_step
+from models.masking import decoder_targets, get_mask_sampler, num_visible
 from models.video_vit import (
     Block,
     LayerNorm6,
@@ -38,6 +57,10 @@ from models.video_vit import (
     pos_tables,
     run_blocks,
 )
+
+# Conventions a released checkpoint was trained with (see the module docstring).
+TARGET_FRAMES = ("stride", "linspace")
+DECODER_CLS = ("learned", "encoder")
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -66,9 +89,24 @@ class MaskedAutoencoderViT(nn.Module):
         mask_type: str = "random",
         sampler_loss_weight: float = 1.0e-4,
         decoder_mask_ratio: float = 0.0,
+        init_values: float = 0.0,
+        decoder_init_values: float | None = None,
+        decoder_cls: str = "learned",
+        decoder_sep_pos_embed: bool | None = None,
+        target_frames: str = "stride",
+        throw_ratio: float = 0.0,
+        amt_num_videos: int = 0,
     ) -> None:
         super().__init__()
         pred_t_dim = num_frames // 2 if pred_t_dim is None else pred_t_dim
+        if target_frames not in TARGET_FRAMES:
+            raise ValueError(f"target_frames must be one of {TARGET_FRAMES}, got {target_frames!r}")
+        if decoder_cls not in DECODER_CLS:
+            raise ValueError(f"decoder_cls must be one of {DECODER_CLS}, got {decoder_cls!r}")
+        if decoder_cls == "encoder" and not cls_embed:
+            raise ValueError("decoder_cls='encoder' takes the decoder's class token from the encoder's: set cls_embed=True")
+        decoder_init_values = init_values if decoder_init_values is None else decoder_init_values
+        decoder_sep_pos_embed = sep_pos_embed if decoder_sep_pos_embed is None else decoder_sep_pos_embed
         self.patch_embed = PatchEmbed3D(img_size, patch_size, in_chans, embed_dim, num_frames, t_patch_size)
         t, h, w = self.grid_size = self.patch_embed.grid_size
         num_patches = t * h * w
@@ -78,38 +116,70 @@ class MaskedAutoencoderViT(nn.Module):
                 f"{t} temporal token positions (num_frames / t_patch_size)"
             )
         self.in_chans, self.patch_size, self.num_frames = in_chans, patch_size, num_frames
-        self.pred_t_dim = pred_t_dim
+        self.pred_t_dim, self.target_frames_rule = pred_t_dim, target_frames
+        # Frame indices the decoder regresses, fixed by the convention (see the module docstring).
+        if target_frames == "stride":
+            ids = list(range(0, num_frames, num_frames // pred_t_dim))
+        else:
+            ids = torch.linspace(0, num_frames - 1, pred_t_dim).long().tolist()
+        self.target_frame_ids: tuple[int, ...] = tuple(ids)
         self.t_pred_patch_size = pred_t_dim // t
         self.norm_pix_loss, self.cls_embed, self.sep_pos_embed = norm_pix_loss, cls_embed, sep_pos_embed
+        self.decoder_cls, self.decoder_sep_pos_embed = decoder_cls, decoder_sep_pos_embed
+        self.decoder_num_heads = decoder_num_heads
+        self.init_values, self.decoder_init_values = init_values, decoder_init_values
         self.mask_type = mask_type
-        self.mask_sampler = None if mask_type == "adaptive" else get_mask_sampler(mask_type)
+        self.mask_sampler = None if mask_type in ("adaptive", "amt") else get_mask_sampler(mask_type)
+        if mask_type == "amt":
+            if not cls_embed:
+                raise ValueError("mask_type='amt' reads the [CLS] token's attention: set cls_embed=True")
+            if decoder_mask_ratio > 0:
+                raise ValueError("mask_type='amt' already decodes only its masked tokens: use decoder_mask_ratio=0")
+            amt_counts(num_patches, 0.5, throw_ratio)  # range check now, not at the first step
+        elif throw_ratio:
+            raise ValueError(f"throw_ratio is AMT's (mask_type='amt'), not {mask_type!r}'s")
+        self.throw_ratio = throw_ratio
+        self.amt_thrown: torch.Tensor | None = None
         self.sampler_loss_weight, self.decoder_mask_ratio = sampler_loss_weight, decoder_mask_ratio
         if not 0.0 <= decoder_mask_ratio < 1.0:
             raise ValueError(f"decoder_mask_ratio must be in [0, 1), got {decoder_mask_ratio}")
+        mlp = int(embed_dim * mlp_ratio)
+        # Sizes by name, for FLOP counts that must not read (possibly sharded, empty) parameters.
+        self.arch = dict(embed_dim=embed_dim, depth=depth, mlp=mlp, decoder_embed_dim=decoder_embed_dim,
+                         decoder_depth=decoder_depth, decoder_mlp=int(decoder_embed_dim * mlp_ratio),
+                         patch_dim=in_chans * t_patch_size * patch_size**2,
+                         pred_dim=self.t_pred_patch_size * patch_size**2 * in_chans)
         self.sampler_metrics: dict[str, torch.Tensor] = {}
         self.sampler_probs: torch.Tensor | None = None
-        self.grad_checkpointing = False
 
         # Encoder
         if cls_embed:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         add_pos_embed(self, "", self.grid_size, embed_dim, cls_embed, sep_pos_embed)
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, init_values=init_values)
+             for _ in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
         if mask_type == "adaptive":
             self.adaptive_sampler = AdaptiveTokenSampler(embed_dim, num_patches, num_heads, mlp_ratio, norm_layer)
+        if mask_type == "amt" and amt_num_videos > 0:
+            # One byte per token and video (K400, ViT 16x224: 240k x 1568 = 376 MB), identical on every
+            # rank, saved with the model. 255 = 1.0: uniform until the first refresh (random masking
+            # and throwing). DDP would broadcast every buffer at every forward: it is told to skip it.
+            self.register_buffer("amt_attention", torch.full((amt_num_videos, t, h, w), 255, dtype=torch.uint8))
+            self._ddp_params_and_buffers_to_ignore = ["amt_attention"]
 
         # Decoder
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        if cls_embed:
+        if cls_embed and decoder_cls == "learned":
             self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        add_pos_embed(self, "decoder_", self.grid_size, decoder_embed_dim, cls_embed, sep_pos_embed)
+        add_pos_embed(self, "decoder_", self.grid_size, decoder_embed_dim, cls_embed, decoder_sep_pos_embed)
         self.decoder_blocks = nn.ModuleList(
             [
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                      init_values=decoder_init_values)
                 for _ in range(decoder_depth)
             ]
         )
@@ -129,11 +199,45 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.zeros_(self.adaptive_sampler.head.weight)
 
     # ----------------------------------------------------------------- helpers
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every encoder and decoder block in backward (non-reentrant) to save memory."""
-        self.grad_checkpointing = enable
+    def shard_units(self) -> list[nn.Module]:
+        """The units that parallelism wraps from outside (activation checkpointing, compile, FSDP2): every block."""
+        units = list(self.blocks) + list(self.decoder_blocks)
         if self.mask_type == "adaptive":
-            self.adaptive_sampler.grad_checkpointing = enable
+            units += list(self.adaptive_sampler.blocks)
+        return units
+
+    def flops_per_clip(self, mask_ratio: float) -> dict[str, int]:
+        """Analytic FLOPs per clip of a training step at `mask_ratio`, from the configuration.
+
+        Counts the training-mode model: decoder masking shrinks the decoder's tokens, and AdaMAE's
+        sampler adds one block over every patch (which then must all be embedded).
+        """
+        a = self.arch
+        num_patches = self.patch_embed.num_patches
+        visible = num_visible(num_patches, mask_ratio)
+        decoder_patches = num_patches
+        if self.decoder_mask_ratio > 0:
+            decoder_patches = visible + max(1, int((num_patches - visible) * (1 - self.decoder_mask_ratio)))
+        adaptive = self.mask_type == "adaptive"
+        pred_tokens = None
+        if self.mask_type == "amt":
+            # Thrown tokens cost nothing: the decoder sees the visible and the masked ones, the head only the masked.
+            visible, masked, _ = amt_counts(num_patches, mask_ratio, self.throw_ratio)
+            decoder_patches, pred_tokens = visible + masked, masked
+        parts = masked_autoencoder_flops(
+            num_patches=num_patches, num_visible=visible, num_decoder_patches=decoder_patches,
+            # forward_encoder embeds only the visible tubelets, unless the sampler needs them all
+            num_embed_tokens=num_patches if adaptive else visible,
+            patch_dim=a["patch_dim"], enc_dim=a["embed_dim"], enc_depth=a["depth"], enc_mlp=a["mlp"],
+            dec_dim=a["decoder_embed_dim"], dec_depth=a["decoder_depth"], dec_mlp=a["decoder_mlp"],
+            pred_dim=a["pred_dim"], num_prefix=int(self.cls_embed), num_pred_tokens=pred_tokens,
+        )
+        if adaptive:
+            one = block_flops(num_patches, a["embed_dim"], a["mlp"])
+            parts.pop("forward"), parts.pop("train_step")
+            parts["sampler"] = one["linear"] + one["attention"] + 2 * num_patches * a["embed_dim"]
+            parts = with_train_step(parts)
+        return parts
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (tokens and positional embeddings)."""
@@ -149,9 +253,11 @@ class MaskedAutoencoderViT(nn.Module):
         return len(self.blocks) + 2
 
     def target_frames(self, clips: torch.Tensor) -> torch.Tensor:
-        """Frames the decoder regresses: every (T / pred_t_dim)-th frame, [B, C, pred_t_dim, H, W]."""
-        stride = self.num_frames // self.pred_t_dim
-        return clips[:, :, ::stride]
+        """Frames the decoder regresses, [B, C, pred_t_dim, H, W], by the `target_frames` convention."""
+        if self.target_frames_rule == "stride":
+            return clips[:, :, :: self.num_frames // self.pred_t_dim]  # a view: no copy
+        ids = torch.tensor(self.target_frame_ids, device=clips.device)
+        return clips.index_select(2, ids)
 
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
         """[B, C, T_pred, H, W] -> [B, L, u * p * p * C] in token order (u frames per token)."""
@@ -173,15 +279,33 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _pos_table(self, decoder: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(patch position table [1, L, D], class position [1, 1, D] or None) of encoder or decoder."""
-        return pos_tables(self, "decoder_" if decoder else "", self.cls_embed, self.sep_pos_embed)
+        if decoder:
+            return pos_tables(self, "decoder_", self.cls_embed, self.decoder_sep_pos_embed)
+        return pos_tables(self, "", self.cls_embed, self.sep_pos_embed)
+
+    def _decoder_cls(self, embedded_cls: torch.Tensor) -> torch.Tensor:
+        """The decoder's class token [B, 1, Dd]: learned, or the embedded encoder class token (PySlowFast)."""
+        if self.decoder_cls == "encoder":
+            return embedded_cls
+        return self.decoder_cls_token.expand(embedded_cls.shape[0], -1, -1)
 
     # ----------------------------------------------------------------- forward
     def forward_encoder(
-        self, clips: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+        self, clips: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed, keep the visible tokens, encode: (latent [B, (1+)K, D], mask [B, L], ids_restore)."""
         B = clips.shape[0]
-        if self.mask_type == "adaptive":
+        if self.mask_type == "amt":
+            L = self.patch_embed.num_patches
+            noise = torch.rand(B, L, device=clips.device) if noise is None else noise
+            weights = torch.ones(B, L, device=clips.device) if attention is None else attention
+            ids_keep, ids_restore, ids_masked, ids_thrown = amt_masking(weights, noise, mask_ratio, self.throw_ratio)
+            self._amt_ids_masked = ids_masked  # for forward's decoder (popped there, like AdaMAE's log-probs)
+            self.amt_thrown = torch.zeros(B, L, device=clips.device).scatter(1, ids_thrown, 1.0)
+            mask = torch.ones(B, L, device=clips.device).scatter(1, ids_keep, 0.0)  # hidden from the encoder
+            x = self.patch_embed.embed(self.patch_embed.tubelets(clips, ids_keep))
+        elif self.mask_type == "adaptive":
             # The sampler reads every token's embedding; the encoder then takes its visible ones.
             tokens = self.patch_embed(clips)
             (ids_keep, ids_restore, mask), self._sampler_log_probs = self.adaptive_sampler.sample(tokens, mask_ratio, noise)
@@ -195,7 +319,7 @@ class MaskedAutoencoderViT(nn.Module):
         if self.cls_embed:
             cls = self.cls_token + (cls_pos if cls_pos is not None else 0)
             x = torch.cat([cls.expand(B, -1, -1), x], dim=1)
-        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        x = run_blocks(self.blocks, x)
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -204,15 +328,15 @@ class MaskedAutoencoderViT(nn.Module):
         B, L = ids_restore.shape
         D = x.shape[-1]
         if self.cls_embed:
-            x = x[:, 1:]
+            cls, x = x[:, :1], x[:, 1:]
         mask_tokens = self.mask_token.expand(B, L - x.shape[1], -1)
         x = torch.cat([x, mask_tokens], dim=1)
         x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
         pos, cls_pos = self._pos_table(decoder=True)
         x = x + pos
         if self.cls_embed:
-            x = torch.cat([(self.decoder_cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
-        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing)
+            x = torch.cat([self._decoder_cls(cls) + cls_pos, x], dim=1)
+        x = run_blocks(self.decoder_blocks, x)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:] if self.cls_embed else x
 
@@ -223,15 +347,15 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_embed(latent)
         B, L = ids_restore.shape
         if self.cls_embed:
-            x = x[:, 1:]  # as in forward_decoder, the decoder has its own class token
+            cls, x = x[:, :1], x[:, 1:]
         K, M = x.shape[1], ids_target.shape[1]
         ids_keep = ids_restore.argsort(dim=1)[:, :K]  # the encoder's token order
         pos, cls_pos = self._pos_table(decoder=True)
         # Attention is order-free given the positions: [visible..., targets...] needs no un-shuffle.
         x = torch.cat([x, self.mask_token.expand(B, M, -1)], dim=1) + pos[0][torch.cat([ids_keep, ids_target], 1)]
         if self.cls_embed:
-            x = torch.cat([(self.decoder_cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
-        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing)
+            x = torch.cat([self._decoder_cls(cls) + cls_pos, x], dim=1)
+        x = run_blocks(self.decoder_blocks, x)
         out = self.decoder_pred(self.decoder_norm(x[:, -M:]))  # no head work for dropped or visible tokens
         pred = out.new_zeros(B, L, out.shape[-1])
         return pred.scatter(1, ids_target.unsqueeze(-1).expand(-1, -1, out.shape[-1]), out)
@@ -249,12 +373,33 @@ class MaskedAutoencoderViT(nn.Module):
         """Mean squared error over hidden tokens only (normalised per patch when norm_pix_loss)."""
         return (self.token_errors(clips, pred) * mask).sum() / mask.sum()
 
+    def cls_attention_map(self, clips: torch.Tensor) -> torch.Tensor:
+        """AMT's attention: the last block's [CLS] attention over every token of unmasked clips, normalised [B, L]."""
+        x = self.patch_embed(clips)
+        pos, cls_pos = self._pos_table(decoder=False)
+        x = x + pos
+        if self.cls_embed:
+            x = torch.cat([(self.cls_token + cls_pos).expand(x.shape[0], -1, -1), x], dim=1)
+        x = run_blocks(self.blocks[:-1], x)
+        return normalize_cls_attention(self.blocks[-1](x, cls_attention=True), int(self.cls_embed))
+
     def forward(
-        self, clips: torch.Tensor, mask_ratio: float = 0.9, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Masked reconstruction of clips [B, C, T, H, W]: (loss, pred [B, L, u*p*p*C], mask [B, L])."""
-        latent, mask, ids_restore = self.forward_encoder(clips, mask_ratio, noise)
-        if self.decoder_mask_ratio > 0 and self.training:
+        self, clips: torch.Tensor, mask_ratio: float = 0.9, noise: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None, return_cls_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Masked reconstruction of clips [B, C, T, H, W]: (loss, pred [B, L, u*p*p*C], mask [B, L]).
+
+        `attention` [B, L]: AMT's per-token weights. `return_cls_attention`: only AMT's attention map
+        [B, L] (`cls_attention_map`), through `forward` so that sharded wrappers gather the parameters.
+        """
+        if return_cls_attention:
+            return self.cls_attention_map(clips)
+        latent, mask, ids_restore = self.forward_encoder(clips, mask_ratio, noise, attention)
+        if self.mask_type == "amt":
+            ids_masked = self.__dict__.pop("_amt_ids_masked")
+            pred = self.forward_decoder_subset(latent, ids_restore, ids_masked)
+            mask = torch.zeros_like(mask).scatter(1, ids_masked, 1.0)  # 1 where the loss is taken
+        elif self.decoder_mask_ratio > 0 and self.training:
             num_hidden = ids_restore.shape[1] - latent.shape[1] + int(self.cls_embed)
             ids_target = decoder_targets(mask, self.grid_size, self.decoder_mask_ratio, noise, num_hidden)
             pred = self.forward_decoder_subset(latent, ids_restore, ids_target)

@@ -96,7 +96,8 @@ def cube_masking(batch: int, grid: Grid, ratio: float, noise: torch.Tensor | Non
     dev = noise.device
     # Per-sample grid offsets from the noise (scaled so they do not follow a token's own noise).
     frac = torch.frac(noise[:, :3] * 9973.0)
-    off = (frac * torch.tensor([ct, ch, cw], device=dev)).long()  # [B, 3]
+    # python ints, not a device tensor made from a list: that would copy from the host (a GPU sync)
+    off = torch.stack([frac[:, 0] * ct, frac[:, 1] * ch, frac[:, 2] * cw], dim=1).long()  # [B, 3]
     tt = torch.arange(t, device=dev).view(t, 1, 1)
     hh = torch.arange(h, device=dev).view(1, h, 1)
     ww = torch.arange(w, device=dev).view(1, 1, w)
@@ -121,8 +122,9 @@ MASK_SAMPLERS: dict[str, Callable[..., MaskOutput]] = {
 
 
 # Every --mask_type: the samplers above plus AdaMAE's learned one (a module, models/adamae.py, built
-# by the model because it needs the patch embeddings; it is not a plain function of the noise).
-MASK_TYPES: tuple[str, ...] = (*MASK_SAMPLERS, "adaptive")
+# by the model because it needs the patch embeddings; it is not a plain function of the noise) and
+# AMT's attention-driven masking and throwing (models/amt.py: it also needs the attention weights).
+MASK_TYPES: tuple[str, ...] = (*MASK_SAMPLERS, "adaptive", "amt")
 
 
 def running_cell_rank(grid: Grid, device: torch.device | str | None = None) -> torch.Tensor:

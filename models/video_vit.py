@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 # MAE's norm: LayerNorm with eps 1e-6 (a module-level constant so it can be an argument default).
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
@@ -106,9 +105,24 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x))
 
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention weights of the first ([CLS]) query over all N tokens of x [B, N, D]: [B, heads, N]."""
+        B, N, _ = x.shape
+        # Only the class token's row is needed: q for one token, k for all (SDPA does not return weights).
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        q, k = qkv[:, :1, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # [B, h, 1, d], [B, h, N, d]
+        scores = (q.float() @ k.float().transpose(-2, -1)) * self.head_dim**-0.5
+        return scores.softmax(dim=-1).squeeze(2)
+
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the unit that parallelism (FSDP, checkpointing, compile) wraps."""
+    """Pre-norm transformer block; the unit that parallelism (FSDP, checkpointing, compile) wraps.
+
+    `init_values > 0` adds layer scale (CaiT; VideoMAE's and PySlowFast's `init_values` /
+    `LAYER_SCALE_INIT_VALUE`): learned per-channel gains `gamma_1`, `gamma_2` on the two residual
+    branches, under those releases' names so their weights load by name. 0 (the default) registers
+    no gammas, so the state-dict keys of models without layer scale are unchanged.
+    """
 
     def __init__(
         self,
@@ -120,28 +134,42 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        init_values: float = 0.0,
     ) -> None:
         super().__init__()
+        if init_values < 0:
+            raise ValueError(f"init_values (layer scale) must be >= 0 (0 = off), got {init_values}")
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.gamma_1: nn.Parameter | None = None
+        self.gamma_2: nn.Parameter | None = None
+        if init_values > 0:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual attention then residual MLP."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, cls_attention: bool = False) -> torch.Tensor:
+        """Residual attention then residual MLP (each branch scaled by its gamma under layer scale).
+
+        With `cls_attention` it returns instead the [CLS] query's attention weights [B, heads, N] (as
+        DINO visualises them; AMT reads the last block's). A flag of `forward`, not a method, so that
+        FSDP2 / ZeRO-3 hooks gather the block's parameters and wrappers (checkpointing, compile) pass it.
+        """
+        if cls_attention:
+            return self.attn.cls_attention(self.norm1(x))
+        if self.gamma_1 is None:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x)))
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
-    """Run blocks in order, recomputing each block's activations in backward when asked."""
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Run blocks in order (activation checkpointing, if any, is wrapped around them from outside)."""
     for blk in blocks:
-        if grad_checkpointing and torch.is_grad_enabled():
-            # Non-reentrant: works with FSDP2/DDP, kwargs and tensors that do not require grad.
-            x = checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = blk(x)
+        x = blk(x)
     return x
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.flops import vit_flops
 from models.video_vit import (
     Block,
     LayerNorm6,
@@ -18,7 +19,11 @@ from models.video_vit import (
 
 
 class VisionTransformer(nn.Module):
-    """ViT over all spacetime tokens; mean-pooled patch tokens -> fc norm -> dropout -> linear head."""
+    """ViT over all spacetime tokens; mean-pooled patch tokens -> fc norm -> dropout -> linear head.
+
+    `init_values > 0` turns on layer scale in every block (VideoMAE's `--init_values`; its
+    checkpoints' `gamma_1`/`gamma_2` load by name); 0 (default) keeps the plain blocks.
+    """
 
     def __init__(
         self,
@@ -40,6 +45,7 @@ class VisionTransformer(nn.Module):
         cls_embed: bool = False,
         sep_pos_embed: bool = True,
         global_pool: bool = True,
+        init_values: float = 0.0,
     ) -> None:
         super().__init__()
         if not global_pool and not cls_embed:
@@ -48,7 +54,7 @@ class VisionTransformer(nn.Module):
         t, h, w = self.grid_size = self.patch_embed.grid_size
         self.cls_embed, self.sep_pos_embed, self.global_pool = cls_embed, sep_pos_embed, global_pool
         self.num_classes, self.embed_dim = num_classes, embed_dim
-        self.grad_checkpointing = False
+        self.mlp_hidden, self.patch_dim = int(embed_dim * mlp_ratio), in_chans * t_patch_size * patch_size**2
         if cls_embed:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         add_pos_embed(self, "", self.grid_size, embed_dim, cls_embed, sep_pos_embed)
@@ -57,7 +63,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             [
                 Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], attn_drop=attn_drop_rate,
-                      norm_layer=norm_layer)
+                      norm_layer=norm_layer, init_values=init_values)
                 for i in range(depth)
             ]
         )
@@ -74,9 +80,15 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every block in backward (non-reentrant) to save activation memory."""
-        self.grad_checkpointing = enable
+    def shard_units(self) -> list[nn.Module]:
+        """The units that parallelism wraps from outside (activation checkpointing, compile, FSDP2): the blocks."""
+        return list(self.blocks)
+
+    def flops_per_clip(self) -> dict[str, int]:
+        """Analytic FLOPs per clip (forward parts, "forward", "train_step"), from the configuration."""
+        return vit_flops(num_patches=self.patch_embed.num_patches, patch_dim=self.patch_dim, dim=self.embed_dim,
+                         depth=len(self.blocks), mlp=self.mlp_hidden, num_prefix=int(self.cls_embed),
+                         num_classes=self.num_classes)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay."""
@@ -99,7 +111,7 @@ class VisionTransformer(nn.Module):
         x = x + pos
         if self.cls_embed:
             x = torch.cat([(self.cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
-        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        x = run_blocks(self.blocks, x)
         if self.global_pool:
             # Only drop the first token when it is a class token: all others are real patches.
             tokens = x[:, 1:] if self.cls_embed else x
@@ -109,6 +121,18 @@ class VisionTransformer(nn.Module):
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         """Class logits [B, num_classes] for clips [B, C, T, H, W]."""
         return self.head(self.head_drop(self.forward_features(clips)))
+
+
+def to_linear_probe(model: VisionTransformer) -> VisionTransformer:
+    """Freeze everything, then put a fresh BatchNorm1d(D, affine=False, eps=1e-6) + linear head on top (MAE)."""
+    for p in model.parameters():
+        p.requires_grad = False
+    head = nn.Linear(model.embed_dim, model.num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.01)  # MAE's linear-probe init
+    nn.init.zeros_(head.bias)
+    # The un-affine BatchNorm whitens features whose scale varies a lot between pretrained models.
+    model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6), head)
+    return model
 
 
 def _vit(size: tuple[int, int, int], patch_size: int, **kwargs) -> VisionTransformer:

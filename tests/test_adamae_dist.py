@@ -16,7 +16,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import CLIP, GLOBAL_BATCH, LAYER_DECAY, MASK_RATIO, batch, lr_at, make_args, micro_indices  # noqa: E402
+from common import (  # noqa: E402,E501
+    CLIP,
+    GLOBAL_BATCH,
+    LAYER_DECAY,
+    MASK_RATIO,
+    batch,
+    lr_at,
+    make_backend,
+    micro_indices,
+    micro_step,
+)
 
 SCENARIOS = {"fsdp": {"dist": "fsdp"}, "fsdp_ckpt": {"dist": "fsdp", "grad_ckpt": True},
              "zero2": {"dist": "deepspeed", "zero_stage": 2}}
@@ -57,21 +67,18 @@ def reference() -> tuple[list[float], list[float]]:
 def worker(out: Path) -> None:
     """Run every scenario on this rank; rank 0 writes results.json."""
     from util import distributed as du
-    from util.parallel import setup_parallel
 
     info = du.init_distributed()
     results: dict = {"reference": reference()}
     for name, flags in SCENARIOS.items():
         model = make_adaptive()
-        backend = setup_parallel(model, make_args(**flags, batch_size=GLOBAL_BATCH // info.world_size), info)
+        backend = make_backend(model, info, **flags, batch_size=GLOBAL_BATCH // info.world_size)
         losses, entropies = [], []
         for s in range(STEPS):
             for g in backend.param_groups:
                 g["lr"] = lr_at(s) * g["lr_scale"]
             clips, noise = batch(micro_indices(s, info.rank, info.world_size, 1, 0))
-            with backend.autocast():
-                loss = backend.module(clips, MASK_RATIO, noise)[0]
-            backend.backward(loss, is_last_microstep=True)
+            loss = micro_step(backend, clips, noise)
             backend.step()
             losses.append(float(du.all_reduce_mean(loss.detach())))
             entropies.append(float(du.all_reduce_mean(backend.unwrapped.sampler_metrics["sampler_entropy"])))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
-from common import MASK_RATIO, batch, make_args, make_model  # noqa: E402
+from common import batch, make_backend, make_model, micro_step  # noqa: E402
 from dist_launch import REPO, run  # noqa: E402
 
 from util.checkpoint import (  # noqa: E402
@@ -28,24 +27,23 @@ from util.checkpoint import (  # noqa: E402
     load_weights_file,
     save_checkpoint,
 )
+from util.config import OptimConfig, ParallelConfig  # noqa: E402
 from util.distributed import DistInfo, first_slurm_host  # noqa: E402
 from util.optim import param_groups  # noqa: E402
-from util.parallel import apply_block_wrappers, deepspeed_config, setup_parallel  # noqa: E402
+from util.parallel import apply_checkpointing, deepspeed_config  # noqa: E402
 
 ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
 
 
 def ddp_backend(**over):
     """A single-process DDP backend (plain module) over the tiny model."""
-    return setup_parallel(make_model(), make_args(**over), ALONE)
+    return make_backend(make_model(), ALONE, **over)
 
 
 def train_step(backend, step: int) -> float:
     """One optimizer step on global samples [4 step, 4 step + 4)."""
     clips, noise = batch(list(range(4 * step, 4 * step + 4)))
-    with backend.autocast():
-        loss, _, _ = backend.module(clips, MASK_RATIO, noise)
-    backend.backward(loss, True)
+    loss = micro_step(backend, clips, noise)
     backend.step()
     return loss.item()
 
@@ -140,7 +138,7 @@ def test_loading_another_backends_checkpoint_is_a_clear_error(tmp_path: Path) ->
 def test_param_groups_decay_rules_and_layer_scales() -> None:
     """No decay on biases, norms, pos-embeds and tokens; lr_scale = decay ** (L - 1 - layer); wrapper names cleaned."""
     model = make_model()
-    apply_block_wrappers(model, grad_ckpt=True, compile_blocks=False)
+    apply_checkpointing(model)
     groups = param_groups(model, 0.05, layer_decay=0.5)
     by_name = {n: g for g in groups for n in g["names"]}
     assert len(by_name) == len(list(model.parameters()))
@@ -158,18 +156,36 @@ def test_param_groups_decay_rules_and_layer_scales() -> None:
 def test_backend_flags_validation_and_deepspeed_config(tmp_path: Path) -> None:
     """fp16 on FSDP is refused with a hint; a user DeepSpeed JSON is merged over the generated config."""
     with pytest.raises(ValueError, match="use bf16"):
-        setup_parallel(make_model(), make_args(dist="fsdp", precision="fp16"), ALONE)
+        make_backend(make_model(), ALONE, dist="fsdp", precision="fp16")
     with pytest.raises(ValueError, match="choose one of"):
-        setup_parallel(make_model(), make_args(dist="horovod"), ALONE)
+        make_backend(make_model(), ALONE, dist="horovod")
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 2.0}))
-    args = argparse.Namespace(**vars(make_args(zero_stage=3, accum_iter=4, precision="bf16", batch_size=8)))
-    cfg = deepspeed_config(args)
+    par, opt = ParallelConfig(dist="deepspeed", zero_stage=3, precision="bf16"), OptimConfig(clip_grad=2.0)
+    cfg = deepspeed_config(par, opt, accum_iter=4, micro_batch=8)
     assert cfg["zero_optimization"] == {"stage": 3} and cfg["gradient_accumulation_steps"] == 4
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"] and cfg["train_micro_batch_size_per_gpu"] == 8
-    args.deepspeed_config = str(user)
-    cfg = deepspeed_config(args)
+    par.deepspeed_config = str(user)
+    cfg = deepspeed_config(par, opt, accum_iter=4, micro_batch=8)
     assert cfg["zero_optimization"] == {"stage": 3, "overlap_comm": True} and cfg["gradient_clipping"] == 2.0
+
+
+@pytest.mark.parametrize("json_part, named", [
+    ({"gradient_accumulation_steps": 8}, ("gradient_accumulation_steps is 8", "--accum_iter gives 4")),
+    ({"bf16": {"enabled": False}, "fp16": {"enabled": True}}, ("bf16.enabled is False", "--precision gives 'bf16'")),
+    ({"gradient_clipping": 1.0}, ("gradient_clipping is 1.0", "--clip_grad gives 0.5")),
+    ({"train_micro_batch_size_per_gpu": 2}, ("train_micro_batch_size_per_gpu is 2", "--batch_size gives 8")),
+])
+def test_deepspeed_json_that_disagrees_with_the_flags_stops_at_start(tmp_path: Path, json_part: dict,
+                                                                      named: tuple[str, str]) -> None:
+    """The loop's accumulation, precision, clipping and batch must be DeepSpeed's too: both values named."""
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps(json_part))
+    par = ParallelConfig(dist="deepspeed", zero_stage=2, precision="bf16", deepspeed_config=str(user))
+    with pytest.raises(ValueError) as exc:
+        deepspeed_config(par, OptimConfig(clip_grad=0.5), accum_iter=4, micro_batch=8)
+    for text in named:
+        assert text in str(exc.value), str(exc.value)
 
 
 def test_first_slurm_host() -> None:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from main_pretrain import DEMO_CONFIG, get_args_parser
-from util.config import parse_args, save_config
+from util.config import flag_values, parse_args, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
     parser = get_args_parser()
     args = parse_args(parser, ["--batch_size", "5", "--no-cls_embed"], default_config=DEMO_CONFIG)
     args.lr = 0.123  # derived values that are real flags are kept
-    save_config(args, tmp_path / "config.yaml", parser)
+    save_config(flag_values(args, parser), tmp_path / "config.yaml")
     again = parse_args(get_args_parser(), ["--config", str(tmp_path / "config.yaml")])
     assert vars(again) | {"config": None} == vars(args) | {"config": None}
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["cls_embed"] is False

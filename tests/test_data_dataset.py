@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from test_data_helpers import read_counter, write_audio_only, write_counter_video
@@ -149,8 +150,7 @@ def test_bad_files_skipped_and_counted_through_workers(videos, tmp_path):
     shutil.copy(videos / "land.mp4", tmp_path / "land.mp4")
     good, bad = _bad_files(tmp_path)
     rows = [(good, 0)] * 18 + [(p, 1) for p in bad.values()]
-    ds = VideoDataset(_list(tmp_path, rows, "list.csv"), num_frames=2, sampling_rate=2, crop_size=16,
-                      max_failure_rate=0.5)
+    ds = VideoDataset(_list(tmp_path, rows, "list.csv"), num_frames=2, sampling_rate=2, crop_size=16)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_clips)
     tracker = FailureTracker(max_failure_rate=0.5)
     seen, failed = 0, []
@@ -160,12 +160,14 @@ def test_bad_files_skipped_and_counted_through_workers(videos, tmp_path):
         failed += batch["failed_paths"]
         assert batch["failures"] == len(batch["failed_paths"])
     assert seen == len(rows)
-    # every bad file was tried once as itself (maybe again as a replacement draw) and counted
-    assert set(failed) == set(bad.values()) and tracker.failures == len(failed)
+    # every bad file was tried once as itself (maybe again as a replacement draw) and counted; the good
+    # file is never blamed (the count is taken in the main process, outside any decode's error handling)
+    assert set(failed) == set(bad.values()) and tracker.failures == len(failed) and good not in tracker.examples
     assert tracker.attempts == len(rows) + tracker.failures
 
 
 def test_mostly_bad_dataset_stops_with_clear_error(videos, tmp_path):
+    """Half the files empty: the main process's tracker stops the run, naming only bad files."""
     rows = [(str(videos / "land.mp4"), 0)] * 20
     for i in range(20):
         (tmp_path / f"empty{i}.mp4").write_bytes(b"")
@@ -174,9 +176,27 @@ def test_mostly_bad_dataset_stops_with_clear_error(videos, tmp_path):
     sampler = ResumableDistributedSampler(len(ds), batch_size=2)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler, num_workers=2,
                                          collate_fn=collate_clips)
-    with pytest.raises(RuntimeError, match=r"failure rate .* exceeds max_failure_rate 10.0%.*empty\d+\.mp4"):
-        for _ in loader:
-            pass
+    tracker = FailureTracker(max_failure_rate=0.1)
+    with pytest.raises(RuntimeError, match=r"failure rate .* exceeds --max_failure_rate 10.0%.*empty\d+\.mp4") as exc:
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                tracker.update_from_batch(batch)
+    assert "land.mp4" not in str(exc.value) and "99% confidence" in str(exc.value)
+
+
+def test_test_mode_never_scores_another_video_for_a_broken_one(videos, tmp_path):
+    """A test view that cannot be decoded stays its own video's view, marked not valid."""
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    rows = [(str(videos / "land.mp4"), 0), (str(tmp_path / "empty.mp4"), 1), (str(videos / "port.mp4"), 2)]
+    ds = VideoDataset(_list(tmp_path, rows, "test.csv"), mode="test", num_frames=2, crop_size=16,
+                      num_temporal_views=2, num_spatial_crops=1)
+    items = [ds[i] for i in range(len(ds))]
+    assert [int(it["index"]) for it in items] == [0, 0, 1, 1, 2, 2]
+    assert [bool(it["valid"]) for it in items] == [True, True, False, False, True, True]
+    assert items[2]["failures"] == 1 and items[2]["clips"].shape == items[0]["clips"].shape
+    batch = collate_clips(items)
+    assert batch["valid"].tolist() == [True, True, False, False, True, True] and batch["failures"] == 2
 
 
 def test_list_file_errors(tmp_path):
@@ -193,12 +213,19 @@ def test_list_file_errors(tmp_path):
         VideoDataset(str(lst), mode="train")
 
 
-def test_failure_tracker_threshold_after_min_attempts():
-    tracker = FailureTracker(max_failure_rate=0.1, min_attempts=20)
-    tracker.update(10, 5, ["a.mp4", "b.mp4"])  # 50% but too few attempts to judge
-    with pytest.raises(RuntimeError, match=r"25\.0% \(5 of 20 decodes\) exceeds max_failure_rate 10\.0%.*a\.mp4"):
-        tracker.update(5, 0)
-        tracker.update(5, 0)
-    ok = FailureTracker(max_failure_rate=0.1)
-    ok.update(100, 5, ["x.mp4"])
-    assert ok.rate == 0.05 and ok.examples == ["x.mp4"]
+def test_failure_tracker_needs_evidence_before_stopping():
+    """A run stops only when the failure rate is above the limit with 99% confidence, after enough decodes."""
+    early = FailureTracker(max_failure_rate=0.1)
+    early.update(29, 3, ["a.mp4"])  # 10.3% of 29: the case that stopped a run with 8% bad files
+    early.update(10, 0)
+    rng = np.random.default_rng(0)
+    near = FailureTracker(max_failure_rate=0.1)
+    for _ in range(200):  # 8.5% bad files, 10% allowed: never stops
+        near.update(10, int((rng.random(10) < 0.085).sum()))
+    assert 0.07 < near.rate < 0.10
+    bad = FailureTracker(max_failure_rate=0.1, max_examples=2)
+    with pytest.raises(RuntimeError, match=r"decode failure rate 30\.0% \(\d+ of \d+ decodes; at least .* with 99% "
+                                           r"confidence\) exceeds --max_failure_rate 10\.0%.*x0\.mp4"):
+        for i in range(100):  # 30% bad: stops once the evidence is in
+            bad.update(10, 3, [f"x{i}.mp4"])
+    assert bad.attempts <= 200 and bad.examples == ["x0.mp4", "x1.mp4"]

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_loader_after_parent_used_pyav_finishes_with_forkserver(tmp_path: Path) -> None:
     """The parent encodes and decodes with FFmpeg threads, then 2 workers decode real files, in time."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "fork_loader.py"), str(tmp_path), "forkserver"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "context=forkserver batches=4" in proc.stdout
 

@@ -2,11 +2,13 @@
 
 import os
 
+import av
+import numpy as np
 import torch
-from test_data_helpers import write_counter_video
+from test_data_helpers import panning_frames, write_counter_video, write_h264
 
 from datasets import VideoMixup, probe
-from datasets.resize import resize_dataset
+from datasets.resize import resize_dataset, resize_video
 
 
 def test_mixup_targets_sum_to_one_and_cutmix_box_spans_frames():
@@ -43,3 +45,20 @@ def test_resize_dataset_resumes_and_copies_lists(tmp_path):
     again = resize_dataset(str(src), str(dst), short_side=32, workers=1)
     assert again["skipped"] == 2 and again["done"] == 0
     assert os.path.getmtime(dst / "port.webm") == stamp
+
+
+def test_resized_copies_have_short_gops_and_unreferenced_b_frames(tmp_path):
+    src = write_h264(str(tmp_path / "long_gop.mp4"), panning_frames(90, 96, 64), [round(1000 * i / 30) for i in range(90)],
+                     keyint=250)
+    dst = str(tmp_path / "out.mp4")
+    assert resize_video(src, dst, short_side=48, gop_seconds=0.5) == "done"
+    with av.open(dst) as c:
+        keys = [i for i, p in enumerate(p for p in c.demux(c.streams.video[0]) if p.size) if p.is_keyframe]
+    assert keys[0] == 0 and max(np.diff(keys + [90])) <= 15  # a keyframe at least every 0.5 s
+    with av.open(dst) as c:
+        types = [f.pict_type for f in c.decode(video=0)]
+    with av.open(dst) as c:
+        c.streams.video[0].codec_context.skip_frame = "NONREF"
+        kept = sum(1 for _ in c.decode(video=0))
+    b_frames = sum(t == av.video.frame.PictureType.B for t in types)
+    assert b_frames > 0 and kept == len(types) - b_frames  # no B-frame is a reference: all can be skipped

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -12,15 +11,16 @@ from pathlib import Path
 
 import torch
 
-from main_finetune import build_loss, get_args_parser, to_linear_probe
+from main_finetune import AugmentConfig, FinetuneConfig, build_loss, get_args_parser
 from models import create_model
+from models.vit import to_linear_probe
+from tests.dist.common import make_backend
 from tests.dist.dist_launch import torchrun
 from util.checkpoint import save_checkpoint
-from util.config import parse_args
+from util.config import parse_args, section
 from util.distributed import DistInfo
 from util.evaluate import confusion_matrix, evaluate
 from util.optim import param_groups
-from util.parallel import setup_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--synthetic_videos", "24", "--input_size", "32", "--num_frames", "4", "--batch_size", "2",
@@ -44,9 +44,7 @@ def pretraining_folder(out: Path) -> Path:
     """A checkpoint folder as main_pretrain.py leaves it (DDP backend, one rank), of a tiny MAE."""
     torch.manual_seed(0)
     mae = create_model("mae_vit_micro_patch8", img_size=32, num_frames=4, decoder_embed_dim=64, decoder_depth=1)
-    args = argparse.Namespace(dist="ddp", precision="fp32", grad_ckpt=False, compile=False, clip_grad=0.0,
-                              accum_iter=1, weight_decay=0.05, lr=1e-3)
-    backend = setup_parallel(mae, args, DistInfo(0, 1, 0, torch.device("cpu"), True))
+    backend = make_backend(mae, DistInfo(0, 1, 0, torch.device("cpu"), True), clip_grad=0.0, lr=1e-3)
     save_checkpoint(backend, out, "step-1", {"epoch": 1, "step_in_epoch": 0, "global_step": 1})
     return out
 
@@ -81,12 +79,13 @@ def test_linear_probe_trains_only_the_batchnorm_linear_head() -> None:
 
 def test_mixup_targets_sum_to_one_and_losses_match_flags() -> None:
     args = parse_args(get_args_parser(), ["--num_classes", "5"], default_config=None)
-    mix, criterion = build_loss(args)
+    cfg, aug = section(FinetuneConfig, args), section(AugmentConfig, args)
+    mix, criterion = build_loss(cfg, aug)
     clips, target = mix(torch.randn(4, 3, 4, 8, 8), torch.tensor([0, 1, 2, 3]))
     assert clips.shape == (4, 3, 4, 8, 8) and torch.allclose(target.sum(1), torch.ones(4))
     assert type(criterion).__name__ == "SoftTargetCrossEntropy"
-    args.mixup = args.cutmix = 0.0
-    assert build_loss(args)[0] is None and type(build_loss(args)[1]).__name__ == "LabelSmoothingCrossEntropy"
+    aug.mixup = aug.cutmix = 0.0
+    assert build_loss(cfg, aug)[0] is None and type(build_loss(cfg, aug)[1]).__name__ == "LabelSmoothingCrossEntropy"
 
 
 def test_views_averaged_per_video_and_confusion_matrix() -> None:
@@ -105,6 +104,39 @@ def test_views_averaged_per_video_and_confusion_matrix() -> None:
     assert res["top1"] == 100.0 and res["videos"] == 2 and res["views_per_video"].tolist() == [3, 3]
     matrix = confusion_matrix(torch.tensor([0, 2, 1]), torch.tensor([0, 2, 2]), 3)
     assert matrix.tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]
+
+
+def test_views_that_failed_to_decode_are_not_scored_and_the_video_is_reported() -> None:
+    """A broken test video is left out of the accuracy (never credited to another video) and counted."""
+    class Fixed(torch.nn.Module):
+        def forward(self, clips: torch.Tensor) -> torch.Tensor:
+            return clips[:, :, 0, 0, 0] * 10
+
+    clips = torch.zeros(4, 3, 1, 1, 1)
+    clips[0, 0] = clips[1, 0] = 1.0  # video 0 (label 0): both views say 0
+    batches = [{"clips": clips[:2], "index": torch.tensor([0, 0]), "label": torch.tensor([0, 0]),
+                "valid": torch.tensor([True, True])},
+               {"clips": clips[2:], "index": torch.tensor([1, 1]), "label": torch.tensor([2, 2]),
+                "valid": torch.tensor([False, False])}]  # video 1 could not be decoded
+    res = evaluate(Fixed(), batches, 2, 3, torch.device("cpu"), expected_views=2)
+    assert res["top1"] == 100.0 and (res["videos"], res["videos_total"], res["videos_unscored"]) == (1, 2, 1)
+    assert (res["views"], res["views_scored"]) == (4, 2)
+
+
+def test_finetune_with_an_undecodable_test_video_finishes_and_writes_results(tmp_path: Path) -> None:
+    """One broken file in the test list: training and the final test complete, the JSON says 1 unscored."""
+    from datasets.synthetic import ensure_synthetic_dataset
+
+    data = Path(ensure_synthetic_dataset(cache_dir=str(tmp_path / "cache"), num_videos=24, size=32))
+    (data / "videos" / "broken.mp4").write_bytes(b"not a video" * 100)
+    with open(data / "test.csv", "a") as f:
+        f.write("videos/broken.mp4 3\n")
+    out = tmp_path / "ft"
+    log = run(out, "--data_path", str(data), "--mixup", "0", "--cutmix", "0")
+    result = json.loads((out / "eval_test.json").read_text())
+    n = len((data / "test.csv").read_text().splitlines())
+    assert result["videos_total"] == n and result["videos_unscored"] == 1 and result["videos"] == n - 1
+    assert "could not be decoded" in log
 
 
 def test_two_rank_eval_counts_every_video_once(tmp_path: Path) -> None:
@@ -132,12 +164,13 @@ def test_recipes_parse_and_build_their_models() -> None:
 def test_adamw_betas_follow_the_recipes_and_the_flag() -> None:
     """Fine-tuning defaults to MAE-ST's betas (0.9, 0.999), pretraining to MAE's (0.9, 0.95); the flag wins."""
     from main_pretrain import get_args_parser as pretrain_parser
+    from util.config import run_config
     from util.distributed import init_distributed
+    from util.parallel import setup_parallel
 
     info = init_distributed()
     for parser, argv, want in ((get_args_parser(), [], (0.9, 0.999)), (pretrain_parser(), [], (0.9, 0.95)),
                                (get_args_parser(), ["--opt_betas", "0.8", "0.99"], (0.8, 0.99))):
-        args = parse_args(parser, ["--precision", "fp32", *argv], default_config=None)
-        args.lr = 1e-3
-        backend = setup_parallel(torch.nn.Linear(4, 2), args, info)
+        cfg = run_config(parse_args(parser, ["--precision", "fp32", *argv], default_config=None))
+        backend = setup_parallel(torch.nn.Linear(4, 2), cfg.parallel, cfg.optim, 1e-3, info)
         assert tuple(backend.optimizer.param_groups[0]["betas"]) == want

@@ -1,4 +1,4 @@
-"""The analytic FLOP count (util/flops.py) agrees with torch.utils.flop_counter where it sees attention."""
+"""The analytic FLOP count (models/flops.py, from the configuration) agrees with torch.utils.flop_counter where it sees attention."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import create_model
-from util.flops import mae_flops_per_clip, vit_flops_per_clip
 
 
 @pytest.mark.parametrize("mask_ratio", [0.0, 0.9])
@@ -19,7 +18,7 @@ def test_mae_forward_flops_match_counter_on_meta(mask_ratio: float) -> None:
         noise = torch.rand(2, model.patch_embed.num_patches)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(clips, mask_ratio, noise=noise)
-    analytic = mae_flops_per_clip(model, mask_ratio)
+    analytic = model.flops_per_clip(mask_ratio)
     assert counter.get_total_flops() == 2 * analytic["forward"]
     assert analytic["train_step"] == 3 * analytic["forward"]
 
@@ -30,7 +29,7 @@ def test_mae_train_step_flops_close_to_counter_with_math_sdpa() -> None:
     clips = torch.randn(2, 3, 4, 32, 32)
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), FlopCounterMode(display=False) as c:
         model(clips, 0.75)[0].backward()
-    analytic = mae_flops_per_clip(model, 0.75)
+    analytic = model.flops_per_clip(0.75)
     step = 2 * analytic["train_step"]
     # The counter skips the patch embedding's input gradient (clips need none): one embed forward.
     assert c.get_total_flops() == step - 2 * analytic["patch_embed"]
@@ -43,7 +42,7 @@ def test_vit_forward_flops_match_counter_on_meta() -> None:
         clips = torch.empty(1, 3, 16, 224, 224)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(clips)
-    assert counter.get_total_flops() == vit_flops_per_clip(model)["forward"]
+    assert counter.get_total_flops() == model.flops_per_clip()["forward"]
 
 
 @pytest.mark.parametrize("kw", [{"decoder_mask_ratio": 0.5}, {"mask_type": "adaptive"}],
@@ -55,5 +54,15 @@ def test_analytic_count_follows_decoder_masking_and_adaptive_sampler(kw: dict) -
         counter = FlopCounterMode(display=False)
         with counter:
             model(torch.empty(1, 3, 16, 224, 224), 0.9, torch.rand(1, 1568))
-    analytic = mae_flops_per_clip(model, 0.9)["forward"]
+    analytic = model.flops_per_clip(0.9)["forward"]
     assert abs(analytic - counter.get_total_flops()) <= 0.01 * analytic
+
+
+def test_flops_come_from_the_configuration_not_the_parameters() -> None:
+    """A rank of a ZeRO-3/FSDP2 run may hold an empty partition: the count must not read parameters."""
+    model = create_model("mae_vit_micro_patch8", num_frames=4, img_size=32)
+    want = model.flops_per_clip(0.75)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = torch.empty(0)  # what a rank holding no elements of a partition sees
+    assert model.flops_per_clip(0.75) == want

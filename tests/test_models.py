@@ -16,6 +16,7 @@ from models.video_vit import (
     resize_spatial_pos_embed,
     resize_temporal_pos_embed,
 )
+from util.parallel import apply_checkpointing
 
 TINY = dict(img_size=32, num_frames=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, depth=2)
 
@@ -150,7 +151,7 @@ def test_grad_checkpointing_same_loss_and_grads(name: str) -> None:
         return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     loss_a, grads_a = run()
-    model.set_grad_checkpointing(True)
+    apply_checkpointing(model)
     loss_b, grads_b = run()
     assert torch.allclose(loss_a, loss_b, atol=1e-6)
     assert len(grads_a) == len(grads_b)
@@ -225,3 +226,79 @@ def test_unknown_names_are_clear_errors() -> None:
         tiny_mae(mask_type="checkerboard")
     with pytest.raises(ValueError, match="num_frames"):
         tiny_mae()(torch.randn(1, 3, 8, 32, 32))
+
+
+@pytest.mark.parametrize("rule,frames", [("stride", [0, 2, 4, 6, 8, 10, 12, 14]),
+                                         ("linspace", [0, 2, 4, 6, 8, 10, 12, 15])])
+def test_target_frames_conventions_pick_the_frames_and_the_loss_uses_them(rule: str, frames: list[int]) -> None:
+    """PySlowFast (released weights) regresses every second frame; mae_st's code linspace(0, T-1, 8)."""
+    if rule == "linspace":  # the published formula, not the model's code
+        assert torch.linspace(0, 15, 8).long().tolist() == frames
+    model = tiny_mae(num_frames=16, pred_t_dim=8, target_frames=rule).eval()
+    clips = torch.randn(2, 3, 16, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.target_frames(clips), clips[:, :, frames])
+    noise = torch.rand(2, 8 * 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss, pred, mask = model(clips, 0.75, noise)
+    # Reference loss: each token's frame (one per token), 8x8 pixels x 3 channels, normalised per patch.
+    target = clips[:, :, frames].reshape(2, 3, 8, 4, 8, 4, 8).permute(0, 2, 3, 5, 4, 6, 1).reshape(2, 128, 192)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    expected = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match=r"target_frames must be one of \('stride', 'linspace'\)"):
+        tiny_mae(target_frames="middle")
+
+
+def test_layer_scale_off_keeps_keys_and_on_adds_trained_gains() -> None:
+    plain = tiny_mae()
+    assert not any("gamma" in k for k in plain.state_dict())  # old checkpoints keep their exact keys
+    scaled = tiny_mae(init_values=1e-4, decoder_init_values=0.0)
+    gammas = [k for k in scaled.state_dict() if "gamma" in k]
+    assert sorted(gammas) == sorted(f"blocks.{i}.gamma_{j}" for i in range(2) for j in (1, 2))
+    assert torch.equal(scaled.blocks[1].gamma_2, torch.full((128,), 1e-4))
+    clips = torch.randn(2, 3, 4, 32, 32)
+    scaled(clips, 0.75)[0].backward()
+    assert scaled.blocks[0].gamma_1.grad is not None and scaled.blocks[0].gamma_1.grad.abs().sum() > 0
+    # Near-zero gains make each encoder block almost the identity: what layer scale is for.
+    block, x = scaled.blocks[0], torch.randn(2, 5, 128)
+    assert (block(x) - x).abs().max() < 1e-2 * (plain.blocks[0](x) - x).abs().max()
+    with pytest.raises(ValueError, match="init_values"):
+        tiny_mae(init_values=-1.0)
+    vit = create_model("vit_micro_patch8", img_size=32, num_frames=4, depth=1, num_classes=3, init_values=0.5)
+    assert torch.equal(vit.blocks[0].gamma_1, torch.full((128,), 0.5))
+
+
+def test_decoder_class_token_from_the_encoder() -> None:
+    """PySlowFast's decoder class token is decoder_embed(encoder class output): no learned token, same either path."""
+    model = tiny_mae(decoder_cls="encoder", decoder_sep_pos_embed=False).eval()
+    assert "decoder_cls_token" not in model.state_dict() and "decoder_pos_embed" in model.state_dict()
+    assert "pos_embed_spatial" in model.state_dict()  # the encoder keeps its own table form
+    clips, noise = torch.randn(2, 3, 4, 32, 32), torch.rand(2, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latent, mask, ids_restore = model.forward_encoder(clips, 0.75, noise)
+        full = model.forward_decoder(latent, ids_restore)
+        hidden = mask.nonzero()[:, 1].view(2, -1)
+        subset = model.forward_decoder_subset(latent, ids_restore, hidden)  # the decoder-masking path
+        torch.testing.assert_close(subset.gather(1, hidden[..., None].expand(-1, -1, 192)),
+                                   full.gather(1, hidden[..., None].expand(-1, -1, 192)))
+        # The class token really comes from the encoder: changing its output changes the predictions.
+        shifted = latent.clone()
+        shifted[:, 0] += 1.0
+        assert not torch.allclose(model.forward_decoder(shifted, ids_restore), full)
+    with pytest.raises(ValueError, match="cls_embed=True"):
+        tiny_mae(decoder_cls="encoder", cls_embed=False)
+    with pytest.raises(ValueError, match="decoder_cls must be one of"):
+        tiny_mae(decoder_cls="mean")
+
+
+def test_flops_unchanged_by_release_options() -> None:
+    """Layer scale, an encoder-derived decoder class token and a joint decoder table add no matmuls."""
+    kw = dict(init_values=0.1, decoder_cls="encoder", decoder_sep_pos_embed=False, decoder_num_heads=8)
+    with torch.device("meta"):
+        model = create_model("mae_vit_base_patch16", **kw)
+        plain = create_model("mae_vit_base_patch16")
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.empty(1, 3, 16, 224, 224), 0.9, torch.rand(1, 1568))
+    assert counter.get_total_flops() == model.flops_per_clip(0.9)["forward"]  # one clip
+    assert model.flops_per_clip(0.9) == plain.flops_per_clip(0.9)

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
-from common import MASK_RATIO, batch, make_args, make_model  # noqa: E402
+from common import MASK_RATIO, batch, make_backend, make_model, micro_step  # noqa: E402
 
 from util.distributed import DistInfo  # noqa: E402
 from util.optim import clean_name  # noqa: E402
-from util.parallel import setup_parallel  # noqa: E402
 
 
 @pytest.mark.slow
@@ -28,10 +27,8 @@ def test_compiled_blocks_match_eager() -> None:
     loss_ref.backward()
     grads_ref = {n: p.grad for n, p in eager.named_parameters()}
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
-    backend = setup_parallel(make_model(), make_args(compile=True, grad_ckpt=True), info)
-    with backend.autocast():
-        loss, _, _ = backend.module(clips, MASK_RATIO, noise)
-    backend.backward(loss, True)
+    backend = make_backend(make_model(), info, compile="blocks", grad_ckpt=True)
+    loss = micro_step(backend, clips, noise)
     assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-5)
     for name, p in backend.unwrapped.named_parameters():
         torch.testing.assert_close(p.grad, grads_ref[clean_name(name)], rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.preemption import STOP_FILE, PreemptionWatcher, request_stop  # noqa: E402
+from util.preemption import STOP_FILE, PreemptionWatcher  # noqa: E402
 
 
 def test_signal_sets_flag_and_finish_restores_handlers_outside_submitit(tmp_path: Path) -> None:
@@ -52,14 +52,14 @@ def test_stop_file_stops_and_is_consumed(tmp_path: Path) -> None:
     assert not (tmp_path / STOP_FILE).exists()  # a resumed run must not stop at once
 
 
-def test_request_stop_is_what_checkpoint_calls(tmp_path: Path) -> None:
+def test_request_stop_stops_at_the_next_check(tmp_path: Path) -> None:
     watcher = PreemptionWatcher(tmp_path)
     try:
-        request_stop()
-        assert watcher.should_stop()
+        assert not watcher.should_stop()
+        watcher.request_stop()
+        assert watcher.should_stop() and watcher.reason == "signal"
     finally:
         watcher.close()
-    request_stop()  # no watcher: a no-op
 
 
 def _rank_worker(rank: int, port: int, out: str) -> None:

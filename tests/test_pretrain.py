@@ -112,6 +112,6 @@ def test_nonfinite_loss_stops_with_the_step_and_no_checkpoint(tmp_path: Path) ->
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "NaN/inf" in proc.stderr and "global step" in proc.stderr
-    bad = int(proc.stderr.split("at or before global step ")[1].split()[0])
+    bad = int(proc.stderr.split("at or before global step ")[-1].split()[0])
     saved = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
     assert all(s < bad for s in saved)

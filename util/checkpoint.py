@@ -7,17 +7,21 @@ Layout of one checkpoint directory:
 CLI (offline, no process group):
     python -m util.checkpoint export OUT/checkpoints/latest weights.pth
     python -m util.checkpoint info OUT/checkpoints/latest
+
+File reading for imported weights lives here too (`read_weights`: our folders, our exports, official
+releases; weights-only); mapping their keys onto a model is `models/convert.py`'s job.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
-import pickle
 import random
 import shutil
 import sys
 import tempfile
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +30,7 @@ import torch
 
 from util import distributed as du
 from util.optim import clean_name
+from util.safe_load import detect_format, forced_weights_only, load_weights_file, verify_checkpoint_dir
 
 if TYPE_CHECKING:
     from util.parallel import Backend
@@ -113,8 +118,22 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
 
 
 # ----------------------------------------------------------------------------- save / load
-# An asynchronous save in flight: (future, tmp dir, final dir, keep_last). Rank 0 finishes it.
-_pending: tuple | None = None
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError, torch.save's RuntimeError, DCP's CheckpointException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return OSError, RuntimeError, CheckpointException
+
+
+WRITE_ERRORS = _write_errors()
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the partial folder was removed and `latest` is unchanged."""
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def _finalize(tmp: Path, final: Path, keep_last: int) -> None:
@@ -129,61 +148,96 @@ def _finalize(tmp: Path, final: Path, keep_last: int) -> None:
     _prune(root, keep_last)
 
 
-def finish_pending_save(wait: bool = True) -> None:
-    """Complete an asynchronous save: rename it and move `latest` once its data is all written.
+class Checkpointer:
+    """Saves `OUT/checkpoints/<name>/` collectively and owns the one asynchronous save in flight."""
 
-    Cheap to call every step with wait=False. Rank 0's DCP future resolves only after every rank's
-    shards are written and the metadata is committed, so rank 0 can finish it alone.
-    """
-    global _pending
-    if _pending is None:
-        return
-    future, tmp, final, keep_last = _pending
-    if not wait and not future.done():
-        return
-    future.result()  # re-raises a failed write here, in the training thread
-    _pending = None
-    if du.is_main_process():
-        _finalize(tmp, final, keep_last)
+    def __init__(self, output_dir: str | Path, keep_last: int = 3, async_save: bool = False) -> None:
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last, self.async_save = keep_last, async_save
+        self._pending: tuple[Future, Path, Path] | None = None  # (future, tmp dir, final dir)
 
+    def finish_pending(self, wait: bool = True) -> None:
+        """Complete an asynchronous save: rename it and move `latest` once its data is all written.
 
-def save_checkpoint(
-    backend: Backend, output_dir: str | Path, name: str, trainer_state: dict, keep_last: int = 3,
-    async_save: bool = False,
-) -> Path:
-    """Collective save into OUT/checkpoints/<name>/ via <name>.tmp/; `latest` moves only once it is complete.
+        Cheap to call every step with wait=False. Rank 0's DCP future resolves only after every rank's
+        shards are written and the metadata is committed, so rank 0 can finish it alone.
+        """
+        if self._pending is None:
+            return
+        future, tmp, final = self._pending
+        if not wait and not future.done():
+            return
+        self._pending = None
+        try:
+            future.result()  # re-raises a failed write here, in the training thread
+        except WRITE_ERRORS as exc:
+            raise self._write_error(exc, tmp) from exc
+        if du.is_main_process():
+            _finalize(tmp, final, self.keep_last)
 
-    With `async_save` (FSDP2) the shards are written in the background and the checkpoint is
-    finished by `finish_pending_save` (the engine polls it every step, the mains wait at the end).
-    """
-    global _pending
-    finish_pending_save(wait=True)  # one save in flight at a time
-    root = Path(output_dir) / "checkpoints"
-    tmp, final = root / f"{name}.tmp", root / name
-    if du.is_main_process():
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("*.tmp"):  # left behind by a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    du.barrier()
-    future = backend.save(tmp / STATE_DIR, async_save=True) if async_save else backend.save(tmp / STATE_DIR)
-    rngs = du.all_gather_object(rng_state())
-    if du.is_main_process():
-        state = dict(trainer_state)
-        state.update(rng=rngs, backend=backend.name, world_size=du.get_world_size(), name=name)
-        torch.save(state, tmp / TRAINER_STATE)
-        if isinstance(state.get("config"), dict):
-            import yaml
+    def _write_error(self, exc: BaseException, tmp: Path) -> CheckpointWriteError:
+        """Remove a partial folder and describe the failure (disk space when that is the cause)."""
+        written = _tree_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = find_latest(self.root.parent)
+        need = max(_tree_bytes(latest) if latest else 0, written)
+        free = shutil.disk_usage(self.root).free
+        # torch.save reports a full disk as a RuntimeError from its zip writer, not as ENOSPC
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or free < need
+        if full:
+            return CheckpointWriteError(
+                f"no space left on device while writing checkpoint {tmp.name.removesuffix('.tmp')} "
+                f"({need / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free in {self.root}); the partial folder "
+                f"was removed and `latest` still names {latest.name if latest else 'nothing'}. Free space or "
+                f"lower --keep_last, then rerun the same command to resume")
+        return CheckpointWriteError(f"writing checkpoint {tmp} failed ({exc}); the partial folder was removed "
+                                    f"and `latest` still names {latest.name if latest else 'nothing'}")
 
-            (tmp / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
-    if future is not None:
-        _pending = (future, tmp, final, keep_last)
+    def save(self, backend: Backend, name: str, trainer_state: dict) -> Path:
+        """Collective save into OUT/checkpoints/<name>/ via <name>.tmp/; `latest` moves only once it is complete.
+
+        With `async_save` (FSDP2) the shards are written in the background and the checkpoint is
+        finished by `finish_pending` (the loop polls it every step and waits at the end). A failed
+        write on any rank (a full disk) removes the partial folder and raises `CheckpointWriteError`
+        on every rank; the previous checkpoint stays `latest`.
+        """
+        self.finish_pending(wait=True)  # one save in flight at a time
+        tmp, final = self.root / f"{name}.tmp", self.root / name
+        if du.is_main_process():
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*.tmp"):  # left behind by a save that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        du.barrier()
+        future, error = None, None
+        try:
+            future = backend.save(tmp / STATE_DIR, async_save=self.async_save)
+            rngs = du.all_gather_object(rng_state())
+            if du.is_main_process():
+                state = dict(trainer_state)
+                state.update(rng=rngs, backend=backend.name, world_size=du.get_world_size(), name=name)
+                torch.save(state, tmp / TRAINER_STATE)
+                if isinstance(state.get("config"), dict):
+                    import yaml
+
+                    (tmp / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
+        except WRITE_ERRORS as exc:
+            error = exc
+        if not du.all_agree(error is None):  # one rank's full disk must not leave the others waiting
+            raise self._write_error(error or OSError(errno.EIO, "another rank failed to write"), tmp)
+        if future is not None:
+            self._pending = (future, tmp, final)
+            return final
+        if du.is_main_process():
+            _finalize(tmp, final, self.keep_last)
+        du.barrier()  # nobody runs on (or gets killed) believing a save exists before `latest` names it
         return final
-    du.barrier()  # every rank's shards are written
-    if du.is_main_process():
-        _finalize(tmp, final, keep_last)
-    du.barrier()  # nobody runs on (or gets killed) believing a save exists before `latest` names it
-    return final
+
+
+def save_checkpoint(backend: Backend, output_dir: str | Path, name: str, trainer_state: dict,
+                    keep_last: int = 3) -> Path:
+    """One synchronous collective save (see `Checkpointer.save`)."""
+    return Checkpointer(output_dir, keep_last).save(backend, name, trainer_state)
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
@@ -206,18 +260,26 @@ def read_trainer_state(path: str | Path) -> dict:
 def load_checkpoint(backend: Backend, path: str | Path) -> dict:
     """Collective: restore model + optimizer into backend and this rank's RNG; returns the trainer state."""
     path = Path(path).resolve()
+    if not path.is_dir():
+        raise ValueError(f"--resume takes a checkpoint folder (OUT/checkpoints/step-N), but {path} is a file; "
+                         f"to start a run from weights use --init_from {path} (pretraining) or --finetune {path}")
+    verify_checkpoint_dir(path)  # every rank, before any file reaches DCP or DeepSpeed
     state = read_trainer_state(path)
     if state.get("backend") != backend.name:
         raise ValueError(
-            f"{path} was saved by --dist {state.get('backend')}, this run uses --dist {backend.name}; "
-            f"export its weights (python -m util.checkpoint export {path} w.pth) to switch backends"
+            f"{path} was saved by --dist {state.get('backend')}, this run uses --dist {backend.name}; resume with "
+            f"--dist {state.get('backend')}, or export its weights (python -m util.checkpoint export {path} w.pth) "
+            f"and start a new run from them with --init_from w.pth (--finetune w.pth for fine-tuning)"
         )
     if backend.name == "deepspeed" and state.get("world_size") != du.get_world_size():
         raise ValueError(
-            f"{path} holds DeepSpeed ZeRO partitions for {state.get('world_size')} ranks; resume it on the same "
-            f"number of ranks, or export its weights (python -m util.checkpoint export {path} w.pth) and start from those"
+            f"{path} holds DeepSpeed ZeRO partitions for {state.get('world_size')} ranks and cannot be resharded; "
+            f"resume it on {state.get('world_size')} ranks (torchrun --nproc_per_node {state.get('world_size')} ...), "
+            f"or export its weights (python -m util.checkpoint export {path} w.pth) and start a new run in a new "
+            f"--output_dir with --init_from w.pth (weights only: a fresh optimizer and schedule)"
         )
-    backend.load(path / STATE_DIR)
+    with forced_weights_only(deepspeed=backend.name == "deepspeed"):  # the libraries' own loads too
+        backend.load(path / STATE_DIR)
     rngs = state.get("rng") or []
     rank = du.get_rank()
     if rank < len(rngs) and len(rngs) == du.get_world_size():
@@ -227,45 +289,60 @@ def load_checkpoint(backend: Backend, path: str | Path) -> dict:
     return state
 
 
-def load_weights_file(path: str | Path) -> dict:
-    """torch.load(weights_only=True) with a clear error when the file would need code to unpickle."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refusing to load {path}: {Path(path).name} is not a plain weights checkpoint (weights-only "
-            f"unpickling failed, it would run or import code: {str(e).splitlines()[0]}). "
-            "Re-export it as tensors only."
-        ) from None
+CONTAINER_KEYS = ("model", "model_state", "module", "state_dict")
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from a weights file or one of our checkpoint/output folders, weights-only.
+
+    Files: our exports `{"model": sd}`, the official MAE-ST release (`model`), PySlowFast `.pyth`
+    (`model_state`), VideoMAE (`module`/`model`) or a bare state dict. Folders: our checkpoint folder,
+    or an output folder (its `latest`), consolidated from any backend. Wrapper prefixes (DDP's
+    `module.`, checkpoint and compile wrappers) are stripped, so the names are plain-model names.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        ckpt = path if (path / TRAINER_STATE).is_file() else find_latest(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"{path} is neither a checkpoint folder nor an output folder with checkpoints")
+        with tempfile.TemporaryDirectory() as td:
+            obj = {"model": export_weights(ckpt, Path(td) / "weights.pth")}
+    else:
+        obj = load_weights_file(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of weights (a state dict, or a dict "
+                         f"with one of the keys {CONTAINER_KEYS})")
+    for key in CONTAINER_KEYS:
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    sd = {clean_name(k): v for k, v in obj.items() if torch.is_tensor(v)}
+    if not sd:
+        raise ValueError(f"{path}: no tensors found (top-level keys: {sorted(map(str, obj))[:10]})")
+    return sd
 
 
 # ----------------------------------------------------------------------------- offline export
-def _detect_format(state_dir: Path) -> str:
-    if (state_dir / "model.pt").is_file():
-        return "ddp"
-    if (state_dir / ".metadata").is_file():
-        return "dcp"
-    if (state_dir / "zero").is_dir():
-        return "deepspeed"
-    raise ValueError(f"{state_dir} holds no DDP file, DCP metadata or DeepSpeed 'zero' folder")
-
-
 def export_weights(ckpt: str | Path, out: str | Path) -> dict:
     """Write {'model': consolidated fp32 state dict with plain names} from any backend's checkpoint."""
     state_dir = Path(ckpt).resolve() / STATE_DIR
-    fmt = _detect_format(state_dir)
+    fmt = verify_checkpoint_dir(Path(ckpt).resolve())  # nothing in the folder may run code
     if fmt == "ddp":
         sd = load_weights_file(state_dir / "model.pt")["model"]
     elif fmt == "dcp":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         with tempfile.TemporaryDirectory() as td:
-            dcp_to_torch_save(state_dir, Path(td) / "full.pt")
+            with forced_weights_only():
+                dcp_to_torch_save(state_dir, Path(td) / "full.pt")
             sd = load_weights_file(Path(td) / "full.pt")["model"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag="zero")
+        with forced_weights_only(deepspeed=True):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag="zero")
     sd = {clean_name(k): v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in sd.items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": sd}, out)
@@ -278,7 +355,7 @@ def describe(ckpt: str | Path) -> str:
     s = read_trainer_state(path)
     keys = ("name", "global_step", "epoch", "step_in_epoch", "backend", "world_size")
     lines = [f"checkpoint: {path}"] + [f"  {k}: {s.get(k)}" for k in keys]
-    lines.append(f"  format: {_detect_format(path / STATE_DIR)}")
+    lines.append(f"  format: {detect_format(path / STATE_DIR)}")
     lines.append(f"  other keys: {sorted(k for k in s if k not in keys and k != 'rng')}")
     return "\n".join(lines)
 
@@ -303,31 +380,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-class TrainingSaver:
-    """The mains' save function: the training position (an engine `TrainState`) and the backend as `step-N`.
-
-    Remembers the last step saved, so the epoch loop saves at a stop or an epoch end only when
-    `save_every` has not just done it.
-    """
-
-    def __init__(self, backend: Backend, args: argparse.Namespace, videos_per_step: int, last_step: int) -> None:
-        self.backend, self.args, self.videos_per_step, self.last_step = backend, args, videos_per_step, last_step
-
-    def __call__(self, st) -> None:
-        """Save now (collective)."""
-        args = self.args
-        trainer_state = {
-            **st.state_dict(),  # epoch, step_in_epoch, global_step at the top: `util.checkpoint info` shows them
-            "sampler": {"epoch": st.epoch, "consumed": st.step_in_epoch * self.videos_per_step},
-            "config": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-        }
-        save_checkpoint(self.backend, args.output_dir, f"step-{st.global_step}", trainer_state,
-                        keep_last=args.keep_last, async_save=args.async_save)
-        self.last_step = st.global_step
-
-    def save_if_new(self, st) -> None:
-        """Save unless this step is already saved."""
-        if st.global_step != self.last_step:
-            self(st)

@@ -1,15 +1,26 @@
-"""One configuration system: argparse defines every flag once; a YAML file only sets their defaults.
+"""One configuration system: each flag is a typed dataclass field; argparse parses it; YAML sets defaults.
 
-Precedence: built-in default < `--config FILE.yaml` < command-line flag. Unknown YAML keys and bad
-values are errors that name the key and the valid choices, raised before any work starts. The
-resolved configuration is written next to the outputs (`OUT/config.yaml`).
+A section of the run (model, data, optimiser, loop, parallelism, checkpoints; each task adds its own)
+is a small dataclass. Its fields *are* the flags: name, type, default, help text, choices and range,
+each written once, here or in the main that owns the task. `add_flags` turns a section into an
+argparse group, `parse_args` reads `--config FILE.yaml` (defaults only) and the command line, and
+`section(cls, args)` turns the Namespace into that dataclass. Only this module and the mains read the
+Namespace; everything under `util/` receives the dataclasses.
+
+Precedence: built-in default < `--config FILE.yaml` < command-line flag. Unknown YAML keys, bad types,
+values out of range and an empty config file are errors that name the key and the valid choices,
+raised before any work starts. The resolved configuration is written next to the outputs
+(`OUT/config.yaml`), itself a valid `--config`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,71 +33,75 @@ class ConfigError(ValueError):
     """A bad configuration key or value, named in the message."""
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags shared by pretraining and fine-tuning (MAE-ST names where MAE-ST has one)."""
-    parser.add_argument("--config", default=None, help="YAML file whose keys set defaults for these flags")
+def flag(default: Any, help: str, *, choices: Sequence | None = None, check: Callable[[Any], bool] | None = None,
+         rule: str = "", metavar: Any = None) -> Any:
+    """A dataclass field that is also a command-line flag; `check(value)` False -> error citing `rule`."""
+    meta = {"help": help, "choices": choices, "check": check, "rule": rule, "metavar": metavar}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default="mae_vit_large_patch16", help="registered model name (models.MODELS)")
-    g.add_argument("--input_size", type=int, default=224, help="clip height and width in pixels")
-    g.add_argument("--num_frames", type=int, default=16, help="frames per clip")
-    g.add_argument("--sampling_rate", type=int, default=4, help="frame stride at 30 fps")
-    g.add_argument("--t_patch_size", type=int, default=2, help="frames per token")
-    g.add_argument("--cls_embed", action=BOOL, default=True, help="use a class token")
-    g.add_argument("--sep_pos_embed", action=BOOL, default=True, help="separable spatial + temporal pos-embed")
 
-    g = parser.add_argument_group("data")
-    g.add_argument("--data_path", default="", help="folder with train/val/test list files; empty: generated video")
-    g.add_argument("--data_root", default="", help="prefix for the paths in the list files")
-    g.add_argument("--repeat_aug", type=int, default=4, help="clips cut from each decoded video")
-    g.add_argument("--num_workers", type=int, default=8, help="data-loading processes per rank")
-    g.add_argument("--prefetch_factor", type=int, default=4, help="batches each worker prepares ahead")
-    g.add_argument("--mp_context", default="forkserver", choices=["forkserver", "spawn", "fork"],
-                   help="how data workers start; fork deadlocks once the parent used FFmpeg (PyAV 19, Python 3.12+)")
-    g.add_argument("--decode_threads", type=int, default=0,
-                   help="FFmpeg threads per decoding worker (0: the cores each worker gets, 1 when workers fill them)")
-    g.add_argument("--pin_mem", action=BOOL, default=True, help="pin host memory for faster copies to the GPU")
-    g.add_argument("--max_failure_rate", type=float, default=0.1, help="stop when more videos fail to decode")
-    g.add_argument("--synthetic_videos", type=int, default=96, help="generated videos when no data_path is given")
-    g.add_argument("--synthetic_size", type=int, default=64, help="side of the generated videos in pixels")
+def positive(x: float) -> bool:
+    """Range check: > 0."""
+    return x > 0
 
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=2, help="videos per rank per micro-step")
-    g.add_argument("--epochs", type=int, default=800)
-    g.add_argument("--accum_iter", type=int, default=1, help="micro-steps per optimiser step")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr; default blr * effective batch / 256")
-    g.add_argument("--blr", type=float, default=1.6e-3, help="base lr per 256 clips")
-    g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule")
-    g.add_argument("--warmup_epochs", type=float, default=40, help="linear warm-up length in epochs")
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"),
-                   help="AdamW betas (MAE pretraining 0.9 0.95; main_finetune defaults to 0.9 0.999 as MAE-ST)")
-    g.add_argument("--clip_grad", type=float, default=0.02, help="max grad norm; 0 turns clipping off")
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimiser steps (0: no limit)")
 
-    g = parser.add_argument_group("parallelism and precision")
-    g.add_argument("--dist", default="ddp", choices=["ddp", "fsdp", "deepspeed"], help="parallel backend")
-    g.add_argument("--zero_stage", type=int, default=2, choices=[1, 2, 3], help="DeepSpeed ZeRO stage")
-    g.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON overriding the generated one")
-    g.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
-    g.add_argument("--grad_ckpt", action=BOOL, default=False, help="activation checkpointing per block")
-    g.add_argument("--compile", action=BOOL, default=False, help="torch.compile each block")
-    g.add_argument("--seed", type=int, default=0)
+def non_negative(x: float) -> bool:
+    """Range check: >= 0."""
+    return x >= 0
 
-    g = parser.add_argument_group("checkpoints and logging")
-    g.add_argument("--output_dir", default="./output", help="checkpoints, logs, TensorBoard, images")
-    g.add_argument("--resume", default="", help="checkpoint folder to resume from")
-    g.add_argument("--auto_resume", action=BOOL, default=True, help="resume from OUT/checkpoints/latest")
-    g.add_argument("--save_every", type=int, default=1000, help="optimiser steps between saves (0: epoch ends only)")
-    g.add_argument("--keep_last", type=int, default=3, help="checkpoints to keep")
-    g.add_argument("--async_save", action=BOOL, default=False,
-                   help="write FSDP2 checkpoints in the background (DCP async_save); other backends save in line")
-    g.add_argument("--log_every", type=int, default=20, help="optimiser steps between log lines")
+
+def _plain_type(hint: Any) -> tuple[type, bool]:
+    """(base type, optional) of a field annotation like `float | None`, `list[float]` or `str`."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return [a for a in args if a is not type(None)][0], True
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return list, False
+    return hint, False
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> argparse.ArgumentParser:
+    """Add every field of dataclass `cls` as a `--name` flag in a group `title`; remembers `cls` for checks."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        meta, hint = f.metadata, hints[f.name]
+        base, _ = _plain_type(hint)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = {"default": default, "help": meta.get("help", "")}
+        if base is bool:
+            kw["action"] = BOOL
+        elif base is list:
+            item = typing.get_args(hint)[0]
+            kw.update(type=item, nargs=len(default), metavar=meta.get("metavar"))
+        else:
+            kw["type"] = base
+            if meta.get("choices") is not None:
+                kw["choices"] = list(meta["choices"])
+        group.add_argument("--" + f.name, **kw)
+    parser._mae_sections = [*getattr(parser, "_mae_sections", []), cls]  # noqa: SLF001 - read by parse_args
     return parser
+
+
+def section(cls: type, args: argparse.Namespace) -> Any:
+    """The dataclass `cls` filled from the parsed flags, every range check applied (ConfigError names the flag)."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls)}
+    for f in fields(cls):
+        check, value = f.metadata.get("check"), values[f.name]
+        if check is not None and value is not None and not check(value):
+            raise ConfigError(f"--{f.name} {value!r} is out of range: {f.metadata.get('rule') or 'see --help'}")
+        if isinstance(value, list):
+            values[f.name] = list(value)
+    return cls(**values)
 
 
 def _check_value(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """Validate and convert a YAML value with the flag's own type and choices."""
+    if value is None and action.default is None:  # an optional flag left unset (e.g. `lr: null`)
+        return None
     if isinstance(action, BOOL) or isinstance(action.default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
@@ -114,11 +129,13 @@ def _check_value(action: argparse.Action, key: str, value: Any, source: str) -> 
 
 
 def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    """Read a YAML file of flag defaults, rejecting unknown keys and bad values."""
+    """Read a YAML file of flag defaults, rejecting an empty file, unknown keys and bad values."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml.safe_load(f)
+    if data is None:
+        raise ConfigError(f"config file {path} is empty: give at least one flag (or leave out --config for the demo)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
@@ -136,7 +153,7 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, 
 def parse_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, default_config: str | None = None
 ) -> argparse.Namespace:
-    """Parse flags with YAML defaults; `default_config` is used when no `--config` is given."""
+    """Parse flags with YAML defaults (`default_config` when no `--config`), then range-check every section."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -148,16 +165,156 @@ def parse_args(
             parser.error(str(exc))
     args = parser.parse_args(argv)
     args.config = config
+    for cls in getattr(parser, "_mae_sections", []):
+        try:
+            section(cls, args)
+        except ConfigError as exc:
+            parser.error(f"{exc}{f' (from {config})' if config else ''}")
     return args
 
 
-def save_config(args: argparse.Namespace, path: str | Path, parser: argparse.ArgumentParser | None = None) -> None:
-    """Write the resolved flags as YAML (a valid `--config` file for a re-run when `parser` is given)."""
+def flag_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The parsed flags as a plain dict (what `OUT/config.yaml` holds), without `config` and `help`."""
+    known = {a.dest for a in parser._actions}
+    return {k: v for k, v in vars(args).items() if k in known and k not in ("config", "help")}
+
+
+def save_config(values: dict[str, Any], path: str | Path) -> None:
+    """Write resolved flag values as YAML (a valid `--config` file for a re-run), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    known = {a.dest for a in parser._actions} if parser is not None else set(vars(args))
-    values = {k: v for k, v in vars(args).items() if k in known and k not in ("config", "help")}
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         yaml.safe_dump(values, f, sort_keys=False)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the run's sections
+@dataclass
+class ModelConfig:
+    """Which network, and the clip geometry it is built for."""
+
+    model: str = flag("mae_vit_large_patch16", "registered model name (models.MODELS)")
+    input_size: int = flag(224, "clip height and width in pixels", check=positive, rule="> 0")
+    num_frames: int = flag(16, "frames per clip", check=positive, rule="> 0")
+    t_patch_size: int = flag(2, "frames per token", check=positive, rule="> 0")
+    cls_embed: bool = flag(True, "use a class token")
+    sep_pos_embed: bool = flag(True, "separable spatial + temporal pos-embed")
+    init_values: float = flag(0.0, "layer scale: initial per-channel gain on each encoder block's residual "
+                              "branches (VideoMAE/CaiT); 0 = off", check=non_negative, rule=">= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the videos are and how the workers load them."""
+
+    data_path: str = flag("", "folder with train/val/test list files; empty: generated video")
+    data_root: str = flag("", "prefix for the paths in the list files")
+    sampling_rate: int = flag(4, "frame stride at 30 fps", check=positive, rule="> 0")
+    repeat_aug: int = flag(4, "clips cut from each decoded video", check=positive, rule=">= 1")
+    num_workers: int = flag(8, "data-loading processes per rank", check=non_negative, rule=">= 0")
+    prefetch_factor: int = flag(4, "batches each worker prepares ahead", check=positive, rule=">= 1")
+    mp_context: str = flag("forkserver", "how data workers start; fork deadlocks once the parent used FFmpeg "
+                           "(PyAV 19, Python 3.12+)", choices=("forkserver", "spawn", "fork"))
+    decode_threads: int = flag(0, "FFmpeg threads per decoding worker (0: the cores each worker gets, 1 when "
+                               "the workers fill them)", check=non_negative, rule=">= 0")
+    pin_mem: bool = flag(True, "pin host memory for faster copies to the GPU")
+    max_failure_rate: float = flag(0.1, "stop when a larger share of videos fails to decode",
+                                   check=lambda x: 0 <= x <= 1, rule="in [0, 1]")
+    synthetic_videos: int = flag(96, "generated videos when no data_path is given", check=positive, rule="> 0")
+    synthetic_size: int = flag(64, "side of the generated videos in pixels", check=positive, rule="> 0")
+    synthetic_background: str = flag("texture", "background of the generated videos",
+                                     choices=("texture", "smooth", "plain"))
+    synthetic_object_scale: float = flag(1.0, "size factor of the generated objects", check=positive, rule="> 0")
+    synthetic_speed_scale: float = flag(1.0, "speed factor of the generated objects", check=positive, rule="> 0")
+    synthetic_object_texture: str = flag("stripes", "generated objects: two-colour stripes or one solid colour",
+                                         choices=("stripes", "solid"))
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float | None = flag(None, "absolute lr; default blr * clips per optimiser step / 256",
+                            check=positive, rule="> 0")
+    blr: float = flag(1.6e-3, "base lr per 256 clips", check=positive, rule="> 0")
+    min_lr: float = flag(0.0, "floor of the cosine schedule", check=non_negative, rule=">= 0")
+    warmup_epochs: float = flag(40.0, "linear warm-up length in epochs", check=non_negative, rule=">= 0")
+    weight_decay: float = flag(0.05, "AdamW weight decay", check=non_negative, rule=">= 0")
+    opt_betas: list[float] = flag([0.9, 0.95], "AdamW betas (MAE pretraining 0.9 0.95; MAE-ST fine-tuning "
+                                  "0.9 0.999)", check=lambda b: all(0 <= x < 1 for x in b), rule="each in [0, 1)",
+                                  metavar=("BETA1", "BETA2"))
+    layer_decay: float = flag(1.0, "layer-wise lr decay (1.0: off)", check=lambda x: 0 < x <= 1, rule="in (0, 1]")
+    clip_grad: float = flag(0.02, "max grad norm; 0 turns clipping off", check=non_negative, rule=">= 0")
+
+
+@dataclass
+class LoopConfig:
+    """How long and in what steps: batch, accumulation, epochs, logging."""
+
+    batch_size: int = flag(2, "videos per rank per micro-step", check=positive, rule=">= 1")
+    accum_iter: int = flag(1, "micro-steps per optimiser step", check=positive, rule=">= 1")
+    epochs: int = flag(800, "training epochs", check=positive, rule=">= 1")
+    max_steps: int = flag(0, "stop after this many optimiser steps (0: no limit)", check=non_negative, rule=">= 0")
+    log_every: int = flag(20, "optimiser steps between log lines", check=positive, rule=">= 1")
+    seed: int = flag(0, "seed of every random choice (per sample and per step)")
+    bench: str = flag("", "measure instead of training: a comma list of model,loader,e2e "
+                      "(benchmarks/bench_train.py)", check=lambda s: set(filter(None, s.split(","))) <=
+                      {"model", "loader", "e2e"}, rule="a comma list of model, loader, e2e")
+    bench_steps: int = flag(10, "timed optimiser steps per --bench mode", check=positive, rule=">= 1")
+
+
+@dataclass
+class ParallelConfig:
+    """Backend, precision, activation checkpointing and compile."""
+
+    dist: str = flag("ddp", "parallel backend", choices=("ddp", "fsdp", "deepspeed"))
+    zero_stage: int = flag(2, "DeepSpeed ZeRO stage", choices=(1, 2, 3))
+    deepspeed_config: str = flag("", "DeepSpeed JSON merged over the generated one (checked against the flags)")
+    precision: str = flag("bf16", "mixed precision", choices=("fp32", "bf16", "fp16"))
+    grad_ckpt: bool = flag(False, "activation checkpointing per block")
+    compile: str = flag("none", "torch.compile: none, each block (blocks), or the whole model (model)",
+                        choices=("none", "blocks", "model"))
+
+
+@dataclass
+class CheckpointConfig:
+    """Where outputs go, when to save, what to resume."""
+
+    output_dir: str = flag("./output", "checkpoints, logs, TensorBoard, images")
+    resume: str = flag("", "checkpoint folder to resume from")
+    auto_resume: bool = flag(True, "resume from OUT/checkpoints/latest")
+    save_every: int = flag(1000, "optimiser steps between saves (0: epoch ends only)", check=non_negative,
+                           rule=">= 0")
+    keep_last: int = flag(3, "checkpoints to keep", check=positive, rule=">= 1")
+    async_save: bool = flag(False, "write FSDP2 checkpoints in the background (DCP async_save)")
+
+
+@dataclass
+class RunConfig:
+    """Every shared section of one run."""
+
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    loop: LoopConfig
+    parallel: ParallelConfig
+    ckpt: CheckpointConfig
+
+
+RUN_SECTIONS = (("model", ModelConfig), ("data", DataConfig), ("optimisation", OptimConfig),
+                ("loop", LoopConfig), ("parallelism and precision", ParallelConfig),
+                ("checkpoints and logging", CheckpointConfig))
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--config` and the flags of every shared section."""
+    parser.add_argument("--config", default=None, help="YAML file whose keys set defaults for these flags")
+    for title, cls in RUN_SECTIONS:
+        add_flags(parser, cls, title)
+    return parser
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The typed shared sections of parsed flags."""
+    return RunConfig(*(section(cls, args) for _, cls in RUN_SECTIONS))

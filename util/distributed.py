@@ -1,8 +1,7 @@
-"""Process-group setup from torchrun, SLURM (submitit) or a single process; rank-0-only output."""
+"""Process-group setup from torchrun, SLURM (submitit) or a single process; rank-prefixed logging."""
 
 from __future__ import annotations
 
-import builtins
 import datetime
 import logging
 import os
@@ -89,23 +88,13 @@ def ensure_process_group(info: DistInfo) -> None:
         init_distributed(need_group=True)
 
 
-_builtin_print = builtins.print
-
-
 def setup_logging(rank: int) -> None:
-    """Rank-prefixed logging: rank 0 at INFO, others at WARNING; print() is silenced off rank 0."""
+    """Rank-prefixed logging: rank 0 at INFO, the others at WARNING (so their warnings still show)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-
-    def print_rank0(*args, force: bool = False, **kwargs) -> None:
-        # Other ranks may still print with force=True (e.g. for per-rank debugging).
-        if rank == 0 or force:
-            _builtin_print(*args, **kwargs)
-
-    builtins.print = print_rank0
 
 
 def get_rank() -> int:
@@ -136,6 +125,16 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
+
+
+def all_agree(flag: bool) -> bool:
+    """True on every rank iff `flag` is True on every rank (one small collective; alone: the flag)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def broadcast_object(obj: object) -> object:

@@ -1,62 +1,53 @@
-"""The train step and epoch loop shared by pretraining and fine-tuning (one loop, two loss functions).
+"""One training step, and what the loop keeps between steps: the position, the metric window, NaN checks.
 
-A step is `accum_iter` micro-steps of forward + backward (gradient sync only on the last) and one
-optimiser step through the parallel backend. The loop never forces a host-device sync except on
-logging and saving steps: losses stay on the device until then, and a non-finite loss or gradient
-norm is caught there, before any checkpoint is written from that state.
+A step is `accum_iter` micro-steps of forward + backward (gradient sync only on the last, which the
+step tells the backend) and one optimiser step. Nothing here forces a host-device sync: losses and
+gradient norms stay on the device in a `StepWindow` until a log or save step reads them, and a
+non-finite value is caught there, before any checkpoint is written from that state.
+`benchmarks/bench_step.py` times exactly `train_step`.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-
-from datasets.transforms import normalize_clips
-from util.checkpoint import finish_pending_save
-from util.logger import TrainLogger, peak_memory_gb
-from util.lr_sched import apply_lr, lr_at
+from torch import nn
 
 # A loss function returns the loss, or (loss, {name: scalar tensor}) to log extra averaged metrics.
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor | tuple[torch.Tensor, dict]]
+LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor | tuple[torch.Tensor, dict]]
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss or gradient norm."""
+    """Training produced a NaN or infinite loss, gradient norm or weight."""
 
 
 @dataclass
 class TrainState:
-    """Where training stands: saved in every checkpoint and restored on resume."""
+    """Where training stands: saved in every checkpoint and restored on resume.
+
+    `consumed` counts the samples (videos) of this epoch already used over all ranks: unlike a step
+    count it means the same on any number of ranks, so a resume on another world size continues with
+    exactly the samples not yet seen.
+    """
 
     epoch: int = 0
-    step_in_epoch: int = 0  # optimiser steps already done in `epoch`
+    step_in_epoch: int = 0  # optimiser steps done in `epoch` (for humans: `util.checkpoint info`)
     global_step: int = 0
+    consumed: int = 0
 
     def state_dict(self) -> dict[str, int]:
         """Plain-int dict for the checkpoint."""
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from a checkpoint's dict."""
-        self.epoch, self.step_in_epoch, self.global_step = (int(state[k]) for k in ("epoch", "step_in_epoch", "global_step"))
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move a batch to the device without blocking the host; uint8 clips are normalised there.
-
-    Loaders for an accelerator send uint8 clips (4x fewer bytes to pin and copy, no float work in
-    the workers) and the device normalises them, which costs it almost nothing.
-    """
-    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if torch.is_tensor(out.get("clips")) and out["clips"].dtype == torch.uint8:
-        out["clips"] = normalize_clips(out["clips"])
-    return out
+        """Restore from a checkpoint's dict (`sampler.consumed` is the authority for the position)."""
+        self.epoch, self.step_in_epoch, self.global_step = (int(state[k]) for k in ("epoch", "step_in_epoch",
+                                                                                   "global_step"))
+        self.consumed = int(state.get("sampler", {}).get("consumed", state.get("consumed", 0)))
 
 
 def step_seed(seed: int, global_step: int, rank: int) -> int:
@@ -64,128 +55,114 @@ def step_seed(seed: int, global_step: int, rank: int) -> int:
     return (seed * 1_000_003 + global_step) * 1_009 + rank
 
 
-def _first_bad(values: list[torch.Tensor], steps: list[int], world: bool) -> int | None:
-    """First step whose loss or grad norm is not finite, agreed by all ranks (one small collective)."""
-    if not values:
-        return None
-    finite = torch.isfinite(torch.stack([v.float().reshape(()) for v in values]))
-    bad = torch.where(~finite, torch.tensor(steps, device=finite.device), torch.tensor(2**62, device=finite.device))
-    first = bad.min()
-    if world and torch_dist.is_available() and torch_dist.is_initialized():
-        first = first.to("cuda" if first.is_cuda else "cpu")
-        torch_dist.all_reduce(first, op=torch_dist.ReduceOp.MIN)
-    first = int(first)
-    return None if first == 2**62 else first
+def split_loss(out: torch.Tensor | tuple[torch.Tensor, dict]) -> tuple[torch.Tensor, dict]:
+    """(loss, extra metrics) from what a task's loss function returned."""
+    return out if isinstance(out, tuple) else (out, {})
 
 
-def train_one_epoch(
-    backend: Any,
-    loader_iter: Iterator[dict[str, torch.Tensor]],
-    loss_fn: LossFn,
-    state: TrainState,
-    args: argparse.Namespace,
-    steps_per_epoch: int,
-    logger: TrainLogger,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-    save_fn: Callable[[TrainState], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    flops_per_clip: float | None = None,
-    peak_flops: float | None = None,
-) -> bool:
-    """Run the remaining optimiser steps of `state.epoch`; returns False when stopped early."""
-    accum = args.accum_iter
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    window_losses: list[torch.Tensor] = []
-    window_norms: list[torch.Tensor] = []
-    window_steps: list[int] = []
-    window_failures = 0
-    window_extra: dict[str, list[torch.Tensor]] = {}
-    clips = 0
-    data_time = 0.0
-    window_start = time.perf_counter()
-    step_times: list[float] = []
-    backend.module.train()
+def train_step(backend: Any, micro_batches: Iterable[dict], loss_fn: LossFn, accum_iter: int
+               ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor], int]:
+    """One optimiser step over `accum_iter` micro-batches: (mean loss, pre-clip grad norm, extra metrics, clips).
 
-    for step in range(state.step_in_epoch, steps_per_epoch):
-        if args.max_steps and state.global_step >= args.max_steps:
-            return False
-        if should_stop is not None and should_stop():
-            return False
-        step_start = time.perf_counter()
-        lr = lr_at(state.epoch + step / steps_per_epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
-        apply_lr(backend.param_groups, lr)
-        torch.manual_seed(step_seed(args.seed, state.global_step, rank))
-        step_loss = None
-        for micro in range(accum):
-            t0 = time.perf_counter()
-            batch = next(loader_iter)
-            data_time += time.perf_counter() - t0
-            window_failures += int(batch.get("failures", 0))
-            batch = to_device(batch, device)
-            with backend.autocast():
-                loss = loss_fn(backend.module, batch)
-            if isinstance(loss, tuple):
-                loss, extra = loss
-                for key, value in extra.items():
-                    window_extra.setdefault(key, []).append(value.detach().float().reshape(()))
-            backend.backward(loss, is_last_microstep=micro == accum - 1)
-            loss = loss.detach()
-            step_loss = loss if step_loss is None else step_loss + loss
-            clips += batch["clips"].shape[0]
-        grad_norm = backend.step()
-        finish_pending_save(wait=False)  # an asynchronous checkpoint becomes `latest` once fully written
-        state.step_in_epoch = step + 1
-        state.global_step += 1
-        window_losses.append(step_loss / accum)
-        if grad_norm is not None:
-            window_norms.append(grad_norm)
-        window_steps.append(state.global_step)
-        step_times.append(time.perf_counter() - step_start)
+    All returned tensors stay on the device (no host sync).
+    """
+    total, extras, clips = None, {}, 0
+    for i, batch in enumerate(micro_batches):
+        with backend.microstep(is_last=i == accum_iter - 1):
+            with backend.precision():
+                loss, extra = split_loss(loss_fn(backend.module, batch))
+            backend.backward(loss)
+        loss = loss.detach().float()
+        total = loss if total is None else total + loss
+        for key, value in extra.items():
+            value = value.detach().float().reshape(())
+            extras[key] = value if key not in extras else extras[key] + value
+        clips += batch["clips"].shape[0]
+    if total is None:
+        raise ValueError("train_step got no micro-batches")
+    grad_norm = backend.step()
+    return total / accum_iter, grad_norm, {k: v / accum_iter for k, v in extras.items()}, clips
 
-        is_log = state.global_step % args.log_every == 0 or step + 1 == steps_per_epoch
-        is_save = save_fn is not None and args.save_every > 0 and state.global_step % args.save_every == 0
-        if not (is_log or is_save):
-            continue
-        bad = _first_bad(window_losses + window_norms, window_steps + window_steps[: len(window_norms)], world_size > 1)
+
+def _world() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def all_finite(module: nn.Module) -> bool:
+    """True on every rank iff every local parameter shard on every rank is finite (collective when distributed)."""
+    flags = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in module.parameters()
+             if p.numel()]
+    ok = torch.stack(flags).all() if flags else torch.tensor(True)
+    if _world():
+        t = ok.to(torch.int32).reshape(1)
+        if torch_dist.get_backend() != "nccl":
+            t = t.cpu()
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+        return bool(t.item())
+    return bool(ok)
+
+
+class StepWindow:
+    """Losses, grad norms and extra metrics of the steps since the last log, kept on the device."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window (after a log line)."""
+        self.losses: list[torch.Tensor] = []
+        self.norms: list[torch.Tensor] = []
+        self.steps: list[int] = []
+        self.extra: dict[str, list[torch.Tensor]] = {}
+        self.unchecked = 0  # steps at the end of the window not yet checked for NaN/inf
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, extra: dict) -> None:
+        """Record one optimiser step."""
+        self.losses.append(loss)
+        self.norms.append(grad_norm.float().reshape(()) if grad_norm is not None else loss.new_zeros(()))
+        self.steps.append(step)
+        for key, value in extra.items():
+            self.extra.setdefault(key, []).append(value)
+        self.unchecked += 1
+
+    def first_bad_step(self) -> int | None:
+        """First step of the unchecked tail whose loss or grad norm is not finite, agreed by all ranks."""
+        if not self.unchecked:
+            return None
+        n = self.unchecked
+        values = torch.stack(self.losses[-n:] + self.norms[-n:]).float()
+        steps = torch.tensor(self.steps[-n:] * 2, device=values.device)
+        never = torch.tensor(2**62, device=values.device)
+        first = torch.where(torch.isfinite(values), never, steps).min()
+        if _world():
+            first = first.reshape(1)
+            if torch_dist.get_backend() != "nccl":
+                first = first.cpu()
+            torch_dist.all_reduce(first, op=torch_dist.ReduceOp.MIN)
+        self.unchecked = 0
+        first = int(first)
+        return None if first == 2**62 else first
+
+    def check(self, module: nn.Module | None = None, epoch: int | None = None) -> None:
+        """Raise NonFiniteLossError if a step since the last check (or, given `module`, a weight) is not finite."""
+        bad = self.first_bad_step()
+        where = f" (epoch {epoch})" if epoch is not None else ""
+        hint = ("no checkpoint was written from this state. Lower the lr (--blr), turn on clipping "
+                "(--clip_grad), check the data, or use --precision bf16 instead of fp16.")
         if bad is not None:
-            raise NonFiniteLossError(
-                f"loss or gradient norm became NaN/inf at or before global step {bad} (epoch {state.epoch}); "
-                "no checkpoint was written from this state. Lower the lr (--blr), check the data, or use "
-                "--precision bf16 instead of fp16."
-            )
-        if is_log:
-            elapsed = time.perf_counter() - window_start
-            losses = torch.stack(window_losses).float()
-            metrics: dict[str, Any] = {
-                "epoch": state.epoch + state.step_in_epoch / steps_per_epoch,
-                "loss": float(losses.mean()),
-                "lr": lr,
-                "clips_per_s": clips * world_size / max(elapsed, 1e-9),
-                "data_wait": data_time / max(elapsed, 1e-9),
-                "mem_gb": peak_memory_gb(device),
-                "bad_videos": window_failures,
-            }
-            if len(window_losses) == 1:
-                metrics["loss"] = float(losses[0])
-            for key, values in window_extra.items():
-                metrics[key] = float(torch.stack(values).mean())
-            if window_norms:
-                metrics["grad_norm"] = float(torch.stack([n.float().reshape(()) for n in window_norms]).mean())
-            if flops_per_clip and peak_flops:
-                metrics["tflops"] = flops_per_clip * clips / max(elapsed, 1e-9) / 1e12
-                metrics["mfu"] = flops_per_clip * clips / max(elapsed, 1e-9) / peak_flops
-            mean_step = sum(step_times) / len(step_times)
-            logger.log(state.global_step, metrics, eta_s=mean_step * max(total_steps - state.global_step, 0))
-            window_losses, window_norms, window_steps, step_times, window_extra = [], [], [], [], {}
-            clips, data_time, window_failures = 0, 0.0, 0
-            window_start = time.perf_counter()
-        if is_save:
-            save_fn(state)
-    return True
+            raise NonFiniteLossError(f"loss or gradient norm became NaN/inf at or before global step {bad}{where}; "
+                                     + hint)
+        if module is not None and not all_finite(module):
+            step = self.steps[-1] if self.steps else "?"
+            raise NonFiniteLossError(f"a weight became NaN/inf by global step {step}{where}; " + hint)
+
+    def means(self) -> dict[str, float]:
+        """Host values of the window: mean loss, grad norm and extra metrics (one sync)."""
+        out = {"loss": float(torch.stack(self.losses).float().mean())}
+        out["grad_norm"] = float(torch.stack(self.norms).mean())
+        for key, values in self.extra.items():
+            out[key] = float(torch.stack(values).mean())
+        return out
 
 
 def steps_in_epoch(num_samples: int, batch_size: int, world_size: int, accum_iter: int) -> int:
@@ -197,4 +174,3 @@ def steps_in_epoch(num_samples: int, batch_size: int, world_size: int, accum_ite
             f"x accum_iter {accum_iter}; lower --batch_size or --accum_iter, or add data"
         )
     return steps
-

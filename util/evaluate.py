@@ -4,18 +4,24 @@ A test item is one (video, view) pair: K temporal windows x S spatial crops per 
 Each rank sums the softmax scores of the views it saw into a dense [num_videos, num_classes] table
 indexed by the video's index, and the tables are summed across ranks. A video whose views were
 split between ranks is therefore still one video, counted once, and the sampler never pads
-(`DistributedEvalSampler`), so no view is seen twice.
+(`DistributedEvalSampler`), so no view is seen twice. A view that could not be decoded arrives with
+`valid` False: it counts as seen but not scored, and a video with no scored view is left out of the
+accuracy and reported (`videos` scored of `videos_total`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger("mae_st.evaluate")
 
 
 def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -34,16 +40,18 @@ def evaluate(
     num_videos: int,
     num_classes: int,
     device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     expected_views: int | None = None,
     sharded: bool = True,
+    prepare: Callable[[dict], dict] | None = None,
 ) -> dict:
     """Top-1/top-5 (%) over videos from view-averaged softmax scores, summed over all ranks.
 
     Returns the metrics plus `scores` [V, C] (averaged), `labels` [V] and `views` [V] (views seen
     per video) for the videos that were evaluated. `expected_views` checks every video got exactly
     that many views (each view exactly once over all ranks). `sharded=False`: every rank saw the
-    whole set, so nothing is summed across ranks.
+    whole set, so nothing is summed across ranks. `prepare` puts a batch on the device (the
+    trainer's: it also normalises uint8 clips there); `precision` is the backend's forward context.
 
     Collective when distributed: every rank must call it. Ranks run the same number of forwards
     (the shorter shards repeat a batch whose scores are discarded) because FSDP and ZeRO-3 gather
@@ -52,7 +60,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums = torch.zeros(num_videos, num_classes, dtype=torch.float64)
-    views = torch.zeros(num_videos, dtype=torch.float64)
+    views = torch.zeros(num_videos, dtype=torch.float64)  # views seen (decoded or not)
+    scored = torch.zeros(num_videos, dtype=torch.float64)  # views decoded and scored
     labels = torch.zeros(num_videos, dtype=torch.float64)  # summed like the rest: label * views
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     num_batches = len(loader)  # type: ignore[arg-type]
@@ -64,30 +73,35 @@ def evaluate(
         extra = 0
     clips = None
     for batch in loader:
-        clips = batch["clips"].to(device, non_blocking=True)
-        with autocast():
+        clips = prepare(batch)["clips"] if prepare else batch["clips"].to(device, non_blocking=True)
+        with precision():
             logits = model(clips)
-        probs = logits.float().softmax(dim=-1).cpu().double()
+        valid = batch["valid"].double() if "valid" in batch else torch.ones(len(batch["index"]), dtype=torch.float64)
+        probs = logits.float().softmax(dim=-1).cpu().double() * valid[:, None]
         index = batch["index"].long()
         sums.index_add_(0, index, probs)
         views.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+        scored.index_add_(0, index, valid)
         labels.index_add_(0, index, batch["label"].double())
     for _ in range(extra):  # padding forwards: keep collectives inside forward matched, count nothing
         if clips is None:
-            clips = loader.collate_fn([loader.dataset[0]])["clips"].to(device)  # type: ignore[attr-defined]
-        with autocast():
+            first = loader.collate_fn([loader.dataset[0]])  # type: ignore[attr-defined]
+            clips = prepare(first)["clips"] if prepare else first["clips"].to(device)
+        with precision():
             model(clips[:1])
     if was_training:
         model.train()
-    table = torch.cat([sums, views[:, None], labels[:, None]], dim=1)
+    table = torch.cat([sums, views[:, None], labels[:, None], scored[:, None]], dim=1)
     if sharded:
         table = _all_reduce_sum(table, device)
     sums, views, labels = table[:, :num_classes], table[:, num_classes], table[:, num_classes + 1]
-    seen = views > 0
+    scored = table[:, num_classes + 2]
     if expected_views is not None and not torch.all(views == expected_views):
         bad = torch.nonzero(views != expected_views).flatten()[:10].tolist()
         raise RuntimeError(f"videos {bad} got {views[bad].tolist()} views, expected {expected_views} each")
-    scores = sums[seen] / views[seen, None]
+    unscored = int(((views > 0) & (scored == 0)).sum())
+    seen = scored > 0
+    scores = sums[seen] / scored[seen, None]
     labels = (labels[seen] / views[seen]).round().long()
     k = min(5, num_classes)
     topk = scores.topk(k, dim=1).indices
@@ -97,11 +111,35 @@ def evaluate(
         "top1": 100.0 * float(correct[:, 0].sum()) / max(n, 1),
         "top5": 100.0 * float(correct.any(dim=1).sum()) / max(n, 1),
         "videos": n,
+        "videos_total": int((views > 0).sum()),
+        "videos_unscored": unscored,
         "views": int(views.sum()),
+        "views_scored": int(scored.sum()),
         "scores": scores.float(),
         "labels": labels,
-        "views_per_video": views[seen].long(),
+        "views_per_video": scored[seen].long(),
     }
+
+
+def test_and_report(model: nn.Module, loader: Iterable[dict], num_videos: int, num_classes: int,
+                    device: torch.device, is_main: bool, out: Path, split: str, tag: str, expected_views: int,
+                    sharded: bool, precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                    prepare: Callable[[dict], dict] | None = None, class_names: list[str] | None = None) -> dict:
+    """Multi-view test (collective); rank 0 logs top-1/top-5, writes OUT/eval_<split>.json and a confusion matrix."""
+    res = evaluate(model, loader, num_videos, num_classes, device, precision, expected_views=expected_views,
+                   sharded=sharded, prepare=prepare)
+    keys = ("top1", "top5", "videos", "videos_total", "videos_unscored", "views", "views_scored")
+    metrics = {k: res[k] for k in keys}
+    if is_main:
+        log.info("* Acc@1 %.3f Acc@5 %.3f (%s: %d of %d videos scored, %d views each)", res["top1"], res["top5"],
+                 split, res["videos"], res["videos_total"], expected_views)
+        if res["videos_unscored"]:
+            log.warning("%d test video(s) could not be decoded and are not in the accuracy", res["videos_unscored"])
+        matrix = confusion_matrix(res["scores"].argmax(1), res["labels"], num_classes)
+        png = save_confusion_matrix(matrix, out / f"confusion_{split}.png", class_names,
+                                    title=f"{tag}: top-1 {res['top1']:.1f}%")
+        (out / f"eval_{split}.json").write_text(json.dumps({**metrics, "tag": tag, "confusion": str(png)}))
+    return metrics
 
 
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Training logs: a console line (or progress bar on a terminal), TensorBoard scalars, OUT/log.jsonl.
 
-Only the main process writes. `log.jsonl` is appended to, so a resumed run continues the same
-file (a step logged twice after a crash appears twice; readers keep the last entry of each step).
+Only the main process writes. A resumed run continues the same `log.jsonl` and TensorBoard run:
+first it drops what was logged after the checkpoint it resumes from (those steps run again), so
+the log holds the run's history once.
 """
 
 from __future__ import annotations
@@ -28,10 +29,30 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def truncate_log(path: str, last_step: int) -> None:
+    """Keep only the records of steps <= last_step in a JSON-lines log (atomically); no-op without a file."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill: drop it
+                continue
+            if int(record.get("step", 0)) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class TrainLogger:
     """Writes metrics of logged steps to the console, TensorBoard and a JSON-lines file."""
 
-    def __init__(self, output_dir: str, enabled: bool, total_steps: int, tensorboard: bool = True) -> None:
+    def __init__(self, output_dir: str, enabled: bool, total_steps: int, tensorboard: bool = True,
+                 resume_step: int | None = None) -> None:
         self.enabled, self.total_steps = enabled, total_steps
         self.writer = None
         self.bar = None
@@ -39,12 +60,16 @@ class TrainLogger:
         if not enabled:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(os.path.join(output_dir, "log.jsonl"), "a", buffering=1)
+        path = os.path.join(output_dir, "log.jsonl")
+        truncate_log(path, resume_step if resume_step is not None else 0)
+        self.jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # Same folder on every resume: TensorBoard shows one continuing run.
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            # Same folder on every resume: TensorBoard shows one continuing run, and purge_step hides
+            # the events of steps after the checkpoint (they are logged again).
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge)
         if sys.stdout.isatty():
             from tqdm import tqdm
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from util.config import OptimConfig
+
 # Prefixes/infixes that wrappers add to parameter names; matching works on the plain-model name.
 WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -67,3 +69,10 @@ def build_adamw(groups: list[dict], lr: float, device: torch.device,
     fused = device.type == "cuda"
     groups = [{k: v for k, v in g.items() if k != "names"} | {"lr": lr * g["lr_scale"]} for g in groups]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None, foreach=None if fused else True)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the model's (layer-decayed) parameter groups, with the run's lr, betas and weight decay."""
+    layer_decay = cfg.layer_decay if cfg.layer_decay < 1.0 else None
+    groups = param_groups(model, cfg.weight_decay, layer_decay)
+    return build_adamw(groups, lr, device, (cfg.opt_betas[0], cfg.opt_betas[1]))

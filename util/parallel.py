@@ -1,18 +1,23 @@
 """Wrap a plain model for training: DDP, FSDP2 or DeepSpeed ZeRO-1/2/3, behind one small interface.
 
-The engine drives every backend the same way:
-    with backend.autocast():
-        loss, pred, mask = backend.module(clips, mask_ratio, noise)
-    backend.backward(loss, is_last_microstep)
-    if is_last_microstep:
-        grad_norm = backend.step()
+The run loop drives every backend the same way, and says which micro-step is the last (no guessing):
+
+    for i, batch in enumerate(micro_batches):
+        with backend.microstep(is_last=i == accum_iter - 1):   # gradient sync only on the last
+            with backend.precision():                          # autocast (evaluation uses it too)
+                loss = task.loss(backend.module, batch)
+            backend.backward(loss)                             # divided by accum_iter
+    grad_norm = backend.step()                                 # clip, optimizer step, zero grads
+
 Set the lr through `backend.param_groups` (re-read it after `load`: loading replaces the group dicts).
+The model tells us its units (`model.shard_units()`: its blocks); activation checkpointing, compile and
+FSDP2 sharding are applied to those from outside, in that order (torchtitan's order), so this module
+never imports a model class.
 """
 
 from __future__ import annotations
 
 import abc
-import argparse
 import contextlib
 import copy
 import json
@@ -38,59 +43,75 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from models.video_vit import Block
+from util.config import OptimConfig, ParallelConfig
 from util.distributed import DistInfo, ensure_process_group
-from util.optim import build_adamw, clean_name, param_groups
+from util.optim import build_optimizer, clean_name
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEEPSPEED_TAG = "zero"  # fixed tag: one DeepSpeed checkpoint per checkpoint directory
 
 
-def block_units(model: nn.Module) -> list[nn.Module]:
-    """The per-block units to checkpoint / compile / shard: each Block, or its checkpoint wrapper."""
-    wrapped = [m for m in model.modules() if isinstance(m, CheckpointWrapper)]
-    inner = {id(m._checkpoint_wrapped_module) for m in wrapped}
-    return wrapped + [m for m in model.modules() if isinstance(m, Block) and id(m) not in inner]
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The model's own units (`model.shard_units()`), or their checkpoint wrappers once wrapped."""
+    if not hasattr(model, "shard_units"):
+        return []
+    units = model.shard_units()
+    wrappers = {id(m._checkpoint_wrapped_module): m for m in model.modules() if isinstance(m, CheckpointWrapper)}
+    return [wrappers.get(id(u), u) for u in units]
 
 
-def apply_block_wrappers(model: nn.Module, grad_ckpt: bool, compile_blocks: bool) -> None:
-    """Activation checkpointing (non-reentrant) then torch.compile, per block, in place; names stay clean."""
-    if grad_ckpt:
-        wrapper = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-        apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, Block))
-    if compile_blocks:
-        for unit in block_units(model):
-            unit.compile()  # in place (no `_orig_mod.` in names), like torchtitan's per-block compile
+def apply_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing (non-reentrant) around each unit, in place; parameter names stay clean."""
+    ids = {id(u) for u in shard_units(model)}
+    wrapper = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: id(m) in ids)
 
 
-def build_optimizer(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> torch.optim.AdamW:
-    """AdamW over the model's (layer-decayed) parameter groups, with the run's lr and betas."""
-    groups = param_groups(model, args.weight_decay, getattr(args, "layer_decay", None))
-    return build_adamw(groups, args.lr, info.device, tuple(getattr(args, "opt_betas", (0.9, 0.95))))
+def apply_compile(module: nn.Module, mode: str) -> None:
+    """torch.compile in place (no `_orig_mod.` in names): each unit ("blocks") or the whole module ("model")."""
+    if mode == "blocks":
+        for unit in shard_units(module):
+            unit.compile()  # like torchtitan's per-block compile
+    elif mode == "model":
+        module.compile()  # one graph per step shape: the visible-token count is fixed, so shapes are static
+    elif mode != "none":
+        raise ValueError(f"compile mode must be none, blocks or model, got {mode!r}")
+
+
+def prepare(model: nn.Module, cfg: ParallelConfig) -> None:
+    """What every backend applies to the plain model first: checkpointing, then per-block compile."""
+    if cfg.grad_ckpt:
+        apply_checkpointing(model)
+    if cfg.compile == "blocks":
+        apply_compile(model, "blocks")
 
 
 class Backend(abc.ABC):
-    """Common interface; subclasses fill in wrapping, backward, step and checkpoint I/O."""
+    """Common interface; subclasses fill in wrapping, sync, backward, step and checkpoint I/O."""
 
     name = "base"
 
-    def __init__(self, model: nn.Module, args: argparse.Namespace, info: DistInfo) -> None:
-        self.args, self.info, self.unwrapped = args, info, model
-        self.accum_iter = max(1, int(getattr(args, "accum_iter", 1) or 1))
-        self.clip_grad = float(getattr(args, "clip_grad", None) or 0.0)
-        self.dtype = DTYPES[getattr(args, "precision", "fp32")]
+    def __init__(self, model: nn.Module, cfg: ParallelConfig, info: DistInfo, accum_iter: int) -> None:
+        self.cfg, self.info, self.unwrapped = cfg, info, model
+        self.accum_iter = accum_iter
+        self.dtype = DTYPES[cfg.precision]
         self.module: nn.Module = model
         self.optimizer: torch.optim.Optimizer
+        self.clip_grad = 0.0
 
     @property
     def param_groups(self) -> list[dict]:
         """Optimizer groups (with 'lr', 'lr_scale', 'weight_decay'); setting g['lr'] takes effect."""
         return self.optimizer.param_groups
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Context for the forward pass (mixed precision where the backend needs it)."""
+    def precision(self) -> contextlib.AbstractContextManager:
+        """Context for forward passes, training and evaluation alike (mixed precision where it is autocast)."""
         return contextlib.nullcontext()
+
+    @abc.abstractmethod
+    def microstep(self, is_last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-step's forward and backward: gradients are synchronised only if `is_last`."""
 
     def _grad_norm_and_clip(self, params: list[torch.Tensor]) -> torch.Tensor:
         """Pre-clip total grad norm as a device tensor; clips in place when clip_grad > 0."""
@@ -106,8 +127,8 @@ class Backend(abc.ABC):
         return {clean_name(k): v.detach().float().cpu().clone() for k, v in sd.items()}
 
     @abc.abstractmethod
-    def backward(self, loss: torch.Tensor, is_last_microstep: bool = True) -> None:
-        """Backpropagate loss / accum_iter; gradients are synchronised only on the last micro-step."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate loss / accum_iter (inside `microstep`)."""
 
     @abc.abstractmethod
     def step(self) -> torch.Tensor | None:
@@ -131,47 +152,34 @@ class DDPBackend(Backend):
     name = "ddp"
     FILE = "model.pt"
 
-    def __init__(self, model: nn.Module, args: argparse.Namespace, info: DistInfo) -> None:
-        super().__init__(model, args, info)
+    def __init__(self, model: nn.Module, cfg: ParallelConfig, optim: OptimConfig, lr: float, info: DistInfo,
+                 accum_iter: int, micro_batch: int) -> None:
+        super().__init__(model, cfg, info, accum_iter)
+        self.clip_grad = optim.clip_grad
         model.to(info.device)
-        apply_block_wrappers(model, bool(args.grad_ckpt), bool(args.compile))
+        prepare(model, cfg)
         if info.world_size > 1:
             ids = [info.local_rank] if info.device.type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.optimizer = build_optimizer(model, args, info)
-        self.scaler = torch.amp.GradScaler(info.device.type) if args.precision == "fp16" else None
-        self._micro = 0  # micro-steps since the last optimizer step
-        self._unsynced_forward = False
+        if cfg.compile == "model":
+            apply_compile(self.module, "model")  # torch.compile of DDP splits graphs at its buckets
+        self.optimizer = build_optimizer(model, optim, lr, info.device)
+        self.scaler = torch.amp.GradScaler(info.device.type) if cfg.precision == "fp16" else None
 
-    def _ddp(self) -> bool:
-        return isinstance(self.module, nn.parallel.DistributedDataParallel)
+    def precision(self) -> contextlib.AbstractContextManager:
+        """bf16/fp16 autocast on the device, or nothing for fp32."""
+        return torch.autocast(self.info.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
-        """Autocast, and DDP's no_sync for a forward that precedes a non-last micro-step.
+    def microstep(self, is_last: bool) -> contextlib.AbstractContextManager:
+        """DDP's no_sync for every micro-step but the last (it decides at forward time, hence a context)."""
+        if is_last or not isinstance(self.module, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.module.no_sync()
 
-        DDP decides at forward time whether the next backward all-reduces, so the sync choice is
-        made here from the micro-step count; backward() repairs a wrong guess (see there).
-        """
-        skip_sync = self._ddp() and self._micro < self.accum_iter - 1
-        sync_ctx = self.module.no_sync() if skip_sync else contextlib.nullcontext()
-        amp_ctx = torch.autocast(self.info.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
-        with sync_ctx, amp_ctx:
-            yield
-        self._unsynced_forward = skip_sync
-
-    def backward(self, loss: torch.Tensor, is_last_microstep: bool = True) -> None:
-        """Backpropagate loss / accum_iter; gradients are synchronised only on the last micro-step."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate loss / accum_iter, through the loss scaler for fp16."""
         loss = loss / self.accum_iter
         (self.scaler.scale(loss) if self.scaler else loss).backward()
-        self._micro += 1
-        if is_last_microstep and self._unsynced_forward:
-            # The caller ended accumulation earlier than accum_iter: average the local grads by hand.
-            for p in self.unwrapped.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(self.info.world_size)
-        self._unsynced_forward = False
 
     def step(self) -> torch.Tensor | None:
         """Clip, optimizer step, zero grads; returns the pre-clip grad norm (a tensor, no host sync)."""
@@ -185,7 +193,6 @@ class DDPBackend(Backend):
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._micro = 0
         return norm
 
     def save(self, path: str | Path, async_save: bool = False) -> Future | None:
@@ -198,6 +205,7 @@ class DDPBackend(Backend):
             if self.scaler:
                 state["scaler"] = self.scaler.state_dict()
             torch.save(state, Path(path) / self.FILE)
+        return None
 
     def load(self, path: str | Path) -> None:
         """Every rank reads the one file (weights_only) and loads it."""
@@ -211,33 +219,41 @@ class DDPBackend(Backend):
 
 
 class FSDPBackend(Backend):
-    """FSDP2: fully_shard per block then the root on a 1-D mesh; bf16 via MixedPrecisionPolicy; DCP I/O."""
+    """FSDP2: fully_shard per unit then the root on a 1-D mesh; bf16 via MixedPrecisionPolicy; DCP I/O."""
 
     name = "fsdp"
 
-    def __init__(self, model: nn.Module, args: argparse.Namespace, info: DistInfo) -> None:
+    def __init__(self, model: nn.Module, cfg: ParallelConfig, optim: OptimConfig, lr: float, info: DistInfo,
+                 accum_iter: int, micro_batch: int) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        super().__init__(model, args, info)
-        if args.precision == "fp16":
+        super().__init__(model, cfg, info, accum_iter)
+        if cfg.precision == "fp16":
             raise ValueError("--dist fsdp does not support --precision fp16 (no sharded loss scaling); use bf16")
+        self.clip_grad = optim.clip_grad
         ensure_process_group(info)
         model.to(info.device)
-        apply_block_wrappers(model, bool(args.grad_ckpt), bool(args.compile))
+        prepare(model, cfg)
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.dtype else None
         kw = {"mesh": mesh, "mp_policy": mp} if mp else {"mesh": mesh}
-        for unit in block_units(model):
+        for unit in shard_units(model):
             fully_shard(unit, **kw)
         fully_shard(model, **kw)
+        if cfg.compile == "model":
+            apply_compile(model, "model")
         self._ckpt_group = None  # gloo group for asynchronous saves, made on first use (collectively)
         # Build groups after sharding: the parameters are now DTensors (replaced in place).
-        self.optimizer = build_optimizer(model, args, info)
+        self.optimizer = build_optimizer(model, optim, lr, info.device)
 
-    def backward(self, loss: torch.Tensor, is_last_microstep: bool = True) -> None:
-        """Backpropagate loss / accum_iter; reduce-scatter only on the last micro-step."""
-        self.module.set_requires_gradient_sync(is_last_microstep)
+    def microstep(self, is_last: bool) -> contextlib.AbstractContextManager:
+        """Reduce-scatter gradients only in the last micro-step's backward."""
+        self.module.set_requires_gradient_sync(is_last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate loss / accum_iter."""
         (loss / self.accum_iter).backward()
 
     def step(self) -> torch.Tensor | None:
@@ -291,22 +307,42 @@ class _CastClips(nn.Module):
         return self.engine(clips, *args, **kwargs)
 
 
-def deepspeed_config(args: argparse.Namespace) -> dict:
-    """DeepSpeed config from the flags; a --deepspeed_config JSON is merged over it (its keys win)."""
-    cfg: dict = {
-        "train_micro_batch_size_per_gpu": int(args.batch_size),
-        "gradient_accumulation_steps": max(1, int(args.accum_iter or 1)),
-        "gradient_clipping": float(args.clip_grad or 0.0),
-        "zero_optimization": {"stage": int(args.zero_stage)},
-        "bf16": {"enabled": args.precision == "bf16"},
-        "fp16": {"enabled": args.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+def deepspeed_config(cfg: ParallelConfig, optim: OptimConfig, accum_iter: int, micro_batch: int) -> dict:
+    """DeepSpeed config from the flags; a --deepspeed_config JSON is merged over it, and must agree with them.
+
+    The loop runs `accum_iter` micro-steps and DeepSpeed divides each loss by its own
+    `gradient_accumulation_steps`; the loop's precision context and DeepSpeed's bf16/fp16 switches and
+    the two clipping values must be the same too. A disagreement is an error naming both values.
+    """
+    generated: dict = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accum_iter,
+        "gradient_clipping": float(optim.clip_grad),
+        "zero_optimization": {"stage": int(cfg.zero_stage)},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if getattr(args, "deepspeed_config", None):
-        cfg = _merge(cfg, json.loads(Path(args.deepspeed_config).read_text()))
-    return cfg
+    if not cfg.deepspeed_config:
+        return generated
+    user = json.loads(Path(cfg.deepspeed_config).read_text())
+    merged = _merge(generated, user)
+    checks = [
+        ("gradient_accumulation_steps", "--accum_iter", accum_iter, merged["gradient_accumulation_steps"]),
+        ("train_micro_batch_size_per_gpu", "--batch_size", micro_batch, merged["train_micro_batch_size_per_gpu"]),
+        ("gradient_clipping", "--clip_grad", float(optim.clip_grad), float(merged["gradient_clipping"])),
+        ("bf16.enabled", "--precision", cfg.precision == "bf16", bool(merged["bf16"].get("enabled"))),
+        ("fp16.enabled", "--precision", cfg.precision == "fp16", bool(merged["fp16"].get("enabled"))),
+        ("zero_optimization.stage", "--zero_stage", cfg.zero_stage, merged["zero_optimization"].get("stage")),
+    ]
+    for key, flag_name, want, got in checks:
+        if want != got:
+            shown = cfg.precision if flag_name == "--precision" else want
+            raise ValueError(f"{cfg.deepspeed_config}: {key} is {got!r} but {flag_name} gives {shown!r}; "
+                             f"make them agree (or drop {key} from the JSON: the flags fill it in)")
+    return merged
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -321,50 +357,54 @@ class DeepSpeedBackend(Backend):
 
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, args: argparse.Namespace, info: DistInfo) -> None:
+    def __init__(self, model: nn.Module, cfg: ParallelConfig, optim: OptimConfig, lr: float, info: DistInfo,
+                 accum_iter: int, micro_batch: int) -> None:
         import deepspeed
 
-        super().__init__(model, args, info)
+        super().__init__(model, cfg, info, accum_iter)
+        if cfg.compile == "model":
+            raise ValueError("--dist deepspeed compiles per block: use --compile blocks (or none)")
+        self.config = deepspeed_config(cfg, optim, accum_iter, micro_batch)  # checked before any work
         ensure_process_group(info)
         deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")
-        apply_block_wrappers(model, bool(args.grad_ckpt), bool(args.compile))
-        self.config = deepspeed_config(args)
-        self.accum_iter = int(self.config["gradient_accumulation_steps"])
-        optimizer = build_optimizer(model, args, info)
+        prepare(model, cfg)
+        optimizer = build_optimizer(model, optim, lr, info.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         half = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float16 if self.engine.fp16_enabled() else None
         self.module = _CastClips(self.engine, half)
-        self._micro = 0
+        self._is_last = True
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Tell DeepSpeed, before the forward, whether this micro-step ends the accumulation (a guess
-        from the count; backward() sets the caller's real answer)."""
-        self.engine.set_gradient_accumulation_boundary(self._micro >= self.accum_iter - 1)
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def microstep(self, is_last: bool) -> Iterator[None]:
+        """Tell DeepSpeed before the forward whether this micro-step ends the accumulation."""
+        self._is_last = is_last
+        self.engine.set_gradient_accumulation_boundary(is_last)
+        yield
 
-    def backward(self, loss: torch.Tensor, is_last_microstep: bool = True) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
         """DeepSpeed divides by gradient_accumulation_steps itself and reduces on the boundary."""
-        self.engine.set_gradient_accumulation_boundary(is_last_microstep)
         self.engine.backward(loss)
-        self._micro += 1
-        if not is_last_microstep:
+        if not self._is_last:
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counters
 
     def step(self) -> torch.Tensor | None:
         """Optimizer step at the boundary (DeepSpeed clips); returns its pre-clip global grad norm."""
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
-        self._micro = 0
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else torch.as_tensor(norm)
 
     def full_model_state_dict(self) -> dict:
         """fp32 master weights gathered per parameter (works for every ZeRO stage); collective."""
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         out = {}
         for name, p in self.engine.module.named_parameters():
             full = safe_get_full_fp32_param(p)
+            if full is None and not p.requires_grad:  # a frozen parameter (e.g. a momentum encoder) has no fp32 master
+                with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                    full = p.data.detach().float().cpu().clone()
             if self.info.is_main and full is not None:
                 out[clean_name(name)] = full.detach().float().cpu().clone()
         if self.info.is_main:
@@ -375,6 +415,7 @@ class DeepSpeedBackend(Backend):
     def save(self, path: str | Path, async_save: bool = False) -> Future | None:
         """DeepSpeed's own sharded format under `path/zero/` (every rank writes its partition)."""
         self.engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG)
+        return None
 
     def load(self, path: str | Path) -> None:
         """Restore module, ZeRO partitions and optimizer state (same world size and stage)."""
@@ -388,13 +429,14 @@ class DeepSpeedBackend(Backend):
 BACKENDS = {"ddp": DDPBackend, "fsdp": FSDPBackend, "deepspeed": DeepSpeedBackend}
 
 
-def setup_parallel(model: nn.Module, args: argparse.Namespace, dist_info: DistInfo) -> Backend:
-    """Wrap a plain model for args.dist in {ddp, fsdp, deepspeed} and build its AdamW optimizer."""
-    if args.dist not in BACKENDS:
-        raise ValueError(f"unknown --dist {args.dist!r}; choose one of {sorted(BACKENDS)}")
-    if args.precision not in DTYPES:
-        raise ValueError(f"unknown --precision {args.precision!r}; choose one of {sorted(DTYPES)}")
-    backend = BACKENDS[args.dist](model, args, dist_info)
+def setup_parallel(model: nn.Module, cfg: ParallelConfig, optim: OptimConfig, lr: float, info: DistInfo,
+                   accum_iter: int = 1, micro_batch: int = 1) -> Backend:
+    """Wrap a plain model for `cfg.dist` in {ddp, fsdp, deepspeed} and build its AdamW optimizer at `lr`."""
+    if cfg.dist not in BACKENDS:
+        raise ValueError(f"unknown --dist {cfg.dist!r}; choose one of {sorted(BACKENDS)}")
+    if cfg.precision not in DTYPES:
+        raise ValueError(f"unknown --precision {cfg.precision!r}; choose one of {sorted(DTYPES)}")
+    backend = BACKENDS[cfg.dist](model, cfg, optim, lr, info, accum_iter, micro_batch)
     log.info("parallel: %s world=%d precision=%s grad_ckpt=%s compile=%s", backend.name,
-             dist_info.world_size, args.precision, args.grad_ckpt, args.compile)
+             info.world_size, cfg.precision, cfg.grad_ckpt, cfg.compile)
     return backend

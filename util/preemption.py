@@ -39,13 +39,6 @@ log = logging.getLogger("mae_st.preemption")
 STOP_FILE = "STOP"
 LOCAL_REQUEUE_EXIT_CODE = 144  # submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
 _FILE, _SIGNAL = 1, 2  # flag levels: MAX over ranks keeps "a signal arrived somewhere"
-_active: PreemptionWatcher | None = None
-
-
-def request_stop() -> None:
-    """Ask the running watcher (if any) to stop at the next agreed step boundary, as a signal would."""
-    if _active is not None:
-        _active._flag = _SIGNAL
 
 
 class PreemptionWatcher:
@@ -57,7 +50,6 @@ class PreemptionWatcher:
         check_every: int = 1,
         signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM),
     ) -> None:
-        global _active
         self.check_every = max(1, check_every)
         self.stop_file = Path(output_dir) / STOP_FILE if output_dir else None
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -77,7 +69,10 @@ class PreemptionWatcher:
         for sig in signals:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._on_signal)
-        _active = self
+
+    def request_stop(self) -> None:
+        """Stop at the next agreed step boundary, as a signal would (e.g. from a time budget)."""
+        self._flag = _SIGNAL
 
     # ------------------------------------------------------------------ signal side (no I/O, no collectives)
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -114,12 +109,9 @@ class PreemptionWatcher:
     # ------------------------------------------------------------------ after the final save
     def close(self) -> None:
         """Give the signals back to whoever handled them before."""
-        global _active
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-        if _active is self:
-            _active = None
 
     def finish(self) -> None:
         """Call after the last save: requeue and exit under submitit if training was stopped, else return."""

@@ -3,12 +3,14 @@ for the adaptive (AdaMAE) sampler, a row with its per-token sampling probability
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid, save_image
 
 MEAN, STD = 0.45, 0.225
+MIN_SIDE = 96  # frames smaller than this are enlarged in the grid
 
 
 def probability_heat_map(model: torch.nn.Module, probs: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
@@ -28,9 +30,11 @@ def probability_heat_map(model: torch.nn.Module, probs: torch.Tensor, frames: to
 
 
 def reconstruction_grid(model: torch.nn.Module, clips: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
-                        probs: torch.Tensor | None = None) -> torch.Tensor:
+                        probs: torch.Tensor | None = None, thrown: torch.Tensor | None = None) -> torch.Tensor:
     """A [3, H, W] image in [0, 1]: rows of original, masked and reconstructed frames of clip 0, and
     with `probs` [B, L] (the adaptive sampler's) a fourth row: the sampling probability heat map.
+    `thrown` [B, L] (AMT's thrown tokens): grey in the masked row like the masked ones, black in the
+    reconstruction (nothing was predicted there).
 
     `model` is the plain (unwrapped) MAE: only its patchify/unpatchify helpers are used.
     """
@@ -42,13 +46,19 @@ def reconstruction_grid(model: torch.nn.Module, clips: torch.Tensor, pred: torch
         std = (target.var(dim=-1, keepdim=True) + 1.0e-6).sqrt()
         pred = pred * std + mean
     m = mask[..., None]
-    masked = target * (1 - m) + m * ((0.5 - MEAN) / STD)  # hidden patches shown grey
-    recon = target * (1 - m) + pred * m  # visible patches pasted from the input, as MAE shows them
+    t = thrown[:1].float()[..., None] if thrown is not None else torch.zeros_like(m)
+    hidden = m + t
+    masked = target * (1 - hidden) + hidden * ((0.5 - MEAN) / STD)  # hidden patches shown grey
+    # visible patches pasted from the input, as MAE shows them; thrown ones black
+    recon = target * (1 - hidden) + pred * m + t * ((0.0 - MEAN) / STD)
     rows = [model.unpatchify(x)[0] for x in (target, masked, recon)]  # each [C, T, H, W]
     frames = torch.cat([r.permute(1, 0, 2, 3) for r in rows])  # [3T, C, H, W]
     frames = (frames * STD + MEAN).clamp(0, 1)
     if probs is not None:
         frames = torch.cat([frames, probability_heat_map(model, probs[0], rows[0].permute(1, 0, 2, 3))])
+    if frames.shape[-1] < MIN_SIDE:  # demo-sized clips (32 px): enlarge, pixel for pixel, so the PNG is readable
+        frames = torch.nn.functional.interpolate(frames, scale_factor=math.ceil(MIN_SIDE / frames.shape[-1]),
+                                                 mode="nearest")
     return make_grid(frames, nrow=rows[0].shape[1], padding=1, pad_value=1.0)
 
 
@@ -74,7 +84,8 @@ def save_reconstruction(
     module.train(was_training)
     # The adaptive sampler leaves its last probabilities on the plain model (None for other samplers).
     probs = getattr(plain_model, "sampler_probs", None)
-    grid = reconstruction_grid(plain_model, clips, pred, mask, probs)
+    thrown = getattr(plain_model, "amt_thrown", None)  # AMT leaves its last thrown tokens there too
+    grid = reconstruction_grid(plain_model, clips, pred, mask, probs, thrown)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, str(path))

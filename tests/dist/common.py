@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -30,13 +29,28 @@ def make_model() -> torch.nn.Module:
     )
 
 
-def make_args(**over) -> argparse.Namespace:
-    """The flags setup_parallel reads, with test defaults."""
-    args = dict(dist="ddp", zero_stage=1, precision="fp32", grad_ckpt=False, compile=False, clip_grad=CLIP,
-                accum_iter=1, weight_decay=0.05, layer_decay=LAYER_DECAY, lr=BASE_LR, batch_size=GLOBAL_BATCH,
-                deepspeed_config=None)
-    args.update(over)
-    return argparse.Namespace(**args)
+def make_backend(model: torch.nn.Module, info, *, lr: float = BASE_LR, accum_iter: int = 1,
+                 batch_size: int = GLOBAL_BATCH, **over):
+    """setup_parallel with test defaults; `over` sets ParallelConfig / OptimConfig fields by name."""
+    from util.config import OptimConfig, ParallelConfig
+    from util.parallel import setup_parallel
+
+    par = {k: over.pop(k) for k in list(over) if k in ParallelConfig.__dataclass_fields__}
+    opt = {k: over.pop(k) for k in list(over) if k in OptimConfig.__dataclass_fields__}
+    if over:
+        raise TypeError(f"unknown backend options {sorted(over)}")
+    parallel = ParallelConfig(**{"dist": "ddp", "zero_stage": 1, "precision": "fp32", **par})
+    optim = OptimConfig(**{"clip_grad": CLIP, "weight_decay": 0.05, "layer_decay": LAYER_DECAY, **opt})
+    return setup_parallel(model, parallel, optim, lr, info, accum_iter, batch_size)
+
+
+def micro_step(backend, clips: torch.Tensor, noise: torch.Tensor, is_last: bool = True) -> torch.Tensor:
+    """Forward + backward of one micro-batch through the backend, as the run loop does; returns the loss."""
+    with backend.microstep(is_last):
+        with backend.precision():
+            loss, _, _ = backend.module(clips, MASK_RATIO, noise)
+        backend.backward(loss)
+    return loss
 
 
 def sample(idx: int, num_tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

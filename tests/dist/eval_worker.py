@@ -13,13 +13,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import make_args  # noqa: E402  (puts the repo root on sys.path)
+from common import make_backend  # noqa: E402  (puts the repo root on sys.path)
 
 from datasets import DistributedEvalSampler, collate_clips  # noqa: E402
 from models import create_model  # noqa: E402
 from util.distributed import cleanup, init_distributed  # noqa: E402
 from util.evaluate import evaluate  # noqa: E402
-from util.parallel import setup_parallel  # noqa: E402
 
 NUM_VIDEOS, VIEWS, CLASSES = 7, 3, 5  # 21 items: not divisible by 2, and video 3 straddles the ranks
 
@@ -49,7 +48,7 @@ def main(out: str) -> None:
         torch.manual_seed(0)
         model = create_model("vit_micro_patch8", img_size=32, num_frames=4, depth=2, num_classes=CLASSES, dropout=0.0)
         if backend_name != "plain":
-            model = setup_parallel(model, make_args(dist=backend_name, lr=1e-3), info).module
+            model = make_backend(model, info, dist=backend_name, lr=1e-3).module
         shard = DistributedEvalSampler(NUM_VIDEOS * VIEWS, info.world_size, info.rank)
         res = evaluate(model, loader(shard), NUM_VIDEOS, CLASSES, info.device, expected_views=VIEWS)
         # Reference: every rank scores the whole set alone (sharded=False: nothing summed across ranks).

@@ -14,21 +14,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import make_args, make_model  # noqa: E402
+from common import make_backend, make_model  # noqa: E402
 
 from util.checkpoint import save_checkpoint  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
-from util.parallel import setup_parallel  # noqa: E402
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
-    backend = setup_parallel(make_model(), make_args(), info)
+    backend = make_backend(make_model(), info)
     save_checkpoint(backend, out, "step-1", {"global_step": 1, "epoch": 0, "step_in_epoch": 1})
     real_save = backend.save
 
-    def save_then_die(path):
+    def save_then_die(path, async_save=False):
         real_save(path)  # the model file is complete, the trainer state is not written yet
         (Path(path) / "half-written.bin").write_bytes(b"\0" * 1024)
         os.kill(os.getpid(), signal.SIGKILL)

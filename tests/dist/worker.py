@@ -16,18 +16,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    MASK_RATIO,
     batch,
     lr_at,
-    make_args,
+    make_backend,
     make_model,
     micro_indices,
+    micro_step,
     reference_run,
 )
 
 from util import distributed as du  # noqa: E402
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint  # noqa: E402
-from util.parallel import setup_parallel  # noqa: E402
 
 
 def parse(scenario: str) -> tuple[dict, dict]:
@@ -53,8 +52,7 @@ def parse(scenario: str) -> tuple[dict, dict]:
 def build(info: du.DistInfo, flags: dict):
     """A fresh tiny model wrapped by the scenario's backend."""
     accum = flags.get("accum_iter", 1)
-    args = make_args(**flags, batch_size=4 // info.world_size // accum)
-    return setup_parallel(make_model(), args, info), accum
+    return make_backend(make_model(), info, **flags, batch_size=4 // info.world_size // accum), accum
 
 
 def train_steps(backend, info: du.DistInfo, accum: int, steps: range) -> tuple[list[float], list[float]]:
@@ -66,9 +64,7 @@ def train_steps(backend, info: du.DistInfo, accum: int, steps: range) -> tuple[l
         total = torch.zeros(())
         for m in range(accum):
             clips, noise = batch(micro_indices(s, info.rank, info.world_size, accum, m))
-            with backend.autocast():
-                loss, _, _ = backend.module(clips, MASK_RATIO, noise)
-            backend.backward(loss, is_last_microstep=m == accum - 1)
+            loss = micro_step(backend, clips, noise, is_last=m == accum - 1)
             total += loss.detach().float() / accum
         norm = backend.step()
         losses.append(float(du.all_reduce_mean(total)))
@@ -138,9 +134,7 @@ def run_ckpt_equivalence(info, scenario: str) -> dict:
         flags["grad_ckpt"] = ckpt
         backend, _ = build(info, flags)
         clips, noise = batch(micro_indices(0, info.rank, info.world_size, 1, 0))
-        with backend.autocast():
-            loss, _, _ = backend.module(clips, MASK_RATIO, noise)
-        backend.backward(loss, True)
+        loss = micro_step(backend, clips, noise)
         got[ckpt] = (float(du.all_reduce_mean(loss.detach())), grads_of(backend))
         backend.step()
     (l0, g0), (l1, g1) = got[False], got[True]
@@ -155,9 +149,7 @@ def run_short_accumulation(info, scenario: str) -> dict:
     backend, _ = build(info, flags)
     for s in range(2):
         clips, noise = batch(micro_indices(s, info.rank, info.world_size, 1, 0))
-        with backend.autocast():
-            loss, _, _ = backend.module(clips, MASK_RATIO, noise)
-        backend.backward(loss, is_last_microstep=True)
+        micro_step(backend, clips, noise, is_last=True)
         backend.step()
     flat = torch.cat([p.detach().reshape(-1) for p in backend.unwrapped.parameters()])
     rank0 = flat.clone()
