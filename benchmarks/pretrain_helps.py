@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.synthetic import dataset_fingerprint, ensure_synthetic_dataset  # noqa: E402
+from datasets.synthetic import OBJECT_TEXTURES, dataset_fingerprint, ensure_synthetic_dataset  # noqa: E402
 
 NUM_VIDEOS, SIZE, NUM_CLASSES = 3600, 32, 8
 CLIP = ["--input_size", str(SIZE), "--num_frames", "8", "--sampling_rate", "2", "--t_patch_size", "2",
@@ -65,11 +65,12 @@ QUICK = dict(num_videos=48, batch_size=4, pretrain_epochs=1, finetune_steps=2, p
 
 
 def make_data(out: Path, labels_per_class: int, object_scale: float, speed_scale: float,
-              num_videos: int = NUM_VIDEOS) -> tuple[Path, Path]:
+              num_videos: int = NUM_VIDEOS, object_texture: str = "stripes") -> tuple[Path, Path]:
     """The video pool (generated once) and a folder of lists: a few labelled train videos, a large test set."""
     # Cached under `out` by its generation settings, built atomically: a killed run never leaves half a pool.
     pool = Path(ensure_synthetic_dataset(str(out), num_videos, size=SIZE, seed=0, background="plain",
-                                         object_scale=object_scale, speed_scale=speed_scale))
+                                         object_scale=object_scale, speed_scale=speed_scale,
+                                         object_texture=object_texture))
     lists = pool / f"labelled_{labels_per_class or 'all'}"
     lists.mkdir(parents=True, exist_ok=True)
     rows = (pool / "train.csv").read_text().splitlines()
@@ -176,6 +177,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_videos", type=int, default=NUM_VIDEOS, help="generated videos (70%% pool, 30%% test)")
     p.add_argument("--object_scale", type=float, default=2.0, help="object radius factor of the generated set")
     p.add_argument("--speed_scale", type=float, default=2.0, help="object speed factor of the generated set")
+    p.add_argument("--object_texture", default="stripes", choices=OBJECT_TEXTURES,
+                   help="objects of the generated set: two-colour stripes or one colour")
     p.add_argument("--mask_type", default="frame")
     p.add_argument("--mask_ratio", type=float, default=0.5)
     p.add_argument("--decoder_embed_dim", type=int, default=128)
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(a, k, v)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    pool, lists = make_data(out, a.labels_per_class, a.object_scale, a.speed_scale, a.num_videos)
+    pool, lists = make_data(out, a.labels_per_class, a.object_scale, a.speed_scale, a.num_videos,
+                             a.object_texture)
     fingerprint = dataset_fingerprint(str(pool))
     # Small runs side by side scale better than one run on several threads: a 32 px clip decodes in
     # well under a millisecond, so each run loads its own data and uses one core.

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import pretrain_helps  # noqa: E402
 from datasets import read_list_file  # noqa: E402
-from models.convert import read_checkpoint  # noqa: E402
+from util.checkpoint import read_weights  # noqa: E402
 
 
 def test_make_data_keeps_n_labels_per_class_and_a_disjoint_test_set(tmp_path):
@@ -73,14 +73,17 @@ def _config(run_dir: str) -> dict:
         return yaml.safe_load(f)
 
 
-def test_quick_run_pairs_seeds_and_reuses_finished_runs(tmp_path):
-    # every step for real (main_pretrain.py / main_finetune.py subprocesses) on a tiny pool for a few steps
-    args = ["--quick", "--seeds", "2", "--finetune_seeds", "2", "--out", str(tmp_path)]
+@pytest.mark.parametrize("finetune_seeds", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_quick_run_pairs_seeds_and_reuses_finished_runs(tmp_path, finetune_seeds):
+    # every step for real (main_pretrain.py / main_finetune.py subprocesses) on a tiny pool for a few steps;
+    # the default suite runs 2 pretraining seeds x 1 fine-tuning seed (10 runs), the slow one 2 x 2 (14 runs)
+    m = finetune_seeds
+    args = ["--quick", "--seeds", "2", "--finetune_seeds", str(m), "--out", str(tmp_path)]
     report = pretrain_helps.main(args)
     runs = report["runs"]
     by_arm = {arm: [r for r in runs if r["arm"] == arm] for arm in
               ("pretrain", "scratch", "finetuned", "probe_random", "probe_pretrained")}
-    assert {arm: len(rs) for arm, rs in by_arm.items()} == {"pretrain": 2, "scratch": 4, "finetuned": 4,
+    assert {arm: len(rs) for arm, rs in by_arm.items()} == {"pretrain": 2, "scratch": 2 * m, "finetuned": 2 * m,
                                                            "probe_random": 2, "probe_pretrained": 2}
     pretrain_dir = {r["pretrain_seed"]: r["dir"] for r in by_arm["pretrain"]}
     for r in runs:  # each run really used the seed and the weights it is booked under
@@ -92,10 +95,11 @@ def test_quick_run_pairs_seeds_and_reuses_finished_runs(tmp_path):
             assert cfg["finetune"] == ""
         if r["arm"] != "pretrain":
             assert r["top1"] == json.loads(open(os.path.join(r["dir"], "eval_test.json")).read())["top1"]
-    assert sorted(r["seed"] for r in by_arm["scratch"]) == sorted(r["seed"] for r in by_arm["finetuned"]) == [0, 1, 2, 3]
-    assert {r["seed"] // 2 for r in by_arm["finetuned"] if r["pretrain_seed"] == 1} == {1}
+    assert sorted(r["seed"] for r in by_arm["scratch"]) == sorted(r["seed"] for r in by_arm["finetuned"]) == list(
+        range(2 * m))
+    assert {r["seed"] // m for r in by_arm["finetuned"] if r["pretrain_seed"] == 1} == {1}
     # two pretraining seeds give two different encoders
-    first, second = (read_checkpoint(pretrain_dir[p])["model"] for p in (0, 1))
+    first, second = (read_weights(pretrain_dir[p]) for p in (0, 1))
     assert not torch.equal(first["patch_embed.proj.weight"], second["patch_embed.proj.weight"])
     scratch = {r["seed"]: r["top1"] for r in by_arm["scratch"]}
     for p in (0, 1):
