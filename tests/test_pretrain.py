@@ -72,7 +72,9 @@ def test_demo_writes_logs_checkpoint_tensorboard_and_images(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     "backend",
-    [["--dist", "ddp"], ["--dist", "fsdp", "--async_save"], ["--dist", "deepspeed", "--zero_stage", "2"]],
+    [["--dist", "ddp"],  # FSDP2 and ZeRO-2 run with `-m slow` (.ci/run): ~45 s each
+     pytest.param(["--dist", "fsdp", "--async_save"], marks=pytest.mark.slow),
+     pytest.param(["--dist", "deepspeed", "--zero_stage", "2"], marks=pytest.mark.slow)],
     ids=["ddp", "fsdp-async-save", "zero2"],
 )
 def test_exact_resume_after_sigkill(tmp_path: Path, backend: list[str]) -> None:

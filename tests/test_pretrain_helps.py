@@ -73,7 +73,9 @@ def _config(run_dir: str) -> dict:
         return yaml.safe_load(f)
 
 
-@pytest.mark.parametrize("finetune_seeds", [1, pytest.param(2, marks=pytest.mark.slow)])
+# ~60 s for the ten runs of the smaller case: both are slow tests, run by .ci/run.
+@pytest.mark.slow
+@pytest.mark.parametrize("finetune_seeds", [1, 2])
 def test_quick_run_pairs_seeds_and_reuses_finished_runs(tmp_path, finetune_seeds):
     # every step for real (main_pretrain.py / main_finetune.py subprocesses) on a tiny pool for a few steps;
     # the default suite runs 2 pretraining seeds x 1 fine-tuning seed (10 runs), the slow one 2 x 2 (14 runs)

@@ -45,7 +45,10 @@ def seen(out: Path) -> collections.Counter:
     return counts
 
 
-@pytest.mark.parametrize("backend, before, after", [("ddp", 2, 1), ("ddp", 1, 2), ("fsdp", 2, 1), ("fsdp", 1, 2)])
+# One direction per backend in the default suite (time); the other two run with `-m slow` (.ci/run).
+@pytest.mark.parametrize("backend, before, after", [
+    pytest.param("ddp", 2, 1, marks=pytest.mark.slow), ("ddp", 1, 2), ("fsdp", 2, 1),
+    pytest.param("fsdp", 1, 2, marks=pytest.mark.slow)])
 def test_resume_on_another_world_size_trains_each_sample_once(tmp_path: Path, backend: str, before: int,
                                                                after: int) -> None:
     """Stopped after 2 steps on one world size, resumed on another: the epoch's samples, each exactly once."""
