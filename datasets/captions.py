@@ -168,19 +168,27 @@ DIRECTION_WORDS = {"right": ("right", "to the right", "rightward"), "left": ("le
 ROTATION_WORDS = {"cw": "clockwise", "ccw": "counterclockwise"}
 GENERIC_SUBJECTS = ("something", "an object", "a shape")
 # Training phrasings; {speed} is "" or an adverb with a trailing space.
+# {s}/{es}/{it} make the verbs agree with the subject: "a star moves", "a star and a cross move".
 TRAIN_TEMPLATES = (
-    "{subject} {speed}moves {direction}, spinning {rotation}",
-    "{subject} {speed}slides {direction} while turning {rotation}",
-    "{subject} rotates {rotation} as it {speed}drifts {direction}",
-    "{subject} {speed}travels {direction} and spins {rotation}",
-    "spinning {rotation}, {subject} {speed}goes {direction}",
+    "{subject} {speed}move{s} {direction}, spinning {rotation}",
+    "{subject} {speed}slide{s} {direction} while turning {rotation}",
+    "{subject} rotate{s} {rotation} as {it} {speed}drift{s} {direction}",
+    "{subject} {speed}travel{s} {direction} and spin{s} {rotation}",
+    "spinning {rotation}, {subject} {speed}go{es} {direction}",
 )
 # Held-out phrasings (test captions, class prompts): the training words in other sentences.
 HELD_OUT_TEMPLATES = (
-    "{subject} spins {rotation} and {speed}moves {direction}",
-    "turning {rotation}, {subject} {speed}drifts {direction}",
-    "{subject} {speed}goes {direction} as it spins {rotation}",
+    "{subject} spin{s} {rotation} and {speed}move{s} {direction}",
+    "turning {rotation}, {subject} {speed}drift{s} {direction}",
+    "{subject} {speed}go{es} {direction} as {it} spin{s} {rotation}",
 )
+# Bumped when the caption text changes, so cached caption sets are rebuilt (2: verbs agree with two objects).
+CAPTION_VERSION = 2
+
+
+def _agreement(plural: bool) -> dict[str, str]:
+    """The template's verb-ending slots for a singular or plural subject."""
+    return dict(s="", es="", it="they") if plural else dict(s="s", es="es", it="it")
 
 
 def colour_name(rgb: np.ndarray) -> str:
@@ -228,7 +236,8 @@ def caption(label: int, objects: list[dict], template: str, rng: np.random.Gener
     text = template.format(
         subject=describe_objects(objects, size, object_scale, rng, detail),
         speed=speed_word(objects, size, speed_scale) if rng.random() < 0.5 else "",
-        direction=words[int(rng.integers(len(words)))], rotation=ROTATION_WORDS[sense])
+        direction=words[int(rng.integers(len(words)))], rotation=ROTATION_WORDS[sense],
+        **_agreement(detail > 0 and len(objects) > 1))
     return _sentence(text)
 
 
@@ -237,7 +246,8 @@ def class_prompts() -> dict[str, list[str]]:
     out = {}
     for name in CLASS_NAMES:
         direction, sense = name.split("-")
-        out[name] = [_sentence(t.format(subject=s, speed="", direction=d, rotation=ROTATION_WORDS[sense]))
+        out[name] = [_sentence(t.format(subject=s, speed="", direction=d, rotation=ROTATION_WORDS[sense],
+                                        **_agreement(False)))
                      for t in HELD_OUT_TEMPLATES for s in GENERIC_SUBJECTS for d in DIRECTION_WORDS[direction]]
     return out
 
@@ -304,7 +314,8 @@ def ensure_videotext_dataset(cache_dir: str | None = None, num_videos: int = 240
     # GENERATOR_VERSION 1 are never reused.
     params = dict(num_videos=num_videos, size=size, frames=frames, fps=fps, seed=seed, background=background,
                   object_scale=float(object_scale), speed_scale=float(speed_scale),
-                  captions_per_video=captions_per_video, object_texture=object_texture, version=GENERATOR_VERSION)
+                  captions_per_video=captions_per_video, object_texture=object_texture, version=GENERATOR_VERSION,
+                  caption_version=CAPTION_VERSION)
 
     def build(tmp: str) -> None:
         logger.info("generating %d captioned videos into the cache %s", num_videos, os.path.dirname(tmp))

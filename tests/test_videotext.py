@@ -20,6 +20,7 @@ from datasets.captions import (
     ROTATION_WORDS,
     TRAIN_TEMPLATES,
     CaptionVideoDataset,
+    caption,
     class_prompts,
     generate_videotext_dataset,
     read_caption_list,
@@ -238,7 +239,22 @@ def template_pattern(template: str) -> re.Pattern:
     body = re.escape(template)
     for field in ("subject", "speed", "direction", "rotation"):
         body = body.replace(re.escape("{" + field + "}"), ".*")
+    for field, words in (("s", "s?"), ("es", "(?:es)?"), ("it", "(?:it|they)")):
+        body = body.replace(re.escape("{" + field + "}"), words)
     return re.compile("^" + body + "$", re.IGNORECASE)
+
+
+def test_caption_verbs_agree_with_one_or_two_objects() -> None:
+    star = dict(shape="star", colour=np.array([1.0, 0.0, 0.0]), r=8.0, speed=1.0)
+    cross = dict(star, shape="cross", colour=np.array([0.0, 0.0, 1.0]))
+    right_cw = CLASS_NAMES.index("right-cw")
+    for template, one, two in ((TRAIN_TEMPLATES[4], "goes", "go"), (HELD_OUT_TEMPLATES[2], "it spins", "they spin"),
+                               (TRAIN_TEMPLATES[0], "moves", "move")):
+        single = caption(right_cw, [star], template, np.random.default_rng(0), 32, detail=1)
+        double = caption(right_cw, [star, cross], template, np.random.default_rng(0), 32, detail=2)
+        generic = caption(right_cw, [star, cross], template, np.random.default_rng(0), 32, detail=0)
+        assert f" {one} " in single and f" {two} " in double and " and a blue cross " in double, (single, double)
+        assert f" {one} " in generic, generic  # "something", "a shape": one subject whatever is drawn
 
 
 def test_generated_captions_state_the_motion_and_hold_out_phrasings(tmp_path: Path) -> None:
