@@ -1,6 +1,6 @@
 """Masked video-text pretraining on generated captioned videos: FLIP's speed/accuracy claim, MAE-ST init, retrieval.
 
-    python benchmarks/videotext_bench.py [--out runs/videotext_bench] [--budget_steps 500] [--threads 2]
+    python benchmarks/videotext_bench.py [--out runs/videotext_bench] [--budget_steps 520] [--threads 2]
 
 Data: the motion-labelled generated videos of datasets/synthetic.py (32 px, one-colour background, objects
 and speeds twice the generator's default), captioned by datasets/captions.py: every caption states the
