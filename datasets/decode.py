@@ -17,6 +17,7 @@ all. Only the wanted frames are converted to RGB, straight into the output array
 
 import bisect
 import math
+import os
 import threading
 from dataclasses import dataclass
 
@@ -101,14 +102,18 @@ _local = threading.local()
 
 def _to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
     """Convert (and optionally scale to (width, height)) one frame to uint8 [H, W, 3]."""
-    # One swscale context per thread, reused while the input format and sizes stay the same: PyAV's
-    # frame.to_ndarray(format=) builds a new context for every frame, which cost 0.39 ms of a 32 px
-    # frame's 0.45 (PyAV 18); the pixels are the same (tests/test_decode.py compares with to_ndarray).
-    reformatter = getattr(_local, "reformatter", None)
-    if reformatter is None:
-        reformatter = _local.reformatter = VideoReformatter()
+    # One swscale context per thread and process, reused while the input format and sizes stay the
+    # same: PyAV's frame.to_ndarray(format=) builds a new one for every frame, which cost 0.39 ms of a
+    # 32 px frame's 0.45 (PyAV 18); the pixels are the same (the reference-decode tests use to_ndarray).
+    # threads=1: a context with swscale's own thread pool (the default, FFmpeg >= 7.1) deadlocks a
+    # forked child that uses it, and a DataLoader worker gets one core anyway. A child still gets its
+    # own context (the pid check), so nothing made before a fork is ever used after it.
+    pid = os.getpid()
+    if getattr(_local, "pid", None) != pid:
+        _local.reformatter, _local.pid = VideoReformatter(), pid
     width, height = size if size is not None else (None, None)
-    return reformatter.reformat(frame, width=width, height=height, format="rgb24").to_ndarray()
+    return _local.reformatter.reformat(frame, width=width, height=height, format="rgb24",
+                                       threads=1).to_ndarray()
 
 
 class FrameBuffer:

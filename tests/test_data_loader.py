@@ -30,6 +30,31 @@ def test_loader_after_parent_used_pyav_finishes_with_forkserver(tmp_path: Path) 
     assert "context=forkserver batches=4" in proc.stdout
 
 
+FORKED_CHILD_DECODES = """
+import os, sys
+from datasets.decode import decode_frames
+path = sys.argv[1]
+decode_frames(path, [0.1, 0.5], threads=1)  # the parent converts frames to RGB first ...
+pid = os.fork()
+if pid == 0:  # ... then a forked child (`--mp_context fork`, or a user's own fork) converts its own
+    frames, _, _ = decode_frames(path, [0.2, 0.6], threads=1)
+    print("child frames", len(frames), flush=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_converts_frames_after_the_parent_did(tmp_path: Path) -> None:
+    """The RGB conversion's reused swscale context must not follow a fork into the child."""
+    # A context with swscale's own thread pool (FFmpeg >= 7.1) deadlocked a forked child that reused it.
+    path = write_counter_video(str(tmp_path / "v.mp4"), 24)
+    proc = subprocess.run([sys.executable, "-c", FORKED_CHILD_DECODES, path], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "child frames 2" in proc.stdout
+
+
 def test_the_default_start_method_is_forkserver_everywhere() -> None:
     """Both mains and the loader builder default to forkserver; a bad choice is refused by name."""
     import inspect
