@@ -4,6 +4,7 @@
     python benchmarks/bench_data.py --quick        # fewer items, 568x320 only, R = 1, 4, uint8
     python benchmarks/bench_data.py --profile      # where one worker's CPU time goes, per stage
     python benchmarks/bench_data.py --gop-sweep    # datasets.resize settings: file size vs decode time
+    python benchmarks/bench_data.py --decoder-sweep  # whole-file decode time: every frame, references only, ...
 
 Sources, generated once into --cache (default ~/.cache/mae_st_scale/bench_data):
   568x320               10 s H.264 at 30 fps, x264 veryfast crf 18, a keyframe every 250 frames and
@@ -168,6 +169,32 @@ def profile(path: str, repeat: int, normalize: bool, items: int, tmp: str) -> No
     print("| --- | ---: | ---: |")
     for name, sec in spent.items():
         print(f"| {name} | {1e3 * sec / items:.1f} | {sec / total:.0%} |")
+    ffmpeg = spent[STAGES[0][0]]
+    print(f"FFmpeg alone caps this worker at {repeat * items / ffmpeg:.1f} clips per CPU-second: the rate if all "
+          f"else ({1e3 * (total - ffmpeg) / items:.1f} ms per item) cost nothing")
+
+
+def decoder_sweep(path: str, rounds: int = 3) -> None:
+    """CPU ms for one pass over the whole file per FFmpeg setting: the decoding left and what approximations buy."""
+    import av
+
+    settings = [("every frame", "DEFAULT", {}), ("reference frames only", "NONREF", {}),
+                ("reference frames only, no deblocking (approximate)", "NONREF", {"skip_loop_filter": "all"}),
+                ("every frame, no deblocking (approximate)", "DEFAULT", {"skip_loop_filter": "all"})]
+    best, count = [float("inf")] * len(settings), [0] * len(settings)
+    for _ in range(rounds):  # settings interleaved, so a slow spell of the machine hits all of them
+        for k, (_, skip, options) in enumerate(settings):
+            cpu = time.process_time()
+            with av.open(path) as c:
+                s = c.streams.video[0]
+                s.thread_type, s.codec_context.skip_frame, s.codec_context.options = "NONE", skip, options
+                count[k] = sum(1 for _ in c.decode(s))
+            best[k] = min(best[k], time.process_time() - cpu)
+    print(f"\n{os.path.basename(path)}: one pass over the whole file, best of {rounds} interleaved rounds")
+    print("| frames decoded | count | CPU ms | ms per frame |")
+    print("| --- | ---: | ---: | ---: |")
+    for (label, _, _), sec, n in zip(settings, best, count, strict=True):
+        print(f"| {label} | {n} | {1e3 * sec:.1f} | {1e3 * sec / n:.2f} |")
 
 
 def gop_sweep(cache: str, items: int) -> None:
@@ -211,6 +238,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="8 items, 568x320 only, R = 1 and 4, uint8")
     p.add_argument("--profile", action="store_true", help="per-stage split of one worker instead of the table")
     p.add_argument("--gop-sweep", action="store_true", help="file size and decode time per datasets.resize GOP")
+    p.add_argument("--decoder-sweep", action="store_true",
+                   help="whole-file decode time per FFmpeg setting (every frame, references only, no deblocking)")
     a = p.parse_args()
     if a.quick:
         a.items, a.sources, a.repeats, a.outputs, a.rounds = 8, "568x320", "1,4", "uint8", 1
@@ -222,6 +251,10 @@ def main() -> None:
         return
     names = a.sources.split(",")
     paths = {name: source_path(a.cache, name) for name in names}
+    if a.decoder_sweep:
+        for name in names:
+            decoder_sweep(paths[name], a.rounds)
+        return
     repeats = [int(x) for x in a.repeats.split(",")]
     outputs = a.outputs.split(",")
     with tempfile.TemporaryDirectory() as tmp:

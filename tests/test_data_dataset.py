@@ -15,6 +15,7 @@ from datasets import (
     collate_clips,
     normalize_clips,
 )
+from datasets.transforms import crop_resize
 
 
 def _list(tmp_path, rows, name="train.csv", sep=" "):
@@ -74,6 +75,17 @@ def test_flip_and_crop_are_applied(videos, tmp_path):
     assert len({c.float().mean().item() for c in crops}) > 1  # different boxes
     plain = VideoDataset(lst, str(videos), hflip=False, scale=(1.0, 1.0), aspect=(1.33, 1.34), **kw)[0]
     assert plain["clips"].shape == (1, 3, 2, 32, 32)
+
+
+@pytest.mark.parametrize("box", [(3, 5, 29, 41), (2, 4, 32, 32)])  # resized, and a crop already at size
+def test_crop_resize_flips_in_its_copy_as_a_mirror_of_the_unflipped_clip(box):
+    # the flip rides on the planar copy's reversed stride: it must still be a plain horizontal mirror
+    frames = torch.randint(0, 256, (3, 40, 50, 3), dtype=torch.uint8)
+    plain = crop_resize(frames, box, 32)
+    assert torch.equal(crop_resize(frames, box, 32, flip=True), plain.flip(-1))
+    into = torch.empty((3, 3, 32, 32), dtype=torch.float32)  # the float path casts during the same copy
+    crop_resize(frames, box, 32, flip=True, out=into)
+    assert torch.equal(into, plain.flip(-1).float())
 
 
 def test_repeated_augmentation_gives_different_clips(videos, tmp_path):
