@@ -78,8 +78,8 @@ def test_flip_and_crop_are_applied(videos, tmp_path):
 
 
 @pytest.mark.parametrize("box", [(3, 5, 29, 41), (2, 4, 32, 32)])  # resized, and a crop already at size
-def test_crop_resize_flips_in_its_copy_as_a_mirror_of_the_unflipped_clip(box):
-    # the flip rides on the planar copy's reversed stride: it must still be a plain horizontal mirror
+def test_crop_resize_flip_is_a_horizontal_mirror_of_the_unflipped_clip(box):
+    # the flip is applied after the resize: a mirror of the unflipped clip, also when cast into `out`
     frames = torch.randint(0, 256, (3, 40, 50, 3), dtype=torch.uint8)
     plain = crop_resize(frames, box, 32)
     assert torch.equal(crop_resize(frames, box, 32, flip=True), plain.flip(-1))
