@@ -10,12 +10,16 @@ each worker imports torch once (persistent workers pay it once per run).
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Iterable
 
 import torch
 
 MP_CONTEXTS = ("forkserver", "spawn", "fork")
+SHM_DIR = "/dev/shm"  # where torch puts the tensors workers hand to the main process (both sharing strategies)
+log = logging.getLogger(__name__)
 
 
 def usable_cores() -> int:
@@ -58,3 +62,39 @@ def build_loader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
         pin_memory=pin_memory, drop_last=drop_last, **workers,
     )
+
+
+def clip_batch_bytes(dataset: torch.utils.data.Dataset, batch_size: int) -> int | None:
+    """Bytes of one batch's clips from the dataset's geometry (R clips of T frames, S x S, uint8 or float32)."""
+    size = getattr(dataset, "crop_size", None)
+    if size is None:
+        return None  # a dataset that does not say its clip size: nothing to estimate from
+    clips = getattr(dataset, "repeat_aug", 1) * getattr(dataset, "num_frames", 1)
+    return batch_size * clips * 3 * size * size * (4 if getattr(dataset, "normalize", True) else 1)
+
+
+def check_shared_memory(batch_bytes: int, num_workers: int, prefetch_factor: int, processes: int = 1,
+                        path: str = SHM_DIR) -> int:
+    """Refuse, before any work, workers whose batches in flight cannot fit in shared memory; returns the bytes.
+
+    Each worker keeps `prefetch_factor` batches in `path` (tmpfs) until the main process takes them, and
+    the main process holds one more while the step runs; `processes` ranks on the node share it. When it
+    is full a worker dies with SIGBUS in the middle of a run (Docker's default --shm-size is 64 MB).
+    """
+    if num_workers <= 0 or not os.path.isdir(path):
+        return 0
+    need = processes * (num_workers * prefetch_factor + 2) * batch_bytes
+    st = os.statvfs(path)
+    capacity, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    what = (f"{processes} rank(s) x ({num_workers} workers x {prefetch_factor} prefetched + 2) batches of "
+            f"{batch_bytes / 2**20:.1f} MiB need {need / 2**30:.2f} GiB in {path}")
+    if need > capacity:
+        raise RuntimeError(
+            f"shared memory too small for the DataLoader: {what}, which holds {capacity / 2**30:.2f} GiB; the "
+            f"workers would die with 'Bus error' mid-run. Fix: give the job more shared memory (docker run "
+            f"--shm-size={math.ceil(1.25 * need / 2**30)}g; Kubernetes: an emptyDir volume with medium: Memory "
+            f"mounted at /dev/shm), or lower --num_workers, --prefetch_factor or --batch_size.")
+    if need > free:
+        log.warning("shared memory is short: %s, %.2f GiB free of %.2f (others use it); workers may die with "
+                    "'Bus error' if it fills", what, free / 2**30, capacity / 2**30)
+    return need

@@ -6,6 +6,7 @@ runs this file in a Python 3.12 venv, where `fork` hangs, so the default cannot 
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -16,8 +17,16 @@ import pytest
 from test_data_helpers import write_counter_video
 
 from datasets.decode import decode_frames
-from datasets.loader import MP_CONTEXTS, build_loader, decode_threads_for, usable_cores
-from datasets.video_dataset import VideoDataset
+from datasets.loader import (
+    MP_CONTEXTS,
+    SHM_DIR,
+    build_loader,
+    check_shared_memory,
+    clip_batch_bytes,
+    decode_threads_for,
+    usable_cores,
+)
+from datasets.video_dataset import VideoDataset, collate_clips
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,3 +121,42 @@ def test_threaded_decode_gives_the_same_frames(tmp_path: Path) -> None:
     four, t4, _ = decode_frames(path, times, threads=4)
     np.testing.assert_array_equal(one, four)
     np.testing.assert_array_equal(t1, t4)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_batch_size_estimate_is_the_batch_the_loader_makes(tmp_path: Path, normalize: bool) -> None:
+    """The shared-memory check sizes a batch from the dataset's geometry: it must be the real batch's size."""
+    path = write_counter_video(str(tmp_path / "v.mp4"), 40)
+    (tmp_path / "list.csv").write_text(f"{path} 0\n{path} 1\n{path} 2\n")
+    ds = VideoDataset(str(tmp_path / "list.csv"), num_frames=4, sampling_rate=2, crop_size=32, repeat_aug=2,
+                      normalize=normalize)
+    batch = next(iter(build_loader(ds, range(3), 3, collate_clips, num_workers=0)))
+    assert clip_batch_bytes(ds, 3) == batch["clips"].nbytes
+
+
+@pytest.mark.skipif(not Path(SHM_DIR).is_dir(), reason="no /dev/shm on this platform")
+def test_shared_memory_too_small_for_the_batches_in_flight_is_refused_with_the_fix() -> None:
+    """Workers x prefetch batches that cannot fit in /dev/shm are refused before any work, naming the fix."""
+    st = os.statvfs(SHM_DIR)
+    capacity = st.f_blocks * st.f_frsize
+    slots = 2 * (14 * 4 + 2)  # 2 ranks, 14 workers, prefetch 4, + the batch in the step and one spare
+    fits = capacity // (4 * slots)
+    assert check_shared_memory(fits, 14, 4, processes=2) == slots * fits
+    with pytest.raises(RuntimeError, match=r"shared memory too small.*--shm-size=\d+g.*--num_workers"):
+        check_shared_memory(capacity // slots + 1, 14, 4, processes=2)
+    assert check_shared_memory(capacity, num_workers=0, prefetch_factor=4) == 0  # no workers: nothing shared
+
+
+@pytest.mark.skipif(not Path(SHM_DIR).is_dir(), reason="no /dev/shm on this platform")
+def test_pretraining_refuses_workers_that_would_overflow_shared_memory_before_any_step(tmp_path: Path) -> None:
+    """main_pretrain.py stops at the loader with the fix, before a step, a log line or a checkpoint."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "main_pretrain.py"), "--output_dir", str(out),
+                           "--synthetic_videos", "8", "--input_size", "32", "--num_frames", "4", "--pred_t_dim", "2",
+                           "--batch_size", "2", "--num_workers", "1", "--prefetch_factor", str(10**9),
+                           "--decoder_embed_dim", "64", "--decoder_depth", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "shared memory too small for the DataLoader" in proc.stderr and "--shm-size=" in proc.stderr
+    assert not (out / "log.jsonl").exists() or '"loss"' not in (out / "log.jsonl").read_text()
+    assert not list(out.glob("checkpoint*"))

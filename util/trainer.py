@@ -36,7 +36,7 @@ from datasets import (
     collate_clips,
     normalize_clips,
 )
-from datasets.loader import build_loader, decode_threads_for
+from datasets.loader import build_loader, check_shared_memory, clip_batch_bytes, decode_threads_for
 from util.checkpoint import Checkpointer, find_latest, load_checkpoint, read_trainer_state
 from util.config import RunConfig, save_config
 from util.distributed import DistInfo, barrier, cleanup, init_distributed, set_cpu_threads
@@ -176,9 +176,12 @@ class Trainer:
                     ) -> torch.utils.data.DataLoader:
         """A DataLoader with the run's workers, start method, decode threads, prefetch and pinning."""
         d = self.cfg.data
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if hasattr(dataset, "decode_threads"):
-            dataset.decode_threads = decode_threads_for(d.num_workers, d.decode_threads,
-                                                        int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            dataset.decode_threads = decode_threads_for(d.num_workers, d.decode_threads, local_ranks)
+        batch_bytes = clip_batch_bytes(dataset, batch_size)
+        if batch_bytes:  # fail now with the fix, not with a worker's 'Bus error' an hour in
+            check_shared_memory(batch_bytes, d.num_workers, d.prefetch_factor, local_ranks)
         return build_loader(dataset, sampler, batch_size, collate_clips, d.num_workers, d.mp_context,
                             d.prefetch_factor, pin_memory=d.pin_mem and self.dist.device.type == "cuda",
                             drop_last=train, persistent_workers=train)
