@@ -50,7 +50,7 @@ STAGES = (
                                  "_skipping", "_pick", "'demux' of", "_decode_everything")),
     ("YUV->RGB", ("to_ndarray", "reformat")),
     ("resize (crop box -> 224)", ("_upsample_bilinear2d_aa",)),
-    ("flip, layout, cast", ("'flip'", "'copy_'", "'contiguous'", "'float'")),
+    ("flip, layout, cast", ("'flip'", "'copy_'", "'contiguous'", "'float'", "(_to_planar)")),
     ("normalise", ("'mul_'", "'sub_'")),
     ("packing (output arrays)", ("torch.stack", "torch.empty", "numpy.empty", "(take)", "(decode_frames)")),
 )
