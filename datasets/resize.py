@@ -7,6 +7,8 @@ for mp4 inputs; other containers keep their name too, holding H.264 in a contain
 A file is written to a temporary name and renamed when complete, so an interrupted run is resumed by
 running the same command again: finished outputs are skipped. List files (*.csv, *.txt) are copied.
 Decoding 320p is about 3x faster than 720p, which is why MAE-ST and VideoMAE train on resized copies.
+The worker processes start with `forkserver` by default, like the DataLoader's (`datasets.loader`):
+forking a process that has used FFmpeg deadlocks the forked workers (PyAV 19, Python >= 3.12).
 
 The copies are written for clip sampling (`datasets.decode` decodes only what a clip needs):
 a keyframe every --gop-seconds (default 2 s; x264's default is every 250 frames) so a clip's decode
@@ -17,11 +19,13 @@ most expensive frames to store and to decode (README "Data": file size and decod
 
 import argparse
 import logging
+import multiprocessing
 import os
 import shutil
-from multiprocessing import Pool
 
 import av
+
+from datasets.loader import MP_CONTEXTS
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +96,14 @@ def _job(args: tuple) -> tuple[str, str]:
 
 
 def resize_dataset(src_dir: str, dst_dir: str, short_side: int = 320, workers: int = 1,
-                   gop_seconds: float = 2.0) -> dict:
-    """Resize every video under src_dir into dst_dir; copy list files; returns {status: count, 'failed': [...]}."""
+                   gop_seconds: float = 2.0, mp_context: str = "forkserver") -> dict:
+    """Resize every video under src_dir into dst_dir; copy list files; returns {status: count, 'failed': [...]}.
+
+    `mp_context` is how the worker processes start (see `datasets.loader`: fork hangs once this
+    process has used FFmpeg).
+    """
+    if mp_context not in MP_CONTEXTS:
+        raise ValueError(f"mp_context must be one of {MP_CONTEXTS}, got {mp_context!r}")
     jobs = []
     for dirpath, _, names in os.walk(src_dir):
         for name in sorted(names):
@@ -105,7 +115,7 @@ def resize_dataset(src_dir: str, dst_dir: str, short_side: int = 320, workers: i
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 shutil.copyfile(src, dst)
     summary = {"done": 0, "skipped": 0, "failed": []}
-    with Pool(max(1, workers)) as pool:
+    with multiprocessing.get_context(mp_context).Pool(max(1, workers)) as pool:
         for src, status in pool.imap_unordered(_job, jobs):
             if status in ("done", "skipped"):
                 summary[status] += 1
@@ -124,9 +134,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--gop-seconds", type=float, default=2.0,
                    help="seconds between keyframes (0: x264's default of 250 frames)")
+    p.add_argument("--mp-context", "--mp_context", dest="mp_context", choices=MP_CONTEXTS, default="forkserver",
+                   help="how worker processes start (fork deadlocks once this process has used FFmpeg)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    s = resize_dataset(a.src, a.dst, a.short_side, a.workers, a.gop_seconds)
+    s = resize_dataset(a.src, a.dst, a.short_side, a.workers, a.gop_seconds, a.mp_context)
     logger.info("resized %d, skipped %d (already done), failed %d", s["done"], s["skipped"], len(s["failed"]))
     for src, why in s["failed"]:
         logger.info("  %s: %s", src, why)

@@ -414,6 +414,11 @@ class MaskedAutoencoderViT(nn.Module):
             loss = loss + self.sampler_loss_weight * sampler_loss
             self.sampler_metrics = {"sampler_loss": sampler_loss.detach(), **sampler_stats(log_probs)}
             self.sampler_probs = log_probs.detach().exp()
+        # `pred` is often a view (the class token sliced off, or autocast's linear over 3-D input): a wrapper
+        # that hooks outputs for backward (FSDP2) loses its hook if a caller then edits a view in place. A copy
+        # of the predictions costs far less than the step; the values are the same.
+        if pred._base is not None:
+            pred = pred.clone()
         return loss, pred, mask
 
 

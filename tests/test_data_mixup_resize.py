@@ -1,9 +1,13 @@
 """Video mixup/cutmix soft targets, and the resumable dataset resizer."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 import torch
 from test_data_helpers import panning_frames, write_counter_video, write_h264
 
@@ -45,6 +49,24 @@ def test_resize_dataset_resumes_and_copies_lists(tmp_path):
     again = resize_dataset(str(src), str(dst), short_side=32, workers=1)
     assert again["skipped"] == 2 and again["done"] == 0
     assert os.path.getmtime(dst / "port.webm") == stamp
+
+
+def test_resize_dataset_after_the_parent_used_ffmpeg_finishes(tmp_path):
+    """The re-encoder's worker pool starts like the loaders' (forkserver): a parent that used FFmpeg cannot hang it.
+
+    With a forked pool this deadlocked on Python 3.13 / PyAV 19 (run by `.ci/run`'s newest-Python step);
+    the subprocess keeps the hang bounded and the test's own process clean.
+    """
+    script = Path(__file__).resolve().parent / "dist" / "fork_resize.py"
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                              timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("resize_dataset hung for 180 s after its process used FFmpeg (workers forked after FFmpeg)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done=4 failed=0" in proc.stdout
+    with pytest.raises(ValueError, match="mp_context must be one of"):
+        resize_dataset(str(tmp_path / "src"), str(tmp_path / "dst"), mp_context="thread")
 
 
 def test_resized_copies_have_short_gops_and_unreferenced_b_frames(tmp_path):

@@ -213,3 +213,53 @@ def test_fused_adamw_on_cpu_matches_the_foreach_update() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         moved = max(moved, float((a - c).abs().max()))
     assert moved > 1e-3  # 3 steps of lr 1e-3 moved the weights: the comparison is not of untouched tensors
+
+
+def _fsdp_outputs(model: torch.nn.Module, precision: str, run) -> list:
+    """Warnings raised while `run(module)` calls the FSDP2-wrapped model in a train step's precision."""
+    import warnings
+
+    backend = make_backend(model, CPU, dist="fsdp", precision=precision)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with backend.precision():
+            run(backend.module)
+    return [str(w.message) for w in caught if "view tensor" in str(w.message)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("model_kw", [{}, {"cls_embed": False}, {"decoder_mask_ratio": 0.5},
+                                      {"mask_type": "adaptive"}, {"mask_type": "amt", "throw_ratio": 0.25}],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_fsdp2_wrapped_mae_returns_no_view_tensors(model_kw: dict, precision: str) -> None:
+    """FSDP2 warns (and an in-place op would drop its pre-backward hook) when a wrapped module returns a view."""
+    clips, noise = batch([0, 1, 2, 3])
+    for b in (4, 1):  # one sample: a sliced [1, L, P] view is contiguous, so .contiguous() would not do
+        views = _fsdp_outputs(tiny(**model_kw), precision, lambda m, b=b: m(clips[:b], 0.75, noise[:b]))
+        assert not views, views
+
+
+def test_fsdp2_wrapped_classifier_rho_and_videotext_return_no_view_tensors() -> None:
+    """The other models the FSDP2 backend wraps: the fine-tuning classifier, rho-BYOL and the video-text pair."""
+    from models.videotext import videotext_model
+    from util.cross_rank import convert_batchnorm
+
+    clips, noise = batch([0, 1, 2, 3])
+    tokens = torch.randint(1, 50, (4, 8), generator=torch.Generator().manual_seed(0))
+    builds = {
+        "classifier": (lambda: create_model("vit_micro_patch8", img_size=32, num_frames=4, depth=2, num_classes=3),
+                       lambda m: m(clips)),
+        "rho_byol": (lambda: convert_batchnorm(create_model("rho_vit_micro_patch8", objective="byol", rho=2,
+                                                            img_size=32, num_frames=4, depth=2)),
+                     lambda m: m(clips)),
+        "videotext": (lambda: videotext_model("mae_vit_micro_patch8", vocab_size=50, context_length=8, text_width=32,
+                                              text_depth=1, text_heads=2, embed_dim=16, mae_decoder=True,
+                                              img_size=32, num_frames=4, t_patch_size=2, depth=2,
+                                              decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4),
+                      lambda m: m(clips, tokens, 0.5, noise)),
+    }
+    for name, (build, run) in builds.items():
+        for precision in ("fp32",) if name == "rho_byol" else ("fp32", "bf16"):
+            torch.manual_seed(0)
+            views = _fsdp_outputs(build(), precision, run)
+            assert not views, (name, precision, views)
