@@ -186,7 +186,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flags(parser, AugmentConfig, "augmentation")
     # The ViT-L recipe of the official FINETUNE.md for the shared flags.
     parser.set_defaults(model="vit_large_patch16", epochs=50, warmup_epochs=5, blr=1e-3, min_lr=1e-6, repeat_aug=2,
-                        clip_grad=5.0, save_every=0, opt_betas=[0.9, 0.999], layer_decay=0.75)
+                        clip_grad=5.0, save_every=0, opt_betas=[0.9, 0.999], layer_decay=0.75,
+                        wd_skip="tokens")
     return parser
 
 

@@ -89,3 +89,45 @@ def test_startup_line_names_both_epoch_counts_and_the_lr_rule(tmp_path: Path, sc
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["lr_scale_by"] == scale_by and saved["lr"] == pytest.approx(0.0256 * units / 256)
 
+
+
+TOKENS = {"cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class", "mask_token", "decoder_cls_token",
+          "decoder_pos_embed_spatial", "decoder_pos_embed_temporal", "decoder_pos_embed_class"}
+
+
+def _decay_by_name(wd_skip: str) -> dict[str, float]:
+    import torch
+
+    from models import create_model
+    from util.config import OptimConfig
+    from util.optim import build_optimizer, param_groups
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_micro_patch8", img_size=32, num_frames=4, decoder_embed_dim=64, decoder_depth=1)
+    cfg = OptimConfig(weight_decay=0.05, wd_skip=wd_skip)
+    opt = build_optimizer(mae, cfg, 1e-3, torch.device("cpu"))
+    names = [n for g in param_groups(mae, 0.05, skip_tokens=wd_skip == "tokens") for n in g["names"]]
+    decay = [g["weight_decay"] for g in opt.param_groups for _ in g["params"]]
+    return dict(zip(names, decay, strict=True)), dict(mae.named_parameters())
+
+
+def test_weight_decay_1d_decays_every_tensor_of_two_or_more_dims() -> None:
+    # mae_st misc.add_weight_decay (no skip list): 1-D tensors and biases get 0, everything else decays;
+    # PySlowFast with ZERO_WD_1D_PARAM True and ZERO_DECAY_POS_CLS False: the same split.
+    decay, params = _decay_by_name("1d")
+    assert decay.keys() == params.keys()
+    for name, p in params.items():
+        assert decay[name] == (0.05 if p.ndim >= 2 else 0.0), name
+    assert all(decay[n] == 0.05 for n in TOKENS)  # positional tables, class and mask tokens decay
+
+
+def test_weight_decay_tokens_also_skips_positional_tables_and_tokens() -> None:
+    decay, params = _decay_by_name("tokens")
+    for name, p in params.items():
+        assert decay[name] == (0.0 if p.ndim < 2 or name in TOKENS else 0.05), name
+
+
+def test_weight_decay_conventions_per_main_and_recipe() -> None:
+    assert vars(parse_args(pretrain_parser(), []))["wd_skip"] == "1d"  # mae_st pretraining
+    assert vars(parse_args(finetune_parser(), []))["wd_skip"] == "tokens"  # mae_st fine-tuning
+    assert all(resolved(p)["wd_skip"] == "1d" for p in MAE_RECIPES)
+    assert all(resolved(p, finetune_parser)["wd_skip"] == "tokens" for p in FINETUNE_RECIPES)

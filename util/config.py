@@ -245,6 +245,9 @@ class OptimConfig:
     warmup_epochs: float = flag(40.0, "linear warm-up length in epochs (data passes, as --epochs)",
                                 check=non_negative, rule=">= 0")
     weight_decay: float = flag(0.05, "AdamW weight decay", check=non_negative, rule=">= 0")
+    wd_skip: str = flag("1d", "tensors without weight decay: 1d (biases and norms: every tensor of >= 2 dims "
+                        "decays, as mae_st pretraining and PySlowFast's MAE configs) or tokens (also positional "
+                        "tables, class and mask tokens, as mae_st fine-tuning)", choices=("1d", "tokens"))
     opt_betas: list[float] = flag([0.9, 0.95], "AdamW betas (MAE pretraining 0.9 0.95; MAE-ST fine-tuning "
                                   "0.9 0.999)", check=lambda b: all(0 <= x < 1 for x in b), rule="each in [0, 1)",
                                   metavar=("BETA1", "BETA2"))
