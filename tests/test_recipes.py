@@ -131,3 +131,33 @@ def test_weight_decay_conventions_per_main_and_recipe() -> None:
     assert vars(parse_args(finetune_parser(), []))["wd_skip"] == "tokens"  # mae_st fine-tuning
     assert all(resolved(p)["wd_skip"] == "1d" for p in MAE_RECIPES)
     assert all(resolved(p, finetune_parser)["wd_skip"] == "tokens" for p in FINETUNE_RECIPES)
+
+
+PYSLOWFAST_L = ROOT / "configs" / "pretrain" / "pyslowfast_vit_l_k400.yaml"
+
+
+@pytest.mark.parametrize("path", MAE_RECIPES, ids=lambda p: p.name)
+def test_mae_st_recipe_regresses_mae_st_target_frames(path: Path) -> None:
+    # mae_st models_mae.py: torch.linspace(0, T - 1, pred_t_dim) frames, not every T / pred_t_dim-th.
+    assert resolved(path)["target_frames"] == "linspace"
+
+
+def test_pyslowfast_recipe_is_its_config_k400_vit_l_16x4_mae_pt() -> None:
+    # Values of SlowFast configs/masked_ssl/k400_VIT_L_16x4_MAE_PT.yaml, written out by hand: MAX_EPOCH 200,
+    # WARMUP_EPOCHS 30, TRAIN_CROP_NUM_TEMPORAL 4, TRAIN.BATCH_SIZE 32 per 8-GPU node, BASE_LR 1e-4 x NUM_SHARDS,
+    # COSINE_END_LR 1e-6 x NUM_SHARDS, CLIP_GRAD_L2NORM 0.02, WEIGHT_DECAY 0.05, MASK_RATIO 0.9, DECODER 4 x 512.
+    a, shards = resolved(PYSLOWFAST_L), 8
+    assert (a["epochs"], a["warmup_epochs"], a["repeat_aug"], a["batch_size"] * 8) == (200, 30, 4, 32)
+    lr = effective_lr(a["blr"], a["batch_size"], a["repeat_aug"], a["accum_iter"], 8 * shards, a["lr_scale_by"])
+    assert lr == pytest.approx(1e-4 * shards) and a["min_lr"] == pytest.approx(1e-6 * shards)
+    assert (a["clip_grad"], a["weight_decay"], a["wd_skip"], a["mask_ratio"]) == (0.02, 0.05, "1d", 0.9)
+    assert (a["decoder_depth"], a["decoder_embed_dim"], a["decoder_num_heads"]) == (4, 512, 512 // 64)
+    assert (a["target_frames"], a["decoder_cls"], a["decoder_sep_pos_embed"]) == ("stride", "encoder", False)
+
+
+@pytest.mark.parametrize("path", FINETUNE_RECIPES, ids=lambda p: p.name)
+def test_finetune_recipe_tests_mae_st_main_test_views(path: Path) -> None:
+    # mae_st util/kinetics.py test_num_ensemble_views=10, test_num_spatial_crops=3; main_test.py meters 3 x 10.
+    a = resolved(path, finetune_parser)
+    assert (a["test_num_temporal_views"], a["test_num_spatial_crops"]) == (10, 3)
+    assert vars(parse_args(finetune_parser(), []))["test_num_temporal_views"] == 10
