@@ -90,6 +90,8 @@ class PretrainConfig:
                               "weights) or linspace(0, T-1, pred_t_dim) (mae_st code)", choices=("stride", "linspace"))
     vis_every: int = flag(1, "epochs between reconstruction images (0: off)", check=non_negative, rule=">= 0")
     init_from: str = flag("", "start a fresh run from these weights (file or run folder; weights only)")
+    allow_unexpected_keys: bool = flag(False, "load --init_from weights even if some have no place in the model "
+                                       "(they are dropped, so the model computes something else)")
 
 
 class PretrainTask(Task):
@@ -125,7 +127,8 @@ class PretrainTask(Task):
 
     def init_weights(self, model: torch.nn.Module, trainer: Trainer) -> None:
         if self.cfg.init_from:
-            load_pretrained(model, read_weights(self.cfg.init_from), source=self.cfg.init_from)
+            load_pretrained(model, read_weights(self.cfg.init_from), source=self.cfg.init_from,
+                            allow_unexpected=self.cfg.allow_unexpected_keys)
 
     def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
         m, d, tokens = trainer.cfg.model, trainer.cfg.data, self.model.patch_embed.num_patches
@@ -226,7 +229,8 @@ class RhoTask(Task):
 
     def init_weights(self, model: torch.nn.Module, trainer: Trainer) -> None:
         if self.pre.init_from:
-            load_pretrained(model, read_weights(self.pre.init_from), source=self.pre.init_from)
+            load_pretrained(model, read_weights(self.pre.init_from), source=self.pre.init_from,
+                            allow_unexpected=self.pre.allow_unexpected_keys)
             model.copy_to_momentum()
 
     def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
@@ -340,7 +344,8 @@ class VideoTextTask(Task):
             if any(k.startswith("text.") for k in sd):
                 model.load_state_dict(sd)
             else:
-                load_pretrained(model.video, sd, source=self.pre.init_from, load_decoder=self.cfg.mae_loss_weight > 0)
+                load_pretrained(model.video, sd, source=self.pre.init_from, load_decoder=self.cfg.mae_loss_weight > 0,
+                                allow_unexpected=self.pre.allow_unexpected_keys)
 
     def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
         return vt.train_dataset(trainer, self.cfg, self.captions(), self.tokenizer, self.model.video.patch_embed.num_patches)

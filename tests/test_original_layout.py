@@ -96,3 +96,20 @@ def test_original_layout_imports_through_finetune_init_from_and_export(tmp_path:
     export = _run("-m", "util.checkpoint", "export", str(pre_out / "checkpoints" / "latest"), str(tmp_path / "w.pth"))
     assert export.returncode == 0, export.stderr[-3000:]
     assert read_weights(tmp_path / "w.pth").keys() == read_weights(path).keys()
+
+
+def test_init_from_unexpected_keys_names_the_flag_main_pretrain_offers(tmp_path: Path) -> None:
+    # Layer-scale gammas have no place in a model built without --init_values: refused, naming the way out
+    # that this main has; with it the run starts (the gammas are dropped).
+    torch.manual_seed(0)
+    src = create_model("mae_vit_micro_patch8", img_size=32, num_frames=4, decoder_embed_dim=64, decoder_depth=1,
+                       init_values=0.1)
+    path = tmp_path / "layer_scale.pth"
+    torch.save({"model": src.state_dict()}, path)
+    flags = ["--pred_t_dim", "2", "--decoder_embed_dim", "64", "--decoder_depth", "1", "--vis_every", "0",
+             "--decoder_init_values", "0.1", "--init_from", str(path)]
+    refused = _run("main_pretrain.py", "--output_dir", str(tmp_path / "a"), *TINY, *flags)
+    assert refused.returncode != 0
+    assert "--allow_unexpected_keys" in refused.stderr and "layer_scale.pth" in refused.stderr, refused.stderr[-2000:]
+    accepted = _run("main_pretrain.py", "--output_dir", str(tmp_path / "b"), *TINY, *flags, "--allow_unexpected_keys")
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
