@@ -22,7 +22,7 @@ from datasets.image_folder import build_image_folder_dataset
 from models import create_model
 from models.amt import clip_attention_weights
 from models.convert import load_pretrained
-from models.masking import MASK_TYPES
+from models.masking import ADAPTIVE_TYPES, MASK_TYPES
 from models.videotext import videotext_loss, videotext_model
 from util import videotext as vt
 from util.checkpoint import read_weights
@@ -61,7 +61,8 @@ class PretrainConfig:
                           "(masked video-text contrastive: FLIP/MAC, + MAE loss: SMAUG)",
                           choices=("mae", "rho_byol", "rho_moco", "videotext"))
     mask_ratio: float = flag(0.9, "share of tokens hidden from the encoder", check=lambda r: 0 < r < 1, rule="in (0, 1)")
-    mask_type: str = flag("random", "mask sampler; adaptive: AdaMAE's learned sampler", choices=sorted(MASK_TYPES))
+    mask_type: str = flag("random", "mask sampler; adaptive: AdaMAE's learned sampler as published "
+                          "(adaptive_detached: the variant of docs/adamae.md)", choices=sorted(MASK_TYPES))
     sampler_loss_weight: float = flag(1e-4, "weight of the adaptive sampler's loss", check=non_negative, rule=">= 0")
     throw_ratio: float = flag(0.4, "amt: share of all tokens thrown, out of the hidden ones (in neither encoder, "
                               "decoder nor loss); the rest of the hidden ones are reconstructed",
@@ -149,7 +150,7 @@ class PretrainTask(Task):
                                                self.dataset.sampling_rate / self.dataset.target_fps, m.num_frames)
         loss = module(batch["clips"], self.cfg.mask_ratio, batch["noise"], attention=attention)[0]
         # The adaptive sampler leaves its entropy and loss on the plain model (the same object when wrapped).
-        return (loss, self.model.sampler_metrics) if self.cfg.mask_type == "adaptive" else loss
+        return (loss, self.model.sampler_metrics) if self.cfg.mask_type in ADAPTIVE_TYPES else loss
 
     def flops_per_clip(self, model: torch.nn.Module) -> float:
         return model.flops_per_clip(self.cfg.mask_ratio)["train_step"]
@@ -391,7 +392,7 @@ def build_task(args: argparse.Namespace) -> Task:
         if args.repeat_aug != 1:
             raise ConfigError("--objective videotext pairs one clip with one caption: set --repeat_aug 1 (repeats "
                               "of a video in one batch would be each other's false negatives)")
-        if cfg.mask_type in ("adaptive", "amt"):
+        if cfg.mask_type in (*ADAPTIVE_TYPES, "amt"):
             raise ConfigError(f"--objective videotext masks with a fixed sampler: --mask_type random, tube, frame or "
                               f"cube (got {cfg.mask_type}; adaptive and amt learn from the MAE's loss or attention)")
         return VideoTextTask(section(VideoTextConfig, args), cfg)

@@ -124,7 +124,9 @@ MASK_SAMPLERS: dict[str, Callable[..., MaskOutput]] = {
 # Every --mask_type: the samplers above plus AdaMAE's learned one (a module, models/adamae.py, built
 # by the model because it needs the patch embeddings; it is not a plain function of the noise) and
 # AMT's attention-driven masking and throwing (models/amt.py: it also needs the attention weights).
-MASK_TYPES: tuple[str, ...] = (*MASK_SAMPLERS, "adaptive", "amt")
+# AdaMAE as published (wgcban/adamae) and the project's earlier variant of it (docs/adamae.md).
+ADAPTIVE_TYPES: tuple[str, ...] = ("adaptive", "adaptive_detached")
+MASK_TYPES: tuple[str, ...] = (*MASK_SAMPLERS, *ADAPTIVE_TYPES, "amt")
 
 
 def running_cell_rank(grid: Grid, device: torch.device | str | None = None) -> torch.Tensor:
