@@ -71,8 +71,12 @@ class PretrainConfig:
                                   "random masking and throwing)", check=positive, rule=">= 1")
     amt_refresh_epochs: int = flag(40, "amt: epochs between attention passes over the training videos",
                                    check=positive, rule=">= 1")
-    decoder_mask_ratio: float = flag(0.0, "share of hidden tokens the decoder skips (running cell; 0.5 recommended)",
-                                     check=lambda r: 0 <= r < 1, rule="in [0, 1)")
+    decoder_mask_ratio: float = flag(0.0, "share of the decoder's positions it skips (VideoMAE v2 running cell; "
+                                     "0.5 recommended)", check=lambda r: 0 <= r < 1, rule="in [0, 1)")
+    decoder_mask_type: str = flag("run_cell", "decoder masking: run_cell (VideoMAE v2: 2x2 cells alternating rows "
+                                  "and diagonals, phase per sample, mask tokens at every kept position) or "
+                                  "rotating_hidden (the earlier variant: a cell edge rotating over the hidden "
+                                  "tokens only)", choices=("run_cell", "rotating_hidden"))
     data_format: str = flag("video", "video list files, or class folders of images (image MAE, num_frames 1)",
                             choices=("video", "image_folder"))
     norm_pix_loss: bool = flag(True, "regress per-patch normalised pixels")
@@ -118,6 +122,7 @@ class PretrainTask(Task):
             m.model, img_size=m.input_size, num_frames=m.num_frames, t_patch_size=m.t_patch_size,
             cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed, pred_t_dim=c.pred_t_dim, mask_type=c.mask_type,
             sampler_loss_weight=c.sampler_loss_weight, decoder_mask_ratio=c.decoder_mask_ratio,
+            decoder_mask_type=c.decoder_mask_type,
             norm_pix_loss=c.norm_pix_loss, trunc_init=c.trunc_init, decoder_embed_dim=c.decoder_embed_dim,
             decoder_depth=c.decoder_depth, decoder_num_heads=c.decoder_num_heads, init_values=m.init_values,
             decoder_init_values=c.decoder_init_values, decoder_cls=c.decoder_cls,

@@ -31,9 +31,11 @@ Options (constructor arguments, see models/adamae.py and models/masking.py for t
 - `decoder_sep_pos_embed`: the decoder's position table form (default: as `sep_pos_embed`);
   PySlowFast's MAE decoder has one joint table (`MASK.DECODER_SEP_POS_EMBED: False`).
 - `decoder_mask_ratio > 0` (training mode only): VideoMAE v2 decoder masking; the decoder gets the
-  visible tokens plus only a running-cell subset of the hidden ones. Then `pred` is [B, L, P] with
-  zeros for tokens the decoder did not predict, and the returned `mask` is 1 exactly where the loss
-  is taken (hidden from the encoder and kept by the decoder). In eval mode the decoder rebuilds
+  visible tokens plus mask tokens at the running-cell positions (`decoder_mask_type="run_cell"`, as
+  v2: every kept cell position, visible or not) or at a running-cell subset of the hidden ones only
+  (`"rotating_hidden"`, the earlier variant). Then `pred` is [B, L, P] with zeros for tokens the
+  decoder did not predict, and the returned `mask` is 1 exactly where the loss is taken (hidden from
+  the encoder and decoded). In eval mode the decoder rebuilds
   every hidden token, so validation losses and reconstruction images are those of the full model.
 """
 
@@ -47,7 +49,15 @@ from torch import nn
 from models.adamae import AdaptiveTokenSampler, detached_variant, policy_gradient_loss, sampler_stats
 from models.amt import amt_counts, amt_masking, normalize_cls_attention
 from models.flops import block_flops, masked_autoencoder_flops, with_train_step
-from models.masking import ADAPTIVE_TYPES, decoder_targets, get_mask_sampler, num_visible
+from models.masking import (
+    ADAPTIVE_TYPES,
+    DECODER_MASK_TYPES,
+    decoder_targets,
+    get_mask_sampler,
+    num_visible,
+    run_cell_hidden_per_cell,
+    run_cell_targets,
+)
 from models.video_vit import (
     Block,
     LayerNorm6,
@@ -90,6 +100,7 @@ class MaskedAutoencoderViT(nn.Module):
         mask_type: str = "random",
         sampler_loss_weight: float = 1.0e-4,
         decoder_mask_ratio: float = 0.0,
+        decoder_mask_type: str = "run_cell",
         init_values: float = 0.0,
         decoder_init_values: float | None = None,
         decoder_cls: str = "learned",
@@ -144,6 +155,11 @@ class MaskedAutoencoderViT(nn.Module):
         self.sampler_loss_weight, self.decoder_mask_ratio = sampler_loss_weight, decoder_mask_ratio
         if not 0.0 <= decoder_mask_ratio < 1.0:
             raise ValueError(f"decoder_mask_ratio must be in [0, 1), got {decoder_mask_ratio}")
+        if decoder_mask_type not in DECODER_MASK_TYPES:
+            raise ValueError(f"decoder_mask_type must be one of {DECODER_MASK_TYPES}, got {decoder_mask_type!r}")
+        if decoder_mask_ratio > 0 and decoder_mask_type == "run_cell":
+            run_cell_hidden_per_cell(decoder_mask_ratio)  # range check now, not at the first step
+        self.decoder_mask_type = decoder_mask_type
         mlp = int(embed_dim * mlp_ratio)
         # Sizes by name, for FLOP counts that must not read (possibly sharded, empty) parameters.
         self.arch = dict(embed_dim=embed_dim, depth=depth, mlp=mlp, decoder_embed_dim=decoder_embed_dim,
@@ -223,7 +239,9 @@ class MaskedAutoencoderViT(nn.Module):
         num_patches = self.patch_embed.num_patches
         visible = num_visible(num_patches, mask_ratio)
         decoder_patches = num_patches
-        if self.decoder_mask_ratio > 0:
+        if self.decoder_mask_ratio > 0 and self.decoder_mask_type == "run_cell":  # mask tokens at every kept slot
+            decoder_patches = visible + num_patches * (4 - run_cell_hidden_per_cell(self.decoder_mask_ratio)) // 4
+        elif self.decoder_mask_ratio > 0:
             decoder_patches = visible + max(1, int((num_patches - visible) * (1 - self.decoder_mask_ratio)))
         adaptive = self.mask_type in ADAPTIVE_TYPES
         pred_tokens = None
@@ -411,6 +429,12 @@ class MaskedAutoencoderViT(nn.Module):
             ids_masked = self.__dict__.pop("_amt_ids_masked")
             pred = self.forward_decoder_subset(latent, ids_restore, ids_masked)
             mask = torch.zeros_like(mask).scatter(1, ids_masked, 1.0)  # 1 where the loss is taken
+        elif self.decoder_mask_ratio > 0 and self.training and self.decoder_mask_type == "run_cell":
+            # VideoMAE v2: mask tokens at every running-cell position, visible ones included; the loss
+            # counts the positions both decoded and hidden from the encoder.
+            ids_target = run_cell_targets(mask.shape[0], self.grid_size, self.decoder_mask_ratio, noise, mask.device)
+            pred = self.forward_decoder_subset(latent, ids_restore, ids_target)
+            mask = mask * torch.zeros_like(mask).scatter(1, ids_target, 1.0)
         elif self.decoder_mask_ratio > 0 and self.training:
             num_hidden = ids_restore.shape[1] - latent.shape[1] + int(self.cls_embed)
             ids_target = decoder_targets(mask, self.grid_size, self.decoder_mask_ratio, noise, num_hidden)
