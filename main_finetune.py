@@ -63,7 +63,8 @@ class FinetuneConfig:
     dist_eval: bool = flag(True, "shard test videos over ranks (else all on each)")
     eval_split: str = flag("val", "list file to test on (K400 reports on val)")
     eval_every: int = flag(5, "epochs between tests during training (0: end only)", check=non_negative, rule=">= 0")
-    test_num_temporal_views: int = flag(7, "clips per video along time", check=positive, rule="> 0")
+    test_num_temporal_views: int = flag(10, "clips per video along time (mae_st main_test: 10 x 3 views)",
+                                        check=positive, rule="> 0")
     test_num_spatial_crops: int = flag(3, "crops per clip (1: center, 3: l/c/r)", check=positive, rule="> 0")
 
 
@@ -186,7 +187,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flags(parser, AugmentConfig, "augmentation")
     # The ViT-L recipe of the official FINETUNE.md for the shared flags.
     parser.set_defaults(model="vit_large_patch16", epochs=50, warmup_epochs=5, blr=1e-3, min_lr=1e-6, repeat_aug=2,
-                        clip_grad=5.0, save_every=0, opt_betas=[0.9, 0.999], layer_decay=0.75)
+                        clip_grad=5.0, save_every=0, opt_betas=[0.9, 0.999], layer_decay=0.75,
+                        wd_skip="tokens")
     return parser
 
 

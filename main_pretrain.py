@@ -22,7 +22,7 @@ from datasets.image_folder import build_image_folder_dataset
 from models import create_model
 from models.amt import clip_attention_weights
 from models.convert import load_pretrained
-from models.masking import MASK_TYPES
+from models.masking import ADAPTIVE_TYPES, MASK_TYPES
 from models.videotext import videotext_loss, videotext_model
 from util import videotext as vt
 from util.checkpoint import read_weights
@@ -61,7 +61,8 @@ class PretrainConfig:
                           "(masked video-text contrastive: FLIP/MAC, + MAE loss: SMAUG)",
                           choices=("mae", "rho_byol", "rho_moco", "videotext"))
     mask_ratio: float = flag(0.9, "share of tokens hidden from the encoder", check=lambda r: 0 < r < 1, rule="in (0, 1)")
-    mask_type: str = flag("random", "mask sampler; adaptive: AdaMAE's learned sampler", choices=sorted(MASK_TYPES))
+    mask_type: str = flag("random", "mask sampler; adaptive: AdaMAE's learned sampler as published "
+                          "(adaptive_detached: the variant of docs/adamae.md)", choices=sorted(MASK_TYPES))
     sampler_loss_weight: float = flag(1e-4, "weight of the adaptive sampler's loss", check=non_negative, rule=">= 0")
     throw_ratio: float = flag(0.4, "amt: share of all tokens thrown, out of the hidden ones (in neither encoder, "
                               "decoder nor loss); the rest of the hidden ones are reconstructed",
@@ -70,8 +71,12 @@ class PretrainConfig:
                                   "random masking and throwing)", check=positive, rule=">= 1")
     amt_refresh_epochs: int = flag(40, "amt: epochs between attention passes over the training videos",
                                    check=positive, rule=">= 1")
-    decoder_mask_ratio: float = flag(0.0, "share of hidden tokens the decoder skips (running cell; 0.5 recommended)",
-                                     check=lambda r: 0 <= r < 1, rule="in [0, 1)")
+    decoder_mask_ratio: float = flag(0.0, "share of the decoder's positions it skips (VideoMAE v2 running cell; "
+                                     "0.5 recommended)", check=lambda r: 0 <= r < 1, rule="in [0, 1)")
+    decoder_mask_type: str = flag("run_cell", "decoder masking: run_cell (VideoMAE v2: 2x2 cells alternating rows "
+                                  "and diagonals, phase per sample, mask tokens at every kept position) or "
+                                  "rotating_hidden (the earlier variant: a cell edge rotating over the hidden "
+                                  "tokens only)", choices=("run_cell", "rotating_hidden"))
     data_format: str = flag("video", "video list files, or class folders of images (image MAE, num_frames 1)",
                             choices=("video", "image_folder"))
     norm_pix_loss: bool = flag(True, "regress per-patch normalised pixels")
@@ -90,6 +95,8 @@ class PretrainConfig:
                               "weights) or linspace(0, T-1, pred_t_dim) (mae_st code)", choices=("stride", "linspace"))
     vis_every: int = flag(1, "epochs between reconstruction images (0: off)", check=non_negative, rule=">= 0")
     init_from: str = flag("", "start a fresh run from these weights (file or run folder; weights only)")
+    allow_unexpected_keys: bool = flag(False, "load --init_from weights even if some have no place in the model "
+                                       "(they are dropped, so the model computes something else)")
 
 
 class PretrainTask(Task):
@@ -115,6 +122,7 @@ class PretrainTask(Task):
             m.model, img_size=m.input_size, num_frames=m.num_frames, t_patch_size=m.t_patch_size,
             cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed, pred_t_dim=c.pred_t_dim, mask_type=c.mask_type,
             sampler_loss_weight=c.sampler_loss_weight, decoder_mask_ratio=c.decoder_mask_ratio,
+            decoder_mask_type=c.decoder_mask_type,
             norm_pix_loss=c.norm_pix_loss, trunc_init=c.trunc_init, decoder_embed_dim=c.decoder_embed_dim,
             decoder_depth=c.decoder_depth, decoder_num_heads=c.decoder_num_heads, init_values=m.init_values,
             decoder_init_values=c.decoder_init_values, decoder_cls=c.decoder_cls,
@@ -125,7 +133,8 @@ class PretrainTask(Task):
 
     def init_weights(self, model: torch.nn.Module, trainer: Trainer) -> None:
         if self.cfg.init_from:
-            load_pretrained(model, read_weights(self.cfg.init_from), source=self.cfg.init_from)
+            load_pretrained(model, read_weights(self.cfg.init_from), source=self.cfg.init_from,
+                            allow_unexpected=self.cfg.allow_unexpected_keys)
 
     def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
         m, d, tokens = trainer.cfg.model, trainer.cfg.data, self.model.patch_embed.num_patches
@@ -146,7 +155,7 @@ class PretrainTask(Task):
                                                self.dataset.sampling_rate / self.dataset.target_fps, m.num_frames)
         loss = module(batch["clips"], self.cfg.mask_ratio, batch["noise"], attention=attention)[0]
         # The adaptive sampler leaves its entropy and loss on the plain model (the same object when wrapped).
-        return (loss, self.model.sampler_metrics) if self.cfg.mask_type == "adaptive" else loss
+        return (loss, self.model.sampler_metrics) if self.cfg.mask_type in ADAPTIVE_TYPES else loss
 
     def flops_per_clip(self, model: torch.nn.Module) -> float:
         return model.flops_per_clip(self.cfg.mask_ratio)["train_step"]
@@ -226,7 +235,8 @@ class RhoTask(Task):
 
     def init_weights(self, model: torch.nn.Module, trainer: Trainer) -> None:
         if self.pre.init_from:
-            load_pretrained(model, read_weights(self.pre.init_from), source=self.pre.init_from)
+            load_pretrained(model, read_weights(self.pre.init_from), source=self.pre.init_from,
+                            allow_unexpected=self.pre.allow_unexpected_keys)
             model.copy_to_momentum()
 
     def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
@@ -340,7 +350,8 @@ class VideoTextTask(Task):
             if any(k.startswith("text.") for k in sd):
                 model.load_state_dict(sd)
             else:
-                load_pretrained(model.video, sd, source=self.pre.init_from, load_decoder=self.cfg.mae_loss_weight > 0)
+                load_pretrained(model.video, sd, source=self.pre.init_from, load_decoder=self.cfg.mae_loss_weight > 0,
+                                allow_unexpected=self.pre.allow_unexpected_keys)
 
     def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
         return vt.train_dataset(trainer, self.cfg, self.captions(), self.tokenizer, self.model.video.patch_embed.num_patches)
@@ -386,7 +397,7 @@ def build_task(args: argparse.Namespace) -> Task:
         if args.repeat_aug != 1:
             raise ConfigError("--objective videotext pairs one clip with one caption: set --repeat_aug 1 (repeats "
                               "of a video in one batch would be each other's false negatives)")
-        if cfg.mask_type in ("adaptive", "amt"):
+        if cfg.mask_type in (*ADAPTIVE_TYPES, "amt"):
             raise ConfigError(f"--objective videotext masks with a fixed sampler: --mask_type random, tube, frame or "
                               f"cube (got {cfg.mask_type}; adaptive and amt learn from the MAE's loss or attention)")
         return VideoTextTask(section(VideoTextConfig, args), cfg)

@@ -14,21 +14,21 @@ is shown the informative (moving, textured) regions and masks the redundant back
 what lets AdaMAE mask 95% of a clip.
 
 Design choices:
-- The sampler reads *detached* patch embeddings. The paper feeds it the patch embeddings; we stop
-  its gradient there so that the high-variance, 1e-4-weighted REINFORCE term never moves the
-  encoder's patch embedding: the encoder is trained by reconstruction only, as in MAE, and the
-  sampler by the policy gradient only.
+- `--mask_type adaptive` is the published network: it reads the patch embeddings with their
+  gradient (the 1e-4-weighted policy gradient also moves the patch embedding) and its targets are
+  normalised per channel within each patch, as AdaMAE's training loop does.
+  `--mask_type adaptive_detached` stops the gradient at the sampler's input (the encoder is trained by
+  reconstruction only, the sampler by the policy gradient only), starts from zero logits and keeps
+  MAE-ST's per-patch targets.
 - The reconstruction loss cannot reach the sampler: the sampled indices are integers and the
   logits enter nothing but the policy-gradient term.
 - The Gumbel noise is built from `1 - u`, so with equal logits the sampler keeps exactly the tokens
-  random masking keeps for the same noise (a untrained sampler starts as random masking, in law).
+  random masking keeps for the same noise (the zero-initialised variant starts as random masking).
 - The block is a plain `models.video_vit.Block` listed by the MAE's `shard_units()`, so FSDP2 / ZeRO /
   activation checkpointing / compile wrap it like every other block, from outside.
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 from torch import nn
@@ -63,23 +63,36 @@ def policy_gradient_loss(log_probs: torch.Tensor, token_error: torch.Tensor, wei
 
 
 class AdaptiveTokenSampler(nn.Module):
-    """Token-sampling network: patch embeddings [B, L, D] -> per-token logits [B, L]."""
+    """Token-sampling network: patch embeddings [B, L, D] -> per-token logits [B, L].
+
+    The defaults build wgcban/adamae's `get_token_probs` (models/pretrain/vit.py): its own position
+    table (zeros), one block of 8 heads without qkv bias, dropout 0.1 on the attention projection and
+    MLP, torch's LayerNorm (eps 1e-5), a linear layer to one logit, no final norm; it reads the patch
+    embeddings with their gradient, so the policy gradient also trains the patch embedding. The
+    `adaptive_detached` variant (`DETACHED_VARIANT`) differs in each of those: see docs/adamae.md.
+    """
 
     def __init__(
         self,
         embed_dim: int,
         num_tokens: int,
-        num_heads: int,
+        num_heads: int = 8,
         mlp_ratio: float = 4.0,
         norm_layer: type[nn.Module] | None = None,
+        qkv_bias: bool = False,
+        dropout: float = 0.1,
+        final_norm: bool = False,
+        detach_input: bool = False,
     ) -> None:
         super().__init__()
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
-        # Its own table (not the encoder's): the sampler's notion of position is trained by the
-        # policy gradient only. Name contains "pos_embed" so MAE init / no-weight-decay apply.
+        norm_layer = norm_layer or nn.LayerNorm
+        self.detach_input = detach_input
+        # Its own table (not the encoder's). Name contains "pos_embed" so the MAE's init and
+        # no-weight-decay list find it.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)])
-        self.norm = norm_layer(embed_dim)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=dropout,
+                                           norm_layer=norm_layer)])
+        self.norm = norm_layer(embed_dim) if final_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, 1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -96,9 +109,17 @@ class AdaptiveTokenSampler(nn.Module):
             noise = torch.rand(B, L, device=tokens.device)
         elif noise.shape != (B, L):
             raise ValueError(f"mask noise must have shape [batch, tokens] = {(B, L)}, got {tuple(noise.shape)}")
-        logits = self(tokens.detach())
+        logits = self(tokens.detach() if self.detach_input else tokens)
         log_probs = torch.log_softmax(logits, dim=-1)
         return gumbel_top_k(logits.detach(), noise, ratio), log_probs
+
+
+def detached_variant(embed_dim: int, num_tokens: int, num_heads: int, mlp_ratio: float,
+                     norm_layer: type[nn.Module]) -> AdaptiveTokenSampler:
+    """`--mask_type adaptive_detached`: the encoder's heads and norm, qkv bias, no dropout, a final norm,
+    a detached input (the policy gradient trains the sampler only)."""
+    return AdaptiveTokenSampler(embed_dim, num_tokens, num_heads, mlp_ratio, norm_layer, qkv_bias=True, dropout=0.0,
+                                final_norm=True, detach_input=True)
 
 
 def sampler_stats(log_probs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -393,11 +393,22 @@ def adapt_to_model(canon: StateDict, model: nn.Module, fmt: str = "ours",
     for k in [k for k in canon if k.startswith(tuple(absent))]:
         report.dropped.append(k)
         del canon[k]
-    # Pretrained encoders end in `norm`; a mean-pooling classifier applies that norm as `fc_norm`.
+    # Pretrained encoders end in `norm`. mae_st's (and PySlowFast's) classifier applies that norm to the
+    # pooled features, so it becomes our `fc_norm`; VideoMAE's fine-tuning has no place for it (its `norm`
+    # is an Identity under mean pooling) and starts `fc_norm` at identity, so it is dropped for that format.
     if "fc_norm.weight" in mine and "norm.weight" not in mine and "fc_norm.weight" not in canon:
         for p in ("weight", "bias"):
             if "norm." + p in canon:
-                canon["fc_norm." + p] = canon.pop("norm." + p)
+                if fmt == "videomae":
+                    report.dropped.append("norm." + p)
+                    del canon["norm." + p]
+                    identity = torch.ones_like if p == "weight" else torch.zeros_like
+                    canon["fc_norm." + p] = identity(mine["fc_norm." + p])
+                else:
+                    canon["fc_norm." + p] = canon.pop("norm." + p)
+        if fmt == "videomae" and "norm.weight" in report.dropped:
+            report.notes.append("VideoMAE pretraining `norm` dropped and `fc_norm` kept at identity, as VideoMAE's "
+                                "fine-tuning starts")
     grid = tuple(model.patch_embed.grid_size)
     _adapt_pos(canon, model, "", grid, model.patch_embed.proj.out_channels, fmt, report.notes)
     if take_decoder:

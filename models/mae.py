@@ -20,7 +20,8 @@ Options (constructor arguments, see models/adamae.py and models/masking.py for t
   [B, L], and `amt_num_videos > 0` registers the per-video table `amt_attention` [N, t, h, w]
   (uint8, 255 = 1.0) that the training task refreshes. Like decoder masking, the returned `mask` is
   1 exactly where the loss is taken (the masked tokens); `amt_thrown` holds the last thrown ones.
-- `mask_type="adaptive"`: AdaMAE's learned token sampler; the loss becomes
+- `mask_type="adaptive"`: AdaMAE's learned token sampler as published (`adaptive_detached`: the
+  earlier variant, docs/adamae.md); the loss becomes
   recon + sampler_loss_weight * policy-gradient loss, and `sampler_metrics` / `sampler_probs`
   (detached) hold the last forward's sampler entropy, sampler loss and per-token probabilities.
 - `init_values > 0`: layer scale (per-channel gains on each residual branch, VideoMAE/CaiT style) in
@@ -30,9 +31,11 @@ Options (constructor arguments, see models/adamae.py and models/masking.py for t
 - `decoder_sep_pos_embed`: the decoder's position table form (default: as `sep_pos_embed`);
   PySlowFast's MAE decoder has one joint table (`MASK.DECODER_SEP_POS_EMBED: False`).
 - `decoder_mask_ratio > 0` (training mode only): VideoMAE v2 decoder masking; the decoder gets the
-  visible tokens plus only a running-cell subset of the hidden ones. Then `pred` is [B, L, P] with
-  zeros for tokens the decoder did not predict, and the returned `mask` is 1 exactly where the loss
-  is taken (hidden from the encoder and kept by the decoder). In eval mode the decoder rebuilds
+  visible tokens plus mask tokens at the running-cell positions (`decoder_mask_type="run_cell"`, as
+  v2: every kept cell position, visible or not) or at a running-cell subset of the hidden ones only
+  (`"rotating_hidden"`, the earlier variant). Then `pred` is [B, L, P] with zeros for tokens the
+  decoder did not predict, and the returned `mask` is 1 exactly where the loss is taken (hidden from
+  the encoder and decoded). In eval mode the decoder rebuilds
   every hidden token, so validation losses and reconstruction images are those of the full model.
 """
 
@@ -43,10 +46,18 @@ from functools import partial
 import torch
 from torch import nn
 
-from models.adamae import AdaptiveTokenSampler, policy_gradient_loss, sampler_stats
+from models.adamae import AdaptiveTokenSampler, detached_variant, policy_gradient_loss, sampler_stats
 from models.amt import amt_counts, amt_masking, normalize_cls_attention
 from models.flops import block_flops, masked_autoencoder_flops, with_train_step
-from models.masking import decoder_targets, get_mask_sampler, num_visible
+from models.masking import (
+    ADAPTIVE_TYPES,
+    DECODER_MASK_TYPES,
+    decoder_targets,
+    get_mask_sampler,
+    num_visible,
+    run_cell_hidden_per_cell,
+    run_cell_targets,
+)
 from models.video_vit import (
     Block,
     LayerNorm6,
@@ -89,6 +100,7 @@ class MaskedAutoencoderViT(nn.Module):
         mask_type: str = "random",
         sampler_loss_weight: float = 1.0e-4,
         decoder_mask_ratio: float = 0.0,
+        decoder_mask_type: str = "run_cell",
         init_values: float = 0.0,
         decoder_init_values: float | None = None,
         decoder_cls: str = "learned",
@@ -129,7 +141,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_num_heads = decoder_num_heads
         self.init_values, self.decoder_init_values = init_values, decoder_init_values
         self.mask_type = mask_type
-        self.mask_sampler = None if mask_type in ("adaptive", "amt") else get_mask_sampler(mask_type)
+        self.mask_sampler = None if mask_type in (*ADAPTIVE_TYPES, "amt") else get_mask_sampler(mask_type)
         if mask_type == "amt":
             if not cls_embed:
                 raise ValueError("mask_type='amt' reads the [CLS] token's attention: set cls_embed=True")
@@ -143,6 +155,11 @@ class MaskedAutoencoderViT(nn.Module):
         self.sampler_loss_weight, self.decoder_mask_ratio = sampler_loss_weight, decoder_mask_ratio
         if not 0.0 <= decoder_mask_ratio < 1.0:
             raise ValueError(f"decoder_mask_ratio must be in [0, 1), got {decoder_mask_ratio}")
+        if decoder_mask_type not in DECODER_MASK_TYPES:
+            raise ValueError(f"decoder_mask_type must be one of {DECODER_MASK_TYPES}, got {decoder_mask_type!r}")
+        if decoder_mask_ratio > 0 and decoder_mask_type == "run_cell":
+            run_cell_hidden_per_cell(decoder_mask_ratio)  # range check now, not at the first step
+        self.decoder_mask_type = decoder_mask_type
         mlp = int(embed_dim * mlp_ratio)
         # Sizes by name, for FLOP counts that must not read (possibly sharded, empty) parameters.
         self.arch = dict(embed_dim=embed_dim, depth=depth, mlp=mlp, decoder_embed_dim=decoder_embed_dim,
@@ -161,8 +178,12 @@ class MaskedAutoencoderViT(nn.Module):
              for _ in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
-        if mask_type == "adaptive":
-            self.adaptive_sampler = AdaptiveTokenSampler(embed_dim, num_patches, num_heads, mlp_ratio, norm_layer)
+        if mask_type == "adaptive":  # wgcban/adamae's network (its own heads, norm, dropout, no qkv bias)
+            self.adaptive_sampler = AdaptiveTokenSampler(embed_dim, num_patches)
+        elif mask_type == "adaptive_detached":
+            self.adaptive_sampler = detached_variant(embed_dim, num_patches, num_heads, mlp_ratio, norm_layer)
+        # AdaMAE's training loop normalises each patch's targets per colour channel (VideoMAE's rule).
+        self.target_norm = "channel" if mask_type == "adaptive" else "patch"
         if mask_type == "amt" and amt_num_videos > 0:
             # One byte per token and video (K400, ViT 16x224: 240k x 1568 = 376 MB), identical on every
             # rank, saved with the model. 255 = 1.0: uniform until the first refresh (random masking
@@ -194,7 +215,9 @@ class MaskedAutoencoderViT(nn.Module):
             elif name.endswith(("cls_token", "mask_token")):
                 (nn.init.trunc_normal_ if trunc_init else nn.init.normal_)(p, std=0.02)
         self.apply(partial(init_weights, trunc_init=trunc_init))
-        if self.mask_type == "adaptive":
+        if self.mask_type == "adaptive":  # AdaMAE: a zero position table, xavier logit layer (as applied above)
+            nn.init.zeros_(self.adaptive_sampler.pos_embed)
+        elif self.mask_type == "adaptive_detached":
             # Zero logits at start: uniform sampling, i.e. exactly random masking for the same noise.
             nn.init.zeros_(self.adaptive_sampler.head.weight)
 
@@ -202,7 +225,7 @@ class MaskedAutoencoderViT(nn.Module):
     def shard_units(self) -> list[nn.Module]:
         """The units that parallelism wraps from outside (activation checkpointing, compile, FSDP2): every block."""
         units = list(self.blocks) + list(self.decoder_blocks)
-        if self.mask_type == "adaptive":
+        if self.mask_type in ADAPTIVE_TYPES:
             units += list(self.adaptive_sampler.blocks)
         return units
 
@@ -216,9 +239,11 @@ class MaskedAutoencoderViT(nn.Module):
         num_patches = self.patch_embed.num_patches
         visible = num_visible(num_patches, mask_ratio)
         decoder_patches = num_patches
-        if self.decoder_mask_ratio > 0:
+        if self.decoder_mask_ratio > 0 and self.decoder_mask_type == "run_cell":  # mask tokens at every kept slot
+            decoder_patches = visible + num_patches * (4 - run_cell_hidden_per_cell(self.decoder_mask_ratio)) // 4
+        elif self.decoder_mask_ratio > 0:
             decoder_patches = visible + max(1, int((num_patches - visible) * (1 - self.decoder_mask_ratio)))
-        adaptive = self.mask_type == "adaptive"
+        adaptive = self.mask_type in ADAPTIVE_TYPES
         pred_tokens = None
         if self.mask_type == "amt":
             # Thrown tokens cost nothing: the decoder sees the visible and the masked ones, the head only the masked.
@@ -305,7 +330,7 @@ class MaskedAutoencoderViT(nn.Module):
             self.amt_thrown = torch.zeros(B, L, device=clips.device).scatter(1, ids_thrown, 1.0)
             mask = torch.ones(B, L, device=clips.device).scatter(1, ids_keep, 0.0)  # hidden from the encoder
             x = self.patch_embed.embed(self.patch_embed.tubelets(clips, ids_keep))
-        elif self.mask_type == "adaptive":
+        elif self.mask_type in ADAPTIVE_TYPES:
             # The sampler reads every token's embedding; the encoder then takes its visible ones.
             tokens = self.patch_embed(clips)
             (ids_keep, ids_restore, mask), self._sampler_log_probs = self.adaptive_sampler.sample(tokens, mask_ratio, noise)
@@ -363,7 +388,12 @@ class MaskedAutoencoderViT(nn.Module):
     def token_errors(self, clips: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Per-token mean squared error [B, L] against the (per-patch normalised) target pixels."""
         target = self.patchify(self.target_frames(clips)).float()
-        if self.norm_pix_loss:
+        if self.norm_pix_loss and self.target_norm == "channel":
+            # AdaMAE / VideoMAE: each channel of a patch over its pixels, (x - mean) / (unbiased std + 1e-6).
+            per = target.unflatten(-1, (-1, self.in_chans))
+            per = (per - per.mean(dim=-2, keepdim=True)) / (per.var(dim=-2, keepdim=True).sqrt() + 1.0e-6)
+            target = per.flatten(-2)
+        elif self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
@@ -399,6 +429,12 @@ class MaskedAutoencoderViT(nn.Module):
             ids_masked = self.__dict__.pop("_amt_ids_masked")
             pred = self.forward_decoder_subset(latent, ids_restore, ids_masked)
             mask = torch.zeros_like(mask).scatter(1, ids_masked, 1.0)  # 1 where the loss is taken
+        elif self.decoder_mask_ratio > 0 and self.training and self.decoder_mask_type == "run_cell":
+            # VideoMAE v2: mask tokens at every running-cell position, visible ones included; the loss
+            # counts the positions both decoded and hidden from the encoder.
+            ids_target = run_cell_targets(mask.shape[0], self.grid_size, self.decoder_mask_ratio, noise, mask.device)
+            pred = self.forward_decoder_subset(latent, ids_restore, ids_target)
+            mask = mask * torch.zeros_like(mask).scatter(1, ids_target, 1.0)
         elif self.decoder_mask_ratio > 0 and self.training:
             num_hidden = ids_restore.shape[1] - latent.shape[1] + int(self.cls_embed)
             ids_target = decoder_targets(mask, self.grid_size, self.decoder_mask_ratio, noise, num_hidden)
@@ -408,7 +444,7 @@ class MaskedAutoencoderViT(nn.Module):
             pred = self.forward_decoder(latent, ids_restore)
         errors = self.token_errors(clips, pred)
         loss = (errors * mask).sum() / mask.sum()
-        if self.mask_type == "adaptive":
+        if self.mask_type in ADAPTIVE_TYPES:
             log_probs = self.__dict__.pop("_sampler_log_probs")
             sampler_loss = policy_gradient_loss(log_probs, errors, mask)
             loss = loss + self.sampler_loss_weight * sampler_loss

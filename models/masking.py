@@ -124,7 +124,9 @@ MASK_SAMPLERS: dict[str, Callable[..., MaskOutput]] = {
 # Every --mask_type: the samplers above plus AdaMAE's learned one (a module, models/adamae.py, built
 # by the model because it needs the patch embeddings; it is not a plain function of the noise) and
 # AMT's attention-driven masking and throwing (models/amt.py: it also needs the attention weights).
-MASK_TYPES: tuple[str, ...] = (*MASK_SAMPLERS, "adaptive", "amt")
+# AdaMAE as published (wgcban/adamae) and the project's earlier variant of it (docs/adamae.md).
+ADAPTIVE_TYPES: tuple[str, ...] = ("adaptive", "adaptive_detached")
+MASK_TYPES: tuple[str, ...] = (*MASK_SAMPLERS, *ADAPTIVE_TYPES, "amt")
 
 
 def running_cell_rank(grid: Grid, device: torch.device | str | None = None) -> torch.Tensor:
@@ -165,6 +167,52 @@ def decoder_targets(mask: torch.Tensor, grid: Grid, ratio: float, noise: torch.T
     tie = torch.frac(noise.float() * 104729.0) if noise is not None else torch.zeros(B, L, device=mask.device)
     score = rank + tie + (1.0 - mask) * 8.0  # visible tokens last: never targets
     return score.argsort(dim=1, stable=True)[:, :M]
+
+
+DECODER_MASK_TYPES = ("run_cell", "rotating_hidden")
+
+
+def run_cell_hidden_per_cell(ratio: float) -> int:
+    """Positions of each 2x2 cell the decoder drops, int(4 * ratio), which VideoMAE v2 requires in 1..3."""
+    dropped = int(4 * ratio)
+    if not 0 < dropped < 4:
+        raise ValueError(f"run_cell decoder masking drops int(4 x ratio) of the 4 positions of each 2x2 cell, "
+                         f"which must be 1, 2 or 3: decoder_mask_ratio {ratio} gives {dropped} (use 0.25 to 0.99)")
+    return dropped
+
+
+def run_cell_decoded(batch: int, grid: Grid, ratio: float, noise: torch.Tensor | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """VideoMAE v2's running-cell decoder mask: [B, L], 1 where the decoder places a mask token.
+
+    Each 2x2 spatial cell is a ring of 4 slots, int(4 * ratio) of them "dropped" in a row; slot i of the
+    ring (cell position i = 2 * row + column) is dropped in time step t when (i + phase + t + 1) mod 4 is
+    below that count: at ratio 0.5 the kept pair alternates between a row and a diagonal. The phase
+    (0..3) is one per sample, drawn from the sample's mask noise (hashed, so it does not follow the
+    encoder's ordering of that noise); without noise, at random. Visible tokens get mask tokens too
+    where the cell keeps them; the loss counts only the hidden ones.
+    """
+    t, h, w = grid
+    if h % 2 or w % 2:
+        raise ValueError(f"run_cell decoder masking tiles 2x2 cells: the token grid {h}x{w} must be even in both")
+    dropped = run_cell_hidden_per_cell(ratio)
+    if noise is not None:
+        phase = (torch.frac(noise.double().sum(dim=1) * 104729.0) * 4).long().clamp(0, 3).to(device or noise.device)
+    else:
+        phase = torch.randint(0, 4, (batch,), device=device)
+    tt = torch.arange(t, device=phase.device).view(1, t, 1, 1)
+    cell = (2 * (torch.arange(h, device=phase.device) % 2).view(1, 1, h, 1)
+            + (torch.arange(w, device=phase.device) % 2).view(1, 1, 1, w))
+    slot = (cell + phase.view(-1, 1, 1, 1) + tt + 1) % 4
+    return (slot >= dropped).reshape(batch, t * h * w).float()
+
+
+def run_cell_targets(batch: int, grid: Grid, ratio: float, noise: torch.Tensor | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Token ids [B, M] of the running-cell positions the decoder fills with mask tokens (M = L x kept / 4)."""
+    decoded = run_cell_decoded(batch, grid, ratio, noise, device)
+    M = grid[0] * grid[1] * grid[2] * (4 - run_cell_hidden_per_cell(ratio)) // 4
+    return (1.0 - decoded).argsort(dim=1, stable=True)[:, :M]
 
 
 def get_mask_sampler(name: str) -> Callable[..., MaskOutput]:

@@ -139,7 +139,7 @@ class VideoTextModel(nn.Module):
         super().__init__()
         if video_pool not in VIDEO_POOLS:
             raise ValueError(f"video pool must be one of {VIDEO_POOLS}, got {video_pool!r}")
-        if video.mask_type in ("adaptive", "amt"):
+        if video.mask_type in ("adaptive", "adaptive_detached", "amt"):
             raise ValueError("the video-text objectives mask with a fixed sampler (--mask_type random, tube, frame "
                              f"or cube), got {video.mask_type!r}: AdaMAE's sampler learns from reconstruction error "
                              "only and AMT's masking from the MAE's attention pass")

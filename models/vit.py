@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -76,9 +78,11 @@ class VisionTransformer(nn.Module):
             if "pos_embed" in name or name.endswith("cls_token"):
                 nn.init.trunc_normal_(p, std=0.02)
         self.apply(init_weights)
-        # A near-zero head keeps the first fine-tuning steps from destroying pretrained features.
+        # A near-zero head keeps the first fine-tuning steps from destroying pretrained features. mae_st
+        # re-draws only the weight (std 2e-5) and keeps nn.Linear's own bias, U(+-1/sqrt(fan_in)): so here.
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
-        nn.init.zeros_(self.head.bias)
+        bound = 1 / math.sqrt(embed_dim)
+        nn.init.uniform_(self.head.bias, -bound, bound)
 
     def shard_units(self) -> list[nn.Module]:
         """The units that parallelism wraps from outside (activation checkpointing, compile, FSDP2): the blocks."""

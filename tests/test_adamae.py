@@ -17,8 +17,9 @@ TINY = dict(img_size=32, num_frames=4, decoder_embed_dim=64, decoder_depth=1, de
 
 
 def adaptive_mae(**kw) -> torch.nn.Module:
+    """The detached variant (zero logits at start, detached input); the published one: test_adamae_published.py."""
     torch.manual_seed(0)
-    return create_model("mae_vit_micro_patch8", mask_type="adaptive", **{**TINY, **kw})
+    return create_model("mae_vit_micro_patch8", mask_type="adaptive_detached", **{**TINY, **kw})
 
 
 def random_head(model: torch.nn.Module, seed: int = 1) -> None:

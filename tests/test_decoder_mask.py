@@ -1,4 +1,4 @@
-"""Decoder masking (VideoMAE v2 running cell): loss only on hidden and decoder-kept tokens, nothing
+"""Decoder masking (the rotating_hidden running cell; v2's run_cell: test_decoder_mask_v2.py): loss only on hidden and decoder-kept tokens, nothing
 changes at ratio 0, and eval mode still rebuilds every hidden token."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def test_ratio_zero_changes_nothing() -> None:
 
 
 def test_loss_only_where_hidden_and_decoded() -> None:
-    model = mae(decoder_mask_ratio=0.5)
+    model = mae(decoder_mask_ratio=0.5, decoder_mask_type="rotating_hidden")  # VideoMAE v2's: test_decoder_mask_v2.py
     clips, noise = torch.randn(2, 3, 8, 32, 32), torch.rand(2, L)
     _, _, enc_mask = random_masking(2, (4, 4, 4), 0.75, noise=noise)
     loss, pred, mask = model(clips, 0.75, noise)

@@ -242,7 +242,7 @@ def test_recipe_parses_and_states_a_512_clip_layout(recipe: Path) -> None:
         assert args.objective in recipe.stem and args.epochs == 200 and args.blr == 1.5e-4
         return
     assert args.mask_ratio in (0.9, 0.95) and args.blr == 1.6e-3
-    assert (args.mask_ratio == 0.95) == ("mr95" in recipe.stem) and (args.epochs == 1600) == ("1600ep" in recipe.stem)
+    assert (args.mask_ratio == 0.95) == ("mr95" in recipe.stem) and (args.epochs * args.repeat_aug == 1600) == ("1600ep" in recipe.stem)
     assert (args.mask_type == "amt") == ("amt" in recipe.stem)
 
 

@@ -235,12 +235,19 @@ class DataConfig:
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float | None = flag(None, "absolute lr; default blr * clips per optimiser step / 256",
-                            check=positive, rule="> 0")
-    blr: float = flag(1.6e-3, "base lr per 256 clips", check=positive, rule="> 0")
+    lr: float | None = flag(None, "absolute lr; default blr * (clips or videos, --lr_scale_by) per optimiser "
+                            "step / 256", check=positive, rule="> 0")
+    blr: float = flag(1.6e-3, "base lr per 256 clips or videos (--lr_scale_by)", check=positive, rule="> 0")
+    lr_scale_by: str = flag("clips", "what the lr scales with: clips per step (batch x repeat_aug x ranks x accum; "
+                            "mae_st fine-tuning) or videos per step (repeats not counted; mae_st pretraining)",
+                            choices=("clips", "videos"))
     min_lr: float = flag(0.0, "floor of the cosine schedule", check=non_negative, rule=">= 0")
-    warmup_epochs: float = flag(40.0, "linear warm-up length in epochs", check=non_negative, rule=">= 0")
+    warmup_epochs: float = flag(40.0, "linear warm-up length in epochs (data passes, as --epochs)",
+                                check=non_negative, rule=">= 0")
     weight_decay: float = flag(0.05, "AdamW weight decay", check=non_negative, rule=">= 0")
+    wd_skip: str = flag("1d", "tensors without weight decay: 1d (biases and norms: every tensor of >= 2 dims "
+                        "decays, as mae_st pretraining and PySlowFast's MAE configs) or tokens (also positional "
+                        "tables, class and mask tokens, as mae_st fine-tuning)", choices=("1d", "tokens"))
     opt_betas: list[float] = flag([0.9, 0.95], "AdamW betas (MAE pretraining 0.9 0.95; MAE-ST fine-tuning "
                                   "0.9 0.999)", check=lambda b: all(0 <= x < 1 for x in b), rule="each in [0, 1)",
                                   metavar=("BETA1", "BETA2"))
@@ -254,7 +261,9 @@ class LoopConfig:
 
     batch_size: int = flag(2, "videos per rank per micro-step", check=positive, rule=">= 1")
     accum_iter: int = flag(1, "micro-steps per optimiser step", check=positive, rule=">= 1")
-    epochs: int = flag(800, "training epochs", check=positive, rule=">= 1")
+    epochs: int = flag(800, "training epochs, counted as passes over the data (as mae_st's --epochs and "
+                       "PySlowFast's MAX_EPOCH); a paper's 'effective epochs' are this x --repeat_aug",
+                       check=positive, rule=">= 1")
     max_steps: int = flag(0, "stop after this many optimiser steps (0: no limit)", check=non_negative, rule=">= 0")
     log_every: int = flag(20, "optimiser steps between log lines", check=positive, rule=">= 1")
     seed: int = flag(0, "seed of every random choice (per sample and per step)")

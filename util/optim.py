@@ -30,11 +30,17 @@ def param_groups(
     weight_decay: float,
     layer_decay: float | None = None,
     no_weight_decay: set[str] | None = None,
+    skip_tokens: bool = True,
 ) -> list[dict]:
-    """Split trainable params into AdamW groups with 'weight_decay' and 'lr_scale' (1.0 unless layer_decay)."""
+    """Split trainable params into AdamW groups with 'weight_decay' and 'lr_scale' (1.0 unless layer_decay).
+
+    1-D tensors and biases never decay. `skip_tokens` also leaves out the model's `no_weight_decay()`
+    (positional tables, class and mask tokens: mae_st fine-tuning, VideoMAE); without it every tensor
+    of >= 2 dimensions decays (mae_st pretraining; PySlowFast's ZERO_WD_1D_PARAM with ZERO_DECAY_POS_CLS False).
+    """
     plain = _plain(model)
     skip = set(no_weight_decay or ())
-    if hasattr(plain, "no_weight_decay"):
+    if skip_tokens and hasattr(plain, "no_weight_decay"):
         skip |= {clean_name(n) for n in plain.no_weight_decay()}
     use_layers = layer_decay is not None and hasattr(plain, "layer_id")
     num_layers = plain.num_layers if use_layers else 1
@@ -78,5 +84,5 @@ def build_adamw(groups: list[dict], lr: float, device: torch.device,
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the model's (layer-decayed) parameter groups, with the run's lr, betas and weight decay."""
     layer_decay = cfg.layer_decay if cfg.layer_decay < 1.0 else None
-    groups = param_groups(model, cfg.weight_decay, layer_decay)
+    groups = param_groups(model, cfg.weight_decay, layer_decay, skip_tokens=cfg.wd_skip == "tokens")
     return build_adamw(groups, lr, device, (cfg.opt_betas[0], cfg.opt_betas[1]))

@@ -15,6 +15,7 @@ So a folder must pass `verify_checkpoint_dir` before it reaches them:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -47,6 +48,10 @@ DEEPSPEED_SAFE_GLOBALS = (
 )
 
 
+# Admitted in single weights files only (the original training code's `args`); nothing else is added.
+PLAIN_CONTAINERS = [argparse.Namespace]
+
+
 class UnsafeCheckpointError(ValueError):
     """A checkpoint file that could run code (or is not what its name says) was refused before use."""
 
@@ -55,7 +60,10 @@ class UnsafeCheckpointError(ValueError):
 def load_weights_file(path: str | Path) -> dict:
     """torch.load(weights_only=True) with a clear error when the file would need code to unpickle."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mae_st's and VideoMAE's save_model store their flags as `args`: an argparse.Namespace is rebuilt
+        # from its __dict__ (no code of its own), and its values pass the same weights-only checks.
+        with torch.serialization.safe_globals(PLAIN_CONTAINERS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"refusing to load {path}: {Path(path).name} is not a plain weights checkpoint (weights-only "

@@ -43,7 +43,7 @@ from util.distributed import DistInfo, barrier, cleanup, init_distributed, set_c
 from util.engine import StepWindow, TrainState, step_seed, steps_in_epoch, train_step
 from util.flops import device_peak_flops
 from util.logger import TrainLogger, peak_memory_gb
-from util.lr_sched import apply_lr, effective_lr, lr_at
+from util.lr_sched import apply_lr, effective_lr, lr_at, schedule_line
 from util.parallel import Backend, setup_parallel
 from util.preemption import PreemptionWatcher
 
@@ -226,7 +226,7 @@ class Trainer:
             self.steps_per_epoch = steps_in_epoch(len(self.dataset), loop.batch_size, world, loop.accum_iter)
             self.samples_per_epoch = self.steps_per_epoch * self.videos_per_step
         self.lr = cfg.optim.lr or effective_lr(cfg.optim.blr, loop.batch_size, cfg.data.repeat_aug, loop.accum_iter,
-                                               world)
+                                               world, cfg.optim.lr_scale_by)
         self.config_values["lr"] = self.lr
         self.flops = self.task.flops_per_clip(model)  # from the configuration: fine on sharded ranks
         self.params = sum(p.numel() for p in model.parameters())
@@ -266,6 +266,8 @@ class Trainer:
                  self.videos_per_step * cfg.data.repeat_aug, self.lr, cfg.parallel.dist, self.dist.world_size,
                  self.threads, f"{self.flops / 1e9:.2f} GFLOP per clip (fwd+bwd), MFU against "
                  f"{self.peak / 1e12:.1f} TFLOP/s ({peak_source})" if self.flops else "no FLOP count")
+        log.info(schedule_line(loop.epochs, cfg.optim.warmup_epochs, cfg.data.repeat_aug, self.lr, cfg.optim.lr,
+                               cfg.optim.blr, cfg.optim.lr_scale_by, self.videos_per_step))
         if loop.bench:
             return self._finish(self._bench(), start=time.time())
         start, outcome, metrics = time.time(), "epoch", {}
