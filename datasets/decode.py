@@ -18,6 +18,7 @@ all. Only the wanted frames are converted to RGB, straight into the output array
 import bisect
 import math
 import os
+import stat
 import threading
 from dataclasses import dataclass
 
@@ -63,6 +64,28 @@ def uniform_clip_start(duration: float, span: float, view: int, num_views: int) 
     if num_views <= 1:
         return room / 2
     return view * room / (num_views - 1)
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+class NotARegularFile(OSError):
+    """A path that exists but is a directory, FIFO, socket or device: reading it could block forever."""
+
+
+def check_regular_file(path: str, what: str = "file") -> None:
+    """Raise FileNotFoundError / NotARegularFile naming `path` unless it is a regular file (symlinks followed).
+
+    os.stat never blocks on a FIFO or device, while open() on a FIFO waits for a writer forever.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise NotARegularFile(f"{what} {path} is {kind}, not a regular file: only regular files are read")
 
 
 def _stream_info(container: av.container.InputContainer) -> tuple[av.video.stream.VideoStream, VideoInfo]:

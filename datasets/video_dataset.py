@@ -15,6 +15,7 @@ import torch
 from .decode import (
     FrameBuffer,
     VideoInfo,
+    check_regular_file,
     clip_span,
     clip_times,
     decode_frames,
@@ -45,18 +46,41 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def read_list_file(list_file: str, data_root: str = "") -> list[tuple[str, int]]:
-    """Parse `path label` lines (space- or comma-separated); paths are joined to `data_root`."""
+_INT64 = 2**63
+
+
+def read_list_file(list_file: str, data_root: str = "", num_classes: int | None = None) -> list[tuple[str, int]]:
+    """Parse `path label` lines (space- or comma-separated, UTF-8, an optional BOM); paths are joined to `data_root`.
+
+    Every error names file:line. Labels must lie in [0, num_classes) when `num_classes` is given (a bad one
+    would fail only at the first step that draws it) and fit in int64 otherwise.
+    """
+    check_regular_file(list_file, "list file")
+    with open(list_file, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a BOM (spreadsheet exports) would glue onto the first path
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{list_file}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}); save the list as "
+                         f"UTF-8") from None
     samples = []
-    with open(list_file) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            m = _LINE.match(line.strip())
-            if m is None:
-                raise ValueError(f"{list_file}:{lineno}: expected 'path label' (space or comma separated, "
-                                 f"integer label), got {line.strip()!r}")
-            samples.append((os.path.join(data_root, m.group(1)), int(m.group(2))))
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        m = _LINE.match(line.strip())
+        if m is None:
+            raise ValueError(f"{list_file}:{lineno}: expected 'path label' (space or comma separated, "
+                             f"integer label), got {line.strip()[:200]!r}")
+        label = int(m.group(2))
+        if num_classes is not None and not 0 <= label < num_classes:
+            raise ValueError(f"{list_file}:{lineno}: label {m.group(2)[:30]} is outside [0, {num_classes}) "
+                             f"(--num_classes {num_classes}); fix the list or --num_classes")
+        if not -_INT64 <= label < _INT64:
+            raise ValueError(f"{list_file}:{lineno}: label {m.group(2)[:30]} does not fit in 64 bits")
+        samples.append((os.path.join(data_root, m.group(1)), label))
     if not samples:
         raise ValueError(f"{list_file}: list file holds no samples")
     return samples
@@ -131,13 +155,15 @@ class VideoDataset(torch.utils.data.Dataset):
                  rand_aug: str | None = None, reprob: float = 0.0, num_temporal_views: int = 1,
                  num_spatial_crops: int = 1, seed: int = 0, normalize: bool = True,
                  mask_noise_tokens: int | None = None, decode_threads: int = 1,
-                 clip_timespan: float | None = None, samples: list[tuple[str, int]] | None = None):
+                 clip_timespan: float | None = None, samples: list[tuple[str, int]] | None = None,
+                 num_classes: int | None = None):
         # `samples` ((path, label) pairs) stands in for a list file, e.g. the videos of a caption list.
+        # `num_classes`: labels of the list must index that many classes (checked when it is read).
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if reprob > 0 and not normalize:
             raise ValueError("reprob > 0 erases with normal noise in normalised space: needs normalize=True")
-        self.samples = samples if samples is not None else read_list_file(list_file, data_root)
+        self.samples = samples if samples is not None else read_list_file(list_file, data_root, num_classes)
         self.list_file, self.mode = list_file, mode
         self.num_frames, self.sampling_rate, self.target_fps = num_frames, sampling_rate, target_fps
         self.crop_size, self.repeat_aug = crop_size, (1 if mode == "test" else repeat_aug)
@@ -288,7 +314,7 @@ def build_video_dataset(data_path: str, split: str, **kwargs) -> VideoDataset:
     """Dataset for `split` ('train', 'val', 'test') from `<data_path>/<split>.csv` (or .txt)."""
     for ext in (".csv", ".txt"):
         list_file = os.path.join(data_path, split + ext)
-        if os.path.isfile(list_file):
+        if os.path.lexists(list_file):  # present but a directory or FIFO: say so (read_list_file does)
             kwargs.setdefault("data_root", data_path)
             return VideoDataset(list_file, **kwargs)
     raise FileNotFoundError(f"no {split}.csv or {split}.txt in {data_path}")

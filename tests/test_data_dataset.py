@@ -1,5 +1,6 @@
 """VideoDataset on real files: shapes, per-clip consistency, views, repeats, determinism, bad files."""
 
+import os
 import shutil
 
 import numpy as np
@@ -241,3 +242,41 @@ def test_failure_tracker_needs_evidence_before_stopping():
         for i in range(100):  # 30% bad: stops once the evidence is in
             bad.update(10, 3, [f"x{i}.mp4"])
     assert bad.attempts <= 200 and bad.examples == ["x0.mp4", "x1.mp4"]
+
+
+def test_list_labels_are_range_checked_when_read_naming_file_and_line(videos, tmp_path):
+    """A label outside [0, num_classes) or past int64 fails at read time with file:line, not at a step."""
+    good = str(videos / "land.mp4")
+    for bad, line in (("400", 2), ("-1", 2), ("12345678901234567890", 2)):
+        lst = tmp_path / "train.csv"
+        lst.write_text(f"{good} 3\n{good} {bad}\n")
+        with pytest.raises(ValueError, match=rf"train\.csv:{line}: label {bad} is outside \[0, 400\)"):
+            VideoDataset(str(lst), num_classes=400)
+    # pretraining ignores labels but still refuses one no tensor can hold (an OverflowError in a worker)
+    with pytest.raises(ValueError, match=r"train\.csv:2: label 12345678901234567890 does not fit"):
+        VideoDataset(str(lst))
+    lst.write_text(f"{good} 0\n{good} 399\n")
+    assert [label for _, label in VideoDataset(str(lst), num_classes=400).samples] == [0, 399]
+
+
+def test_list_with_bom_keeps_its_first_video_and_bad_utf8_names_the_line(videos, tmp_path):
+    lst = tmp_path / "train.csv"
+    lst.write_bytes(b"\xef\xbb\xbfland.mp4 1\nport.mp4 2\n")
+    ds = VideoDataset(str(lst), str(videos))
+    assert ds.samples == [(str(videos / "land.mp4"), 1), (str(videos / "port.mp4"), 2)]
+    assert ds[0]["failures"] == 0  # the first path is the real file, not '\ufeffland.mp4'
+    lst.write_bytes("land.mp4 1\nport.mp4 2\nvid\u00e9o.mp4 3\n".encode() + b"caf\xe9.mp4 4\n")
+    with pytest.raises(ValueError, match=r"train\.csv:4: not valid UTF-8"):
+        VideoDataset(str(lst), str(videos))
+
+
+def test_list_that_is_a_directory_or_fifo_is_reported_as_such(tmp_path):
+    """Not 'missing', and a FIFO is never opened (that would wait for a writer forever)."""
+    (tmp_path / "train.csv").mkdir()
+    with pytest.raises(OSError, match=r"train\.csv is a directory, not a regular file"):
+        build_video_dataset(str(tmp_path), "train")
+    os.mkfifo(tmp_path / "val.csv")
+    with pytest.raises(OSError, match=r"val\.csv is a FIFO \(named pipe\), not a regular file"):
+        build_video_dataset(str(tmp_path), "val")
+    with pytest.raises(OSError, match=r"val\.csv is a FIFO"):
+        VideoDataset(str(tmp_path / "val.csv"))
