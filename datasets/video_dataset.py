@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from .decode import (
+    MAX_FRAME_PIXELS,
+    MAX_VIDEO_FRAMES,
     FrameBuffer,
     VideoInfo,
     check_regular_file,
@@ -156,7 +158,8 @@ class VideoDataset(torch.utils.data.Dataset):
                  num_spatial_crops: int = 1, seed: int = 0, normalize: bool = True,
                  mask_noise_tokens: int | None = None, decode_threads: int = 1,
                  clip_timespan: float | None = None, samples: list[tuple[str, int]] | None = None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, max_frame_pixels: int = MAX_FRAME_PIXELS,
+                 max_video_frames: int = MAX_VIDEO_FRAMES):
         # `samples` ((path, label) pairs) stands in for a list file, e.g. the videos of a caption list.
         # `num_classes`: labels of the list must index that many classes (checked when it is read).
         if mode not in MODES:
@@ -176,6 +179,10 @@ class VideoDataset(torch.utils.data.Dataset):
         self.frame_buffer = FrameBuffer()  # decoded frames reuse one process-local array (pickles empty)
         # pretrain: the R clips start within this many seconds of each other (rho objectives); None: anywhere
         self.clip_timespan = clip_timespan
+        self.bounds = {"max_pixels": max_frame_pixels, "max_frames": max_video_frames}  # checked before decoding
+        # which video each data worker is on (shared memory, set up by datasets.loader.build_loader), so a
+        # worker stuck in a read can be reported with its file; None: not tracked
+        self.reading: torch.Tensor | None = None
         self.rand_aug = build_rand_augment(rand_aug, crop_size) if rand_aug and mode != "test" else None
         self.eraser = build_random_erasing(reprob) if reprob > 0 and mode != "test" else None
         # failures are counted in the main process (FailureTracker over the batches), once
@@ -184,28 +191,48 @@ class VideoDataset(torch.utils.data.Dataset):
         """Number of items: videos, times views per video in test mode."""
         return len(self.samples) * self.views
 
+    def track_workers(self, num_workers: int) -> None:
+        """Let `num_workers` DataLoader workers record the video each is reading (read by `paths_being_read`)."""
+        self.reading = torch.full((max(1, num_workers),), -1, dtype=torch.int64).share_memory_()
+
+    def paths_being_read(self) -> list[str]:
+        """The files the data workers are on now (from any process; empty when not tracked)."""
+        if self.reading is None:
+            return []
+        return [self.samples[i][0] for i in self.reading.tolist() if 0 <= i < len(self.samples)]
+
+    def _mark(self, video_index: int) -> None:
+        """Record (in a worker) the video it is reading, -1 for none."""
+        info = torch.utils.data.get_worker_info()
+        if self.reading is not None and info is not None and info.id < len(self.reading):
+            self.reading[info.id] = video_index
+
     def __getitem__(self, key) -> dict:
         """Item for `index` or `(epoch, index)`: clips [R, C, T, H, W], label/index [R], noise [R, L]."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng([self.seed, int(epoch), int(index)])
         video_index, view = divmod(int(index), self.views)
         failures, failed_paths = 0, []
-        for _ in range(MAX_RETRIES + 1):
-            path, label = self.samples[video_index]
-            try:
-                clips = self._clips(path, rng, view)
-                break
-            except Exception as e:  # noqa: BLE001 - any undecodable input must not kill the worker
-                failures += 1
-                failed_paths.append(path)
-                if _is_rank0():
-                    logger.warning("cannot decode %s (%s: %s); %s", path, type(e).__name__, e,
-                                   "its view is not scored" if self.mode == "test" else "drawing another video")
-                if self.mode == "test":  # a test view stands for its own video: never score another in its place
-                    return self._failed_view(video_index, view, label, path)
-                video_index = int(rng.integers(len(self.samples)))  # deterministic replacement
-        else:
-            raise RuntimeError(f"{MAX_RETRIES + 1} videos in a row failed to decode, e.g. {failed_paths[:5]}")
+        try:
+            for _ in range(MAX_RETRIES + 1):
+                path, label = self.samples[video_index]
+                self._mark(video_index)
+                try:
+                    clips = self._clips(path, rng, view)
+                    break
+                except Exception as e:  # noqa: BLE001 - any undecodable input must not kill the worker
+                    failures += 1
+                    failed_paths.append(path)
+                    if _is_rank0():
+                        logger.warning("cannot decode %s (%s: %s); %s", path, type(e).__name__, e,
+                                       "its view is not scored" if self.mode == "test" else "drawing another video")
+                    if self.mode == "test":  # a test view stands for its own video: never score another in its place
+                        return self._failed_view(video_index, view, label, path)
+                    video_index = int(rng.integers(len(self.samples)))  # deterministic replacement
+            else:
+                raise RuntimeError(f"{MAX_RETRIES + 1} videos in a row failed to decode, e.g. {failed_paths[:5]}")
+        finally:
+            self._mark(-1)
         r = clips.shape[0]
         item = {"clips": clips, "label": torch.full((r,), label, dtype=torch.long),
                 "index": torch.full((r,), video_index, dtype=torch.long),
@@ -237,7 +264,8 @@ class VideoDataset(torch.utils.data.Dataset):
                 start = uniform_clip_start(info.duration, span, t_view, self.num_temporal_views)
                 return clip_times(start, self.num_frames, self.sampling_rate, self.target_fps)
 
-            frames, _, _ = decode_frames(path, times, short_side=self.crop_size, threads=self.decode_threads)
+            frames, _, _ = decode_frames(path, times, short_side=self.crop_size, threads=self.decode_threads,
+                                         **self.bounds)
             frames = short_side_resize(torch.from_numpy(frames), self.crop_size)  # exact size after swscale
             clip = spatial_crop(frames, self.crop_size, s_view, self.num_spatial_crops)
             clip = clip.unsqueeze(0)
@@ -255,7 +283,8 @@ class VideoDataset(torch.utils.data.Dataset):
             return np.concatenate([clip_times(s, self.num_frames, self.sampling_rate, self.target_fps)
                                    for s in starts])
 
-        frames, _, _ = decode_frames(path, times, threads=self.decode_threads, buffer=self.frame_buffer)
+        frames, _, _ = decode_frames(path, times, threads=self.decode_threads, buffer=self.frame_buffer,
+                                     **self.bounds)
         frames = torch.from_numpy(frames)
         _, h, w, _ = frames.shape
         t, s = self.num_frames, self.crop_size

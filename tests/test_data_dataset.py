@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_data_helpers import read_counter, write_audio_only, write_counter_video
+from test_data_helpers import read_counter, write_audio_only, write_counter_video, write_mjpeg
 
 from datasets import (
     FailureTracker,
@@ -16,7 +16,9 @@ from datasets import (
     collate_clips,
     normalize_clips,
 )
+from datasets.decode import MAX_FRAME_PIXELS, MAX_VIDEO_FRAMES, VideoTooLarge, decode_frames, probe
 from datasets.transforms import crop_resize
+from util.config import DataConfig
 
 
 def _list(tmp_path, rows, name="train.csv", sep=" "):
@@ -280,3 +282,43 @@ def test_list_that_is_a_directory_or_fifo_is_reported_as_such(tmp_path):
         build_video_dataset(str(tmp_path), "val")
     with pytest.raises(OSError, match=r"val\.csv is a FIFO"):
         VideoDataset(str(tmp_path / "val.csv"))
+
+
+@pytest.fixture(scope="module")
+def oversized(tmp_path_factory):
+    """A real two-frame 7744x4320 MJPEG (33.5 Mpixel, just over the 8K default bound): ~0.4 MB on disk."""
+    return write_mjpeg(str(tmp_path_factory.mktemp("big") / "big.mkv"), [(7744, 4320)] * 2)
+
+
+def test_oversized_video_is_skipped_and_counted_before_any_frame_is_decoded(videos, oversized, tmp_path, caplog):
+    assert DataConfig().max_frame_pixels == MAX_FRAME_PIXELS and DataConfig().max_video_frames == MAX_VIDEO_FRAMES
+    stats = {}
+    with pytest.raises(VideoTooLarge, match=r"big\.mkv: 7744x4320 frames \(33\.5 Mpixel\) exceed --max_frame_pixels"):
+        decode_frames(oversized, [0.0, 0.1], stats=stats)
+    assert stats == {}  # refused from the stream's metadata: nothing was sent to the decoder
+    rows = [(oversized, 0), (str(videos / "land.mp4"), 1)]
+    ds = VideoDataset(_list(tmp_path, rows), num_frames=2, crop_size=16, seed=3)
+    with caplog.at_level("WARNING"):
+        item = ds[0]
+    assert item["failures"] == 1 and item["failed_paths"] == [oversized] and int(item["index"][0]) == 1
+    assert "big.mkv" in caplog.text and "--max_frame_pixels" in caplog.text
+    # the flag raises the bound: the same file then reads (scaled while converting, so memory stays small)
+    frames, _, _ = decode_frames(oversized, [0.0, 0.1], short_side=16, max_pixels=8192 * 8192)
+    assert frames.shape == (2, 16, 29, 3)
+
+
+def test_video_over_the_frame_count_bound_is_skipped_and_counted(videos, tmp_path):
+    rows = [(str(videos / "land.mp4"), 0), (str(videos / "static.mp4"), 1)]  # 60 and 20 frames
+    ds = VideoDataset(_list(tmp_path, rows), num_frames=2, crop_size=16, max_video_frames=30)
+    item = ds[0]
+    assert item["failed_paths"] == [str(videos / "land.mp4")] and int(item["index"][0]) == 1
+    with pytest.raises(VideoTooLarge, match=r"land\.mp4: 60 frames exceed --max_video_frames 30"):
+        decode_frames(str(videos / "land.mp4"), [0.0], max_frames=30)
+
+
+def test_frame_larger_than_its_header_says_is_refused_before_conversion(tmp_path):
+    """The header states 64x64; the second frame is 2000x2000: refused when decoded, before RGB conversion."""
+    path = write_mjpeg(str(tmp_path / "liar.mkv"), [(64, 64), (2000, 2000)])
+    assert probe(path).width == 64
+    with pytest.raises(VideoTooLarge, match=r"liar\.mkv: 2000x2000 frames \(4\.0 Mpixel\) exceed --max_frame_pixels"):
+        decode_frames(path, [0.0, 0.1], max_pixels=1_000_000)

@@ -36,7 +36,7 @@ from datasets import (
     collate_clips,
     normalize_clips,
 )
-from datasets.loader import build_loader, check_shared_memory, clip_batch_bytes, decode_threads_for
+from datasets.loader import batches, build_loader, check_shared_memory, clip_batch_bytes, decode_threads_for
 from util.checkpoint import Checkpointer, find_latest, load_checkpoint, read_trainer_state
 from util.config import RunConfig, save_config
 from util.distributed import DistInfo, barrier, cleanup, init_distributed, set_cpu_threads
@@ -184,7 +184,7 @@ class Trainer:
             check_shared_memory(batch_bytes, d.num_workers, d.prefetch_factor, local_ranks)
         return build_loader(dataset, sampler, batch_size, collate_clips, d.num_workers, d.mp_context,
                             d.prefetch_factor, pin_memory=d.pin_mem and self.dist.device.type == "cuda",
-                            drop_last=train, persistent_workers=train)
+                            drop_last=train, persistent_workers=train, timeout=d.data_timeout)
 
     def prepare(self, batch: dict, normalize: bool | None = None) -> dict:
         """A batch on the device (without blocking the host); `normalize`: its uint8 clips are normalised there.
@@ -207,7 +207,8 @@ class Trainer:
         args: dict[str, Any] = dict(
             data_root=d.data_root or data_path, mode=mode, num_frames=m.num_frames, sampling_rate=d.sampling_rate,
             crop_size=m.input_size, seed=self.cfg.loop.seed, normalize=not self.normalize_on_device,
-            short_side_range=None if m.input_size < 160 else (256, 320))
+            short_side_range=None if m.input_size < 160 else (256, 320), max_frame_pixels=d.max_frame_pixels,
+            max_video_frames=d.max_video_frames)
         if mode != "test":
             args["repeat_aug"] = d.repeat_aug
         return build_video_dataset(data_path, split, **{**args, **kw})
@@ -312,7 +313,7 @@ class Trainer:
         self.sampler.set_consumed(st.consumed)  # the saved position, whatever the world size was
         steps_left = len(self.sampler) // (loop.batch_size * loop.accum_iter)
         timer = self._timer = {"data": 0.0, "failures": 0}  # data wait and failures since the last log
-        raw = iter(self.loader)
+        raw = batches(self.loader)  # a worker stuck in a read stops the run naming its file (--data_timeout)
         window, clips, step_times = StepWindow(), 0, []
         window_start = time.perf_counter()
         for n in range(steps_left):
