@@ -322,3 +322,36 @@ def test_frame_larger_than_its_header_says_is_refused_before_conversion(tmp_path
     assert probe(path).width == 64
     with pytest.raises(VideoTooLarge, match=r"liar\.mkv: 2000x2000 frames \(4\.0 Mpixel\) exceed --max_frame_pixels"):
         decode_frames(path, [0.0, 0.1], max_pixels=1_000_000)
+
+
+def test_mutated_list_files_fail_only_with_errors_naming_the_file(videos, tmp_path):
+    """A few hundred truncations, byte flips and insertions of a real list: each either reads (labels in
+    range) or fails with ValueError/OSError naming the list file; nothing else, nothing hangs."""
+    base = "".join(f"{name} {label}\n" for name, label in
+                   [("land.mp4", 0), ("port.mp4", 3), ("static.mp4", 9), ("sub/dir/clip one.mp4", 5)]).encode()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "train.csv"
+    outcomes = {"read": 0, "refused": 0}
+    for i in range(300):
+        data = bytearray(base)
+        kind = i % 3
+        if kind == 0:
+            data = data[:int(rng.integers(len(data)))]
+        elif kind == 1:
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(len(data)))] = int(rng.integers(256))
+        else:
+            at = int(rng.integers(len(data)))
+            data[at:at] = bytes(rng.choice([b"\xef\xbb\xbf", b"\x00", b"99999999999999999999", b"-", b"\xff\xfe",
+                                            b",", b"\r\n"]))
+        path.write_bytes(bytes(data))
+        try:
+            samples = VideoDataset(str(path), str(videos), num_classes=10).samples
+        except (ValueError, OSError) as exc:
+            assert str(path) in str(exc), (bytes(data), exc)
+            outcomes["refused"] += 1
+        else:
+            assert samples and all(0 <= label < 10 for _, label in samples)
+            outcomes["read"] += 1
+    assert outcomes["read"] > 20 and outcomes["refused"] > 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.csv"]  # nothing else written
