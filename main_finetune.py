@@ -131,7 +131,8 @@ class FinetuneTask(Task):
     def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
         a = self.aug  # random erasing draws normal noise in normalised space: the workers normalise
         return trainer.video_dataset(self.data_path, "train", "finetune", rand_aug=a.rand_aug or None,
-                                     reprob=a.reprob, hflip=a.hflip, scale=(a.min_crop_scale, 1.0), normalize=True)
+                                     reprob=a.reprob, hflip=a.hflip, scale=(a.min_crop_scale, 1.0), normalize=True,
+                                     num_classes=self.cfg.num_classes)
 
     def loss(self, module: nn.Module, batch: dict) -> torch.Tensor:
         clips, target = batch["clips"], batch["label"]
@@ -151,7 +152,8 @@ class FinetuneTask(Task):
         if self.test_loader is None:
             ds = self.test_set = trainer.video_dataset(self.data_path, c.eval_split, "test",
                                                        num_temporal_views=c.test_num_temporal_views,
-                                                       num_spatial_crops=c.test_num_spatial_crops)
+                                                       num_spatial_crops=c.test_num_spatial_crops,
+                                                       num_classes=c.num_classes)
             # With --no-dist_eval every rank tests everything and only rank 0's scores count.
             world, rank = (trainer.dist.world_size, trainer.dist.rank) if c.dist_eval else (1, 0)
             batch = trainer.cfg.loop.batch_size * trainer.cfg.data.repeat_aug

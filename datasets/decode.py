@@ -18,6 +18,7 @@ all. Only the wanted frames are converted to RGB, straight into the output array
 import bisect
 import math
 import os
+import stat
 import threading
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ from av.video.reformatter import VideoReformatter
 
 # wanted times are float seconds; pts are rounded to the container's time base (1 ms in matroska)
 _TIME_TOL = 1e-4
+# Bounds checked from the stream's metadata before anything is decoded (and on each decoded frame, whose
+# size a container may misstate): a small file can declare 12000x12000 frames, gigabytes once in RGB.
+MAX_FRAME_PIXELS = 7680 * 4320  # 8K UHD
+MAX_VIDEO_FRAMES = 10_000_000  # over 90 hours at 30 fps
 
 
 @dataclass
@@ -65,6 +70,42 @@ def uniform_clip_start(duration: float, span: float, view: int, num_views: int) 
     return view * room / (num_views - 1)
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+class VideoTooLarge(ValueError):
+    """A video over --max_frame_pixels or --max_video_frames: skipped like any unreadable file."""
+
+
+def check_bounds(path: str, width: int, height: int, frames: int, max_pixels: int, max_frames: int) -> None:
+    """Raise VideoTooLarge naming `path`, its size and the flag to raise when a bound is exceeded."""
+    if width * height > max_pixels:
+        raise VideoTooLarge(f"{path}: {width}x{height} frames ({width * height / 1e6:.1f} Mpixel) exceed "
+                            f"--max_frame_pixels {max_pixels}; re-encode it smaller (python -m datasets.resize) or "
+                            f"raise the flag")
+    if frames > max_frames:
+        raise VideoTooLarge(f"{path}: {frames} frames exceed --max_video_frames {max_frames}; cut it or raise the flag")
+
+
+class NotARegularFile(OSError):
+    """A path that exists but is a directory, FIFO, socket or device: reading it could block forever."""
+
+
+def check_regular_file(path: str, what: str = "file") -> None:
+    """Raise FileNotFoundError / NotARegularFile naming `path` unless it is a regular file (symlinks followed).
+
+    os.stat never blocks on a FIFO or device, while open() on a FIFO waits for a writer forever.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise NotARegularFile(f"{what} {path} is {kind}, not a regular file: only regular files are read")
+
+
 def _stream_info(container: av.container.InputContainer) -> tuple[av.video.stream.VideoStream, VideoInfo]:
     """First video stream and its timing facts; raises ValueError for files without video."""
     if not container.streams.video:
@@ -85,6 +126,7 @@ def _stream_info(container: av.container.InputContainer) -> tuple[av.video.strea
 
 def probe(path: str) -> VideoInfo:
     """Duration, fps and size of a video without decoding it."""
+    check_regular_file(path, "video")
     with av.open(path) as container:
         return _stream_info(container)[1]
 
@@ -143,12 +185,19 @@ class FrameBuffer:
         self.__init__()
 
 
+def _check_frame(frame: av.VideoFrame, holder: dict) -> None:
+    """A decoded frame larger than the bound (its container said otherwise) is refused before conversion."""
+    path, max_pixels = holder["path"], holder["max_pixels"]
+    if frame.width * frame.height > max_pixels:
+        check_bounds(path, frame.width, frame.height, 0, max_pixels, holder["max_frames"])
+
+
 class _Output:
     """The uint8 [N, H, W, 3] result, filled in the caller's order as wanted frames arrive."""
 
     def __init__(self, rows_of: dict[int, list[int]], size: tuple[int, int] | None, count: int,
-                 buffer: FrameBuffer | None = None):
-        self.rows_of, self.size, self.count, self.buffer = rows_of, size, count, buffer
+                 buffer: FrameBuffer | None = None, holder: dict | None = None):
+        self.rows_of, self.size, self.count, self.buffer, self.holder = rows_of, size, count, buffer, holder
         self.array: np.ndarray | None = None
 
     def take(self, frame: av.VideoFrame) -> None:
@@ -156,6 +205,8 @@ class _Output:
         rows = self.rows_of.pop(frame.pts, None)
         if rows is None:
             return
+        if self.holder is not None:
+            _check_frame(frame, self.holder)
         img = _to_rgb(frame, self.size)
         if self.array is None:
             shape = (self.count,) + img.shape
@@ -166,7 +217,8 @@ class _Output:
 
 def decode_frames(path: str, times, short_side: int | None = None, seek: bool = True,
                   skip_nonref: bool = True, threads: int = 1, stats: dict | None = None,
-                  buffer: FrameBuffer | None = None) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
+                  buffer: FrameBuffer | None = None, max_pixels: int = MAX_FRAME_PIXELS,
+                  max_frames: int = MAX_VIDEO_FRAMES) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
     """Decode the frames shown at `times` (s, from the first frame; any order, repeats allowed).
 
     `times` is an array or a function VideoInfo -> array (to place clips from the duration without a
@@ -178,8 +230,12 @@ def decode_frames(path: str, times, short_side: int | None = None, seek: bool = 
     "sent" (packets given to the decoder) and "decoded" (frames it returned).
     `buffer`: decode into this reused memory; the result is then a view that the next call with the
     same buffer overwrites.
+    Only regular files are opened (NotARegularFile otherwise), and a video whose frames exceed `max_pixels`
+    (width x height) or which holds more than `max_frames` frames raises VideoTooLarge, from its metadata,
+    before any frame is decoded.
     """
-    holder: dict = {"stats": stats if stats is not None else {}}
+    holder: dict = {"stats": stats if stats is not None else {}, "path": path, "max_pixels": max_pixels,
+                    "max_frames": max_frames}
     result = None
     if seek:
         try:
@@ -196,9 +252,13 @@ def decode_frames(path: str, times, short_side: int | None = None, seek: bool = 
 
 def _open_video(path: str, times, holder: dict, threads: int):
     """Open `path`; fix the wanted times once (a retry reuses them, and their rng draws) in `holder`."""
+    check_regular_file(path, "video")  # av.open on a FIFO waits for a writer forever
     container = av.open(path)
     try:
         stream, info = _stream_info(container)
+        frames = stream.frames or round(info.duration * info.fps)  # frame count: the header's, else estimated
+        check_bounds(path, info.width or 0, info.height or 0, frames, holder.get("max_pixels", MAX_FRAME_PIXELS),
+                     holder.get("max_frames", MAX_VIDEO_FRAMES))
     except BaseException:
         container.close()
         raise
@@ -273,7 +333,7 @@ def _decode(path: str, times, holder: dict, short_side: int | None, seek: bool, 
         rows_of: dict[int, list[int]] = {}
         for row, i in enumerate(picked):
             rows_of.setdefault(int(pts[i]), []).append(row)
-        out = _Output(rows_of, _output_size(info, short_side), len(t), buffer)
+        out = _Output(rows_of, _output_size(info, short_side), len(t), buffer, holder)
         sent, decoded = _send_planned(stream.codec_context, packets, pts, np.unique(picked), out, skip_nonref)
         holder["stats"].update(path="planned", sent=sent, decoded=decoded)
         if out.rows_of or out.array is None:
@@ -333,6 +393,7 @@ def _decode_everything(path: str, holder: dict, short_side: int | None, threads:
         j, prev, prev_t, decoded = 0, None, 0.0, 0
         for frame in container.decode(stream):
             decoded += 1
+            _check_frame(frame, holder)
             if frame.pts is None:
                 continue
             ft = float(frame.pts * frame.time_base) - origin

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -50,18 +50,54 @@ def build_loader(
     pin_memory: bool = False,
     drop_last: bool = False,
     persistent_workers: bool = True,
+    timeout: float = 0.0,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader whose workers (if any) start with `mp_context`; every loader of the project is made here."""
+    """A DataLoader whose workers (if any) start with `mp_context`; every loader of the project is made here.
+
+    `timeout` > 0 (seconds, workers only): a batch that takes longer stops the iteration with torch's
+    "DataLoader timed out"; iterate with `batches` to get a DataTimeoutError naming the files being read.
+    """
     if mp_context not in MP_CONTEXTS:
         raise ValueError(f"mp_context must be one of {MP_CONTEXTS}, got {mp_context!r}")
     workers = {}
     if num_workers > 0:
         workers = dict(multiprocessing_context=mp_context, prefetch_factor=prefetch_factor,
-                       persistent_workers=persistent_workers)
+                       persistent_workers=persistent_workers, timeout=timeout)
+        if hasattr(dataset, "track_workers"):  # before the workers get their copy of the dataset
+            dataset.track_workers(num_workers)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
         pin_memory=pin_memory, drop_last=drop_last, **workers,
     )
+
+
+class DataTimeoutError(RuntimeError):
+    """No batch from the data workers within --data_timeout seconds: a read that does not return."""
+
+
+def batches(loader: torch.utils.data.DataLoader) -> Iterator:
+    """Iterate `loader`; its timeout becomes a DataTimeoutError naming the files its workers were reading.
+
+    A worker blocked in a read (a FIFO, a device, a stalled network mount) cannot be interrupted or skipped
+    from outside: the run stops with the file named, so it can be removed from the list or the mount fixed.
+    """
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            if not loader.timeout or "DataLoader timed out" not in str(exc):
+                raise
+            reading = getattr(loader.dataset, "paths_being_read", list)()
+            where = (f"the workers were reading {reading}" if reading else
+                     "no worker was inside a video (stuck starting up, or in the sampler or collate)")
+            raise DataTimeoutError(
+                f"no batch from the {loader.num_workers} data worker(s) for --data_timeout {loader.timeout:g} s: "
+                f"{where}. A FIFO, device or stalled network mount blocks a read forever: remove the file from "
+                f"the list or fix the mount; raise --data_timeout if the storage is just slow") from None
+        yield batch
 
 
 def clip_batch_bytes(dataset: torch.utils.data.Dataset, batch_size: int) -> int | None:

@@ -13,8 +13,11 @@ import numpy as np
 import torch
 
 from .decode import (
+    MAX_FRAME_PIXELS,
+    MAX_VIDEO_FRAMES,
     FrameBuffer,
     VideoInfo,
+    check_regular_file,
     clip_span,
     clip_times,
     decode_frames,
@@ -45,18 +48,41 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def read_list_file(list_file: str, data_root: str = "") -> list[tuple[str, int]]:
-    """Parse `path label` lines (space- or comma-separated); paths are joined to `data_root`."""
+_INT64 = 2**63
+
+
+def read_list_file(list_file: str, data_root: str = "", num_classes: int | None = None) -> list[tuple[str, int]]:
+    """Parse `path label` lines (space- or comma-separated, UTF-8, an optional BOM); paths are joined to `data_root`.
+
+    Every error names file:line. Labels must lie in [0, num_classes) when `num_classes` is given (a bad one
+    would fail only at the first step that draws it) and fit in int64 otherwise.
+    """
+    check_regular_file(list_file, "list file")
+    with open(list_file, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a BOM (spreadsheet exports) would glue onto the first path
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{list_file}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}); save the list as "
+                         f"UTF-8") from None
     samples = []
-    with open(list_file) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            m = _LINE.match(line.strip())
-            if m is None:
-                raise ValueError(f"{list_file}:{lineno}: expected 'path label' (space or comma separated, "
-                                 f"integer label), got {line.strip()!r}")
-            samples.append((os.path.join(data_root, m.group(1)), int(m.group(2))))
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        m = _LINE.match(line.strip())
+        if m is None:
+            raise ValueError(f"{list_file}:{lineno}: expected 'path label' (space or comma separated, "
+                             f"integer label), got {line.strip()[:200]!r}")
+        label = int(m.group(2))
+        if num_classes is not None and not 0 <= label < num_classes:
+            raise ValueError(f"{list_file}:{lineno}: label {m.group(2)[:30]} is outside [0, {num_classes}) "
+                             f"(--num_classes {num_classes}); fix the list or --num_classes")
+        if not -_INT64 <= label < _INT64:
+            raise ValueError(f"{list_file}:{lineno}: label {m.group(2)[:30]} does not fit in 64 bits")
+        samples.append((os.path.join(data_root, m.group(1)), label))
     if not samples:
         raise ValueError(f"{list_file}: list file holds no samples")
     return samples
@@ -131,13 +157,16 @@ class VideoDataset(torch.utils.data.Dataset):
                  rand_aug: str | None = None, reprob: float = 0.0, num_temporal_views: int = 1,
                  num_spatial_crops: int = 1, seed: int = 0, normalize: bool = True,
                  mask_noise_tokens: int | None = None, decode_threads: int = 1,
-                 clip_timespan: float | None = None, samples: list[tuple[str, int]] | None = None):
+                 clip_timespan: float | None = None, samples: list[tuple[str, int]] | None = None,
+                 num_classes: int | None = None, max_frame_pixels: int = MAX_FRAME_PIXELS,
+                 max_video_frames: int = MAX_VIDEO_FRAMES):
         # `samples` ((path, label) pairs) stands in for a list file, e.g. the videos of a caption list.
+        # `num_classes`: labels of the list must index that many classes (checked when it is read).
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if reprob > 0 and not normalize:
             raise ValueError("reprob > 0 erases with normal noise in normalised space: needs normalize=True")
-        self.samples = samples if samples is not None else read_list_file(list_file, data_root)
+        self.samples = samples if samples is not None else read_list_file(list_file, data_root, num_classes)
         self.list_file, self.mode = list_file, mode
         self.num_frames, self.sampling_rate, self.target_fps = num_frames, sampling_rate, target_fps
         self.crop_size, self.repeat_aug = crop_size, (1 if mode == "test" else repeat_aug)
@@ -150,6 +179,10 @@ class VideoDataset(torch.utils.data.Dataset):
         self.frame_buffer = FrameBuffer()  # decoded frames reuse one process-local array (pickles empty)
         # pretrain: the R clips start within this many seconds of each other (rho objectives); None: anywhere
         self.clip_timespan = clip_timespan
+        self.bounds = {"max_pixels": max_frame_pixels, "max_frames": max_video_frames}  # checked before decoding
+        # which video each data worker is on (shared memory, set up by datasets.loader.build_loader), so a
+        # worker stuck in a read can be reported with its file; None: not tracked
+        self.reading: torch.Tensor | None = None
         self.rand_aug = build_rand_augment(rand_aug, crop_size) if rand_aug and mode != "test" else None
         self.eraser = build_random_erasing(reprob) if reprob > 0 and mode != "test" else None
         # failures are counted in the main process (FailureTracker over the batches), once
@@ -158,28 +191,48 @@ class VideoDataset(torch.utils.data.Dataset):
         """Number of items: videos, times views per video in test mode."""
         return len(self.samples) * self.views
 
+    def track_workers(self, num_workers: int) -> None:
+        """Let `num_workers` DataLoader workers record the video each is reading (read by `paths_being_read`)."""
+        self.reading = torch.full((max(1, num_workers),), -1, dtype=torch.int64).share_memory_()
+
+    def paths_being_read(self) -> list[str]:
+        """The files the data workers are on now (from any process; empty when not tracked)."""
+        if self.reading is None:
+            return []
+        return [self.samples[i][0] for i in self.reading.tolist() if 0 <= i < len(self.samples)]
+
+    def _mark(self, video_index: int) -> None:
+        """Record (in a worker) the video it is reading, -1 for none."""
+        info = torch.utils.data.get_worker_info()
+        if self.reading is not None and info is not None and info.id < len(self.reading):
+            self.reading[info.id] = video_index
+
     def __getitem__(self, key) -> dict:
         """Item for `index` or `(epoch, index)`: clips [R, C, T, H, W], label/index [R], noise [R, L]."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng([self.seed, int(epoch), int(index)])
         video_index, view = divmod(int(index), self.views)
         failures, failed_paths = 0, []
-        for _ in range(MAX_RETRIES + 1):
-            path, label = self.samples[video_index]
-            try:
-                clips = self._clips(path, rng, view)
-                break
-            except Exception as e:  # noqa: BLE001 - any undecodable input must not kill the worker
-                failures += 1
-                failed_paths.append(path)
-                if _is_rank0():
-                    logger.warning("cannot decode %s (%s: %s); %s", path, type(e).__name__, e,
-                                   "its view is not scored" if self.mode == "test" else "drawing another video")
-                if self.mode == "test":  # a test view stands for its own video: never score another in its place
-                    return self._failed_view(video_index, view, label, path)
-                video_index = int(rng.integers(len(self.samples)))  # deterministic replacement
-        else:
-            raise RuntimeError(f"{MAX_RETRIES + 1} videos in a row failed to decode, e.g. {failed_paths[:5]}")
+        try:
+            for _ in range(MAX_RETRIES + 1):
+                path, label = self.samples[video_index]
+                self._mark(video_index)
+                try:
+                    clips = self._clips(path, rng, view)
+                    break
+                except Exception as e:  # noqa: BLE001 - any undecodable input must not kill the worker
+                    failures += 1
+                    failed_paths.append(path)
+                    if _is_rank0():
+                        logger.warning("cannot decode %s (%s: %s); %s", path, type(e).__name__, e,
+                                       "its view is not scored" if self.mode == "test" else "drawing another video")
+                    if self.mode == "test":  # a test view stands for its own video: never score another in its place
+                        return self._failed_view(video_index, view, label, path)
+                    video_index = int(rng.integers(len(self.samples)))  # deterministic replacement
+            else:
+                raise RuntimeError(f"{MAX_RETRIES + 1} videos in a row failed to decode, e.g. {failed_paths[:5]}")
+        finally:
+            self._mark(-1)
         r = clips.shape[0]
         item = {"clips": clips, "label": torch.full((r,), label, dtype=torch.long),
                 "index": torch.full((r,), video_index, dtype=torch.long),
@@ -211,7 +264,8 @@ class VideoDataset(torch.utils.data.Dataset):
                 start = uniform_clip_start(info.duration, span, t_view, self.num_temporal_views)
                 return clip_times(start, self.num_frames, self.sampling_rate, self.target_fps)
 
-            frames, _, _ = decode_frames(path, times, short_side=self.crop_size, threads=self.decode_threads)
+            frames, _, _ = decode_frames(path, times, short_side=self.crop_size, threads=self.decode_threads,
+                                         **self.bounds)
             frames = short_side_resize(torch.from_numpy(frames), self.crop_size)  # exact size after swscale
             clip = spatial_crop(frames, self.crop_size, s_view, self.num_spatial_crops)
             clip = clip.unsqueeze(0)
@@ -229,7 +283,8 @@ class VideoDataset(torch.utils.data.Dataset):
             return np.concatenate([clip_times(s, self.num_frames, self.sampling_rate, self.target_fps)
                                    for s in starts])
 
-        frames, _, _ = decode_frames(path, times, threads=self.decode_threads, buffer=self.frame_buffer)
+        frames, _, _ = decode_frames(path, times, threads=self.decode_threads, buffer=self.frame_buffer,
+                                     **self.bounds)
         frames = torch.from_numpy(frames)
         _, h, w, _ = frames.shape
         t, s = self.num_frames, self.crop_size
@@ -288,7 +343,7 @@ def build_video_dataset(data_path: str, split: str, **kwargs) -> VideoDataset:
     """Dataset for `split` ('train', 'val', 'test') from `<data_path>/<split>.csv` (or .txt)."""
     for ext in (".csv", ".txt"):
         list_file = os.path.join(data_path, split + ext)
-        if os.path.isfile(list_file):
+        if os.path.lexists(list_file):  # present but a directory or FIFO: say so (read_list_file does)
             kwargs.setdefault("data_root", data_path)
             return VideoDataset(list_file, **kwargs)
     raise FileNotFoundError(f"no {split}.csv or {split}.txt in {data_path}")

@@ -56,6 +56,25 @@ def launcher_parser() -> argparse.ArgumentParser:
     return p
 
 
+# (flag, lowest allowed value, why): values SLURM would reject in the queue, or accept and run nonsense with
+_LOWEST = (("nodes", 1, "a job needs at least one node"), ("ngpus", 1, "one task (rank) per GPU, at least one"),
+           ("timeout", 1, "a time limit in minutes"), ("mem_gb", 1, "memory per node in GB (leave out for the "
+                                                                 "partition's default)"),
+           ("cpus_per_task", 1, "CPU cores per rank"), ("slurm_signal_delay_s", 0, "seconds before the limit"),
+           ("max_requeues", 0, "a count"))
+
+
+def check_launcher_args(largs: argparse.Namespace) -> None:
+    """Refuse nonsensical cluster flags (SystemExit 2 naming the flag) before anything is printed or submitted."""
+    errors = [f"--{name} {getattr(largs, name)} must be >= {low} ({why})" for name, low, why in _LOWEST
+              if getattr(largs, name) is not None and getattr(largs, name) < low]
+    if not errors and largs.slurm_signal_delay_s >= largs.timeout * 60:
+        errors.append(f"--slurm_signal_delay_s {largs.slurm_signal_delay_s} must be below --timeout "
+                      f"{largs.timeout} min ({largs.timeout * 60} s): the stop signal would come before the job starts")
+    if errors:
+        launcher_parser().error("; ".join(errors))
+
+
 class Trainer:
     """The submitted callable: sets up torch.distributed from submitit's environment and runs main(args)."""
 
@@ -144,6 +163,7 @@ def launch(
 ) -> Any:
     """Parse launcher + main flags, then submit (or print with --dry_run); returns the submitit job or None."""
     largs, rest = launcher_parser().parse_known_args(list(argv))
+    check_launcher_args(largs)
     if "-h" in rest or "--help" in rest:
         launcher_parser().print_help()
         get_parser().print_help()

@@ -1,11 +1,12 @@
 """VideoDataset on real files: shapes, per-clip consistency, views, repeats, determinism, bad files."""
 
+import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from test_data_helpers import read_counter, write_audio_only, write_counter_video
+from test_data_helpers import read_counter, write_audio_only, write_counter_video, write_mjpeg
 
 from datasets import (
     FailureTracker,
@@ -15,7 +16,9 @@ from datasets import (
     collate_clips,
     normalize_clips,
 )
+from datasets.decode import MAX_FRAME_PIXELS, MAX_VIDEO_FRAMES, VideoTooLarge, decode_frames, probe
 from datasets.transforms import crop_resize
+from util.config import DataConfig
 
 
 def _list(tmp_path, rows, name="train.csv", sep=" "):
@@ -241,3 +244,114 @@ def test_failure_tracker_needs_evidence_before_stopping():
         for i in range(100):  # 30% bad: stops once the evidence is in
             bad.update(10, 3, [f"x{i}.mp4"])
     assert bad.attempts <= 200 and bad.examples == ["x0.mp4", "x1.mp4"]
+
+
+def test_list_labels_are_range_checked_when_read_naming_file_and_line(videos, tmp_path):
+    """A label outside [0, num_classes) or past int64 fails at read time with file:line, not at a step."""
+    good = str(videos / "land.mp4")
+    for bad, line in (("400", 2), ("-1", 2), ("12345678901234567890", 2)):
+        lst = tmp_path / "train.csv"
+        lst.write_text(f"{good} 3\n{good} {bad}\n")
+        with pytest.raises(ValueError, match=rf"train\.csv:{line}: label {bad} is outside \[0, 400\)"):
+            VideoDataset(str(lst), num_classes=400)
+    # pretraining ignores labels but still refuses one no tensor can hold (an OverflowError in a worker)
+    with pytest.raises(ValueError, match=r"train\.csv:2: label 12345678901234567890 does not fit"):
+        VideoDataset(str(lst))
+    lst.write_text(f"{good} 0\n{good} 399\n")
+    assert [label for _, label in VideoDataset(str(lst), num_classes=400).samples] == [0, 399]
+
+
+def test_list_with_bom_keeps_its_first_video_and_bad_utf8_names_the_line(videos, tmp_path):
+    lst = tmp_path / "train.csv"
+    lst.write_bytes(b"\xef\xbb\xbfland.mp4 1\nport.mp4 2\n")
+    ds = VideoDataset(str(lst), str(videos))
+    assert ds.samples == [(str(videos / "land.mp4"), 1), (str(videos / "port.mp4"), 2)]
+    assert ds[0]["failures"] == 0  # the first path is the real file, not '\ufeffland.mp4'
+    lst.write_bytes("land.mp4 1\nport.mp4 2\nvid\u00e9o.mp4 3\n".encode() + b"caf\xe9.mp4 4\n")
+    with pytest.raises(ValueError, match=r"train\.csv:4: not valid UTF-8"):
+        VideoDataset(str(lst), str(videos))
+
+
+def test_list_that_is_a_directory_or_fifo_is_reported_as_such(tmp_path):
+    """Not 'missing', and a FIFO is never opened (that would wait for a writer forever)."""
+    (tmp_path / "train.csv").mkdir()
+    with pytest.raises(OSError, match=r"train\.csv is a directory, not a regular file"):
+        build_video_dataset(str(tmp_path), "train")
+    os.mkfifo(tmp_path / "val.csv")
+    with pytest.raises(OSError, match=r"val\.csv is a FIFO \(named pipe\), not a regular file"):
+        build_video_dataset(str(tmp_path), "val")
+    with pytest.raises(OSError, match=r"val\.csv is a FIFO"):
+        VideoDataset(str(tmp_path / "val.csv"))
+
+
+@pytest.fixture(scope="module")
+def oversized(tmp_path_factory):
+    """A real two-frame 7744x4320 MJPEG (33.5 Mpixel, just over the 8K default bound): ~0.4 MB on disk."""
+    return write_mjpeg(str(tmp_path_factory.mktemp("big") / "big.mkv"), [(7744, 4320)] * 2)
+
+
+def test_oversized_video_is_skipped_and_counted_before_any_frame_is_decoded(videos, oversized, tmp_path, caplog):
+    assert DataConfig().max_frame_pixels == MAX_FRAME_PIXELS and DataConfig().max_video_frames == MAX_VIDEO_FRAMES
+    stats = {}
+    with pytest.raises(VideoTooLarge, match=r"big\.mkv: 7744x4320 frames \(33\.5 Mpixel\) exceed --max_frame_pixels"):
+        decode_frames(oversized, [0.0, 0.1], stats=stats)
+    assert stats == {}  # refused from the stream's metadata: nothing was sent to the decoder
+    rows = [(oversized, 0), (str(videos / "land.mp4"), 1)]
+    ds = VideoDataset(_list(tmp_path, rows), num_frames=2, crop_size=16, seed=3)
+    with caplog.at_level("WARNING"):
+        item = ds[0]
+    assert item["failures"] == 1 and item["failed_paths"] == [oversized] and int(item["index"][0]) == 1
+    assert "big.mkv" in caplog.text and "--max_frame_pixels" in caplog.text
+    # the flag raises the bound: the same file then reads (scaled while converting, so memory stays small)
+    frames, _, _ = decode_frames(oversized, [0.0, 0.1], short_side=16, max_pixels=8192 * 8192)
+    assert frames.shape == (2, 16, 29, 3)
+
+
+def test_video_over_the_frame_count_bound_is_skipped_and_counted(videos, tmp_path):
+    rows = [(str(videos / "land.mp4"), 0), (str(videos / "static.mp4"), 1)]  # 60 and 20 frames
+    ds = VideoDataset(_list(tmp_path, rows), num_frames=2, crop_size=16, max_video_frames=30)
+    item = ds[0]
+    assert item["failed_paths"] == [str(videos / "land.mp4")] and int(item["index"][0]) == 1
+    with pytest.raises(VideoTooLarge, match=r"land\.mp4: 60 frames exceed --max_video_frames 30"):
+        decode_frames(str(videos / "land.mp4"), [0.0], max_frames=30)
+
+
+def test_frame_larger_than_its_header_says_is_refused_before_conversion(tmp_path):
+    """The header states 64x64; the second frame is 2000x2000: refused when decoded, before RGB conversion."""
+    path = write_mjpeg(str(tmp_path / "liar.mkv"), [(64, 64), (2000, 2000)])
+    assert probe(path).width == 64
+    with pytest.raises(VideoTooLarge, match=r"liar\.mkv: 2000x2000 frames \(4\.0 Mpixel\) exceed --max_frame_pixels"):
+        decode_frames(path, [0.0, 0.1], max_pixels=1_000_000)
+
+
+def test_mutated_list_files_fail_only_with_errors_naming_the_file(videos, tmp_path):
+    """A few hundred truncations, byte flips and insertions of a real list: each either reads (labels in
+    range) or fails with ValueError/OSError naming the list file; nothing else, nothing hangs."""
+    base = "".join(f"{name} {label}\n" for name, label in
+                   [("land.mp4", 0), ("port.mp4", 3), ("static.mp4", 9), ("sub/dir/clip one.mp4", 5)]).encode()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "train.csv"
+    outcomes = {"read": 0, "refused": 0}
+    for i in range(300):
+        data = bytearray(base)
+        kind = i % 3
+        if kind == 0:
+            data = data[:int(rng.integers(len(data)))]
+        elif kind == 1:
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(len(data)))] = int(rng.integers(256))
+        else:
+            at = int(rng.integers(len(data)))
+            data[at:at] = bytes(rng.choice([b"\xef\xbb\xbf", b"\x00", b"99999999999999999999", b"-", b"\xff\xfe",
+                                            b",", b"\r\n"]))
+        path.write_bytes(bytes(data))
+        try:
+            samples = VideoDataset(str(path), str(videos), num_classes=10).samples
+        except (ValueError, OSError) as exc:
+            assert str(path) in str(exc), (bytes(data), exc)
+            outcomes["refused"] += 1
+        else:
+            assert samples and all(0 <= label < 10 for _, label in samples)
+            outcomes["read"] += 1
+    assert outcomes["read"] > 20 and outcomes["refused"] > 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.csv"]  # nothing else written

@@ -105,3 +105,35 @@ def write_audio_only(path: str) -> str:
         for p in s.encode():
             c.mux(p)
     return path
+
+
+def write_mjpeg(path: str, sizes: list[tuple[int, int]], fps: int = 10) -> str:
+    """An MJPEG .mkv with one flat frame per (width, height); the stream header states the first size.
+
+    A later size that differs is encoded by its own encoder: a file whose header understates its frames.
+    Frames are filled plane by plane (no RGB array), so even an 8K frame costs little memory to write.
+    """
+    with av.open(path, "w") as out:
+        w0, h0 = sizes[0]
+        st = out.add_stream("mjpeg", rate=fps)
+        st.width, st.height, st.pix_fmt = w0, h0, "yuvj420p"
+        st.codec_context.thread_count = 1
+        for i, (w, h) in enumerate(sizes):
+            frame = av.VideoFrame(w, h, "yuvj420p")
+            for plane in frame.planes:
+                plane.update(bytes([128]) * plane.buffer_size)
+            frame.pts = i
+            if (w, h) == (w0, h0):
+                packets = list(st.encode(frame))
+            else:
+                enc = av.CodecContext.create("mjpeg", "w")
+                enc.width, enc.height, enc.pix_fmt = w, h, "yuvj420p"
+                enc.time_base = st.codec_context.time_base
+                packets = [*enc.encode(frame), *enc.encode(None)]
+                for p in packets:
+                    p.stream, p.pts, p.dts = st, i, i
+            for p in packets:
+                out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+    return path

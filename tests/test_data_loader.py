@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from test_data_helpers import write_counter_video
 
-from datasets.decode import decode_frames
+from datasets.decode import NotARegularFile, decode_frames
 from datasets.loader import (
     MP_CONTEXTS,
     SHM_DIR,
+    DataTimeoutError,
+    batches,
     build_loader,
     check_shared_memory,
     clip_batch_bytes,
@@ -160,3 +162,44 @@ def test_pretraining_refuses_workers_that_would_overflow_shared_memory_before_an
     assert "shared memory too small for the DataLoader" in proc.stderr and "--shm-size=" in proc.stderr
     assert not (out / "log.jsonl").exists() or '"loss"' not in (out / "log.jsonl").read_text()
     assert not list(out.glob("checkpoint*"))
+
+
+def test_fifo_in_the_list_is_skipped_and_counted_through_a_worker(tmp_path: Path) -> None:
+    """A FIFO named .mp4 is never opened (av.open would wait for a writer forever): bounded by construction."""
+    good = write_counter_video(str(tmp_path / "good.mp4"), 12)
+    os.mkfifo(tmp_path / "fifo.mp4")
+    (tmp_path / "train.csv").write_text("fifo.mp4 0\ngood.mp4 1\n")
+    ds = VideoDataset(str(tmp_path / "train.csv"), str(tmp_path), num_frames=2, crop_size=16)
+    loader = build_loader(ds, [0, 1], 2, collate_clips, num_workers=1, timeout=120)
+    [batch] = list(batches(loader))
+    assert batch["failures"] == 1 and batch["failed_paths"] == [str(tmp_path / "fifo.mp4")]
+    assert batch["index"].tolist() == [1, 1]  # the FIFO's item was replaced by a readable video
+    with pytest.raises(NotARegularFile, match=r"fifo\.mp4 is a FIFO \(named pipe\), not a regular file"):
+        decode_frames(str(tmp_path / "fifo.mp4"), [0.0])
+    assert good
+
+
+class StalledReadDataset(VideoDataset):
+    """Reads each file with a plain open() first: a FIFO then blocks as a file on a stalled mount would."""
+
+    def _clips(self, path, rng, view):
+        with open(path, "rb") as f:
+            f.read(1)
+        return super()._clips(path, rng, view)
+
+
+def test_worker_stuck_in_a_read_stops_the_run_naming_the_file(tmp_path: Path) -> None:
+    """--data_timeout: no batch within the bound -> DataTimeoutError naming the file the worker is on."""
+    os.mkfifo(tmp_path / "stalled.mp4")
+    (tmp_path / "train.csv").write_text("stalled.mp4 0\n")
+    ds = StalledReadDataset(str(tmp_path / "train.csv"), str(tmp_path), num_frames=2, crop_size=16)
+    # fork: the worker starts in milliseconds (it never touches FFmpeg), well inside the timeout
+    loader = build_loader(ds, [0], 1, collate_clips, num_workers=1, mp_context="fork", timeout=5)
+    try:
+        with pytest.raises(DataTimeoutError, match=r"--data_timeout 5 s: the workers were reading \[.*stalled\.mp4'\]"):
+            next(batches(loader))
+    finally:  # release the blocked reader (a writer end opened and closed gives it EOF), if it still lives
+        try:
+            os.close(os.open(tmp_path / "stalled.mp4", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader left: the loader already stopped its worker
+            pass

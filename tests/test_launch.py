@@ -199,6 +199,23 @@ def test_bad_main_flag_fails_before_submission(tmp_path: Path) -> None:
     assert not (tmp_path / "j").exists()
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--nodes", "0"], "--nodes 0"), (["--timeout", "-5"], "--timeout -5"), (["--ngpus", "0"], "--ngpus 0"),
+    (["--mem_gb", "0"], "--mem_gb 0"), (["--cpus_per_task", "-1"], "--cpus_per_task -1"),
+    (["--max_requeues", "-1"], "--max_requeues -1"), (["--slurm_signal_delay_s", "-3"], "--slurm_signal_delay_s -3"),
+    (["--timeout", "1", "--slurm_signal_delay_s", "60"], "below --timeout 1"),
+])
+def test_nonsensical_cluster_flags_are_refused_before_anything_is_printed(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], named: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        submitit_pretrain.main(["--dry_run", "--job_dir", str(tmp_path / "j"), *flags])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no half-made sbatch script
+    assert named in captured.err
+    assert not (tmp_path / "j").exists()
+
+
 def test_two_node_torchrun_with_c10d_rendezvous_matches_one_node(tmp_path: Path, reference: dict[int, float]) -> None:
     """The README's multi-node command, as 2 'nodes' of 1 process on localhost, trains the same run."""
     out, port = tmp_path / "two_nodes", free_port()

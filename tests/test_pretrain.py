@@ -117,3 +117,24 @@ def test_nonfinite_loss_stops_with_the_step_and_no_checkpoint(tmp_path: Path) ->
     bad = int(proc.stderr.split("at or before global step ")[-1].split()[0])
     saved = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
     assert all(s < bad for s in saved)
+
+
+def test_fifo_listed_as_a_video_is_skipped_and_the_run_finishes(tmp_path: Path) -> None:
+    """`mkfifo D/extra/fifo.mp4`, listed: the run goes on (the FIFO counted as a bad video), never waits on it."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_data_helpers import write_counter_video
+
+    data = tmp_path / "data"
+    (data / "extra").mkdir(parents=True)
+    rows = [f"v{i}.mp4 0\n" for i in range(5)]  # with the FIFO: 6 items, all drawn by 3 steps of 2
+    for i in range(5):
+        write_counter_video(str(data / f"v{i}.mp4"), 24, width=48, height=40)
+    os.mkfifo(data / "extra" / "fifo.mp4")
+    (data / "train.csv").write_text("extra/fifo.mp4 0\n" + "".join(rows))
+    out = tmp_path / "run"
+    extra = ["--data_path", str(data), "--num_workers", "1", "--max_steps", "3", "--data_timeout", "120",
+             "--max_failure_rate", "0.5", "--vis_every", "0", "--precision", "fp32"]
+    proc = subprocess.run(command(out, 1, extra), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fifo.mp4 is a FIFO (named pipe), not a regular file" in proc.stderr
+    assert sorted(losses(out)) == [1, 2, 3]

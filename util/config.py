@@ -221,6 +221,13 @@ class DataConfig:
     pin_mem: bool = flag(True, "pin host memory for faster copies to the GPU")
     max_failure_rate: float = flag(0.1, "stop when a larger share of videos fails to decode",
                                    check=lambda x: 0 <= x <= 1, rule="in [0, 1]")
+    data_timeout: float = flag(600.0, "seconds without a batch from the data workers before the run stops, "
+                               "naming the files they were reading (0: wait forever)", check=non_negative,
+                               rule=">= 0")
+    max_frame_pixels: int = flag(7680 * 4320, "skip (and count as bad) videos whose frames are larger (width x "
+                                 "height), checked before decoding", check=positive, rule="> 0")
+    max_video_frames: int = flag(10_000_000, "skip (and count as bad) videos with more frames, checked before "
+                                 "decoding", check=positive, rule="> 0")
     synthetic_videos: int = flag(96, "generated videos when no data_path is given", check=positive, rule="> 0")
     synthetic_size: int = flag(64, "side of the generated videos in pixels", check=positive, rule="> 0")
     synthetic_background: str = flag("texture", "background of the generated videos",

@@ -36,16 +36,17 @@ from datasets import (
     collate_clips,
     normalize_clips,
 )
-from datasets.loader import build_loader, check_shared_memory, clip_batch_bytes, decode_threads_for
+from datasets.loader import batches, build_loader, check_shared_memory, clip_batch_bytes, decode_threads_for
 from util.checkpoint import Checkpointer, find_latest, load_checkpoint, read_trainer_state
 from util.config import RunConfig, save_config
-from util.distributed import DistInfo, barrier, cleanup, init_distributed, set_cpu_threads
+from util.distributed import DistInfo, all_agree, barrier, cleanup, init_distributed, set_cpu_threads
 from util.engine import StepWindow, TrainState, step_seed, steps_in_epoch, train_step
 from util.flops import device_peak_flops
 from util.logger import TrainLogger, peak_memory_gb
 from util.lr_sched import apply_lr, effective_lr, lr_at, schedule_line
 from util.parallel import Backend, setup_parallel
 from util.preemption import PreemptionWatcher
+from util.run_lock import RunLock, RunLockedError, acquire_run_lock
 
 log = logging.getLogger("mae_st.trainer")
 ARCHITECTURE_FLAGS = ("model", "input_size", "num_frames", "t_patch_size", "cls_embed", "sep_pos_embed", "init_values")
@@ -108,11 +109,15 @@ class Trainer:
         self.logger: TrainLogger
         self.data_path = cfg.data.data_path
         self.samples_per_epoch = 1
+        self.run_lock: RunLock | None = None
 
     # ------------------------------------------------------------------ set-up
-    def _start(self) -> None:
-        """Process group, threads, preemption handling, seed; the task's own set-up."""
+    def _start(self, lock: bool = False) -> None:
+        """Process group, `lock`: the output folder's run lock, threads, preemption handling, seed; the task's
+        own set-up."""
         self.dist: DistInfo = init_distributed(need_group=self.cfg.parallel.dist != "ddp")
+        if lock:  # before anything reads or writes OUT (resume, logger, checkpointer, the task's files)
+            self._lock_output()
         self.threads = set_cpu_threads(self.dist, self.cfg.data.num_workers)
         # SIGUSR2/SIGTERM -> all ranks stop at one step, save, and (under submitit) requeue.
         self.watcher = PreemptionWatcher(self.out)
@@ -120,6 +125,17 @@ class Trainer:
         # On a GPU the workers ship uint8 clips (4x fewer bytes to pin and copy) and the device normalises.
         self.normalize_on_device = self.dist.device.type == "cuda"
         self.task.setup(self)
+
+    def _lock_output(self) -> None:
+        """Rank 0 locks OUT for the run's lifetime (util/run_lock.py); every rank stops if it cannot."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self.run_lock = acquire_run_lock(self.out)
+            except RunLockedError as exc:
+                error = exc
+        if not all_agree(error is None):
+            raise error or RunLockedError(f"rank 0 could not lock {self.out}: its error names the run holding it")
 
     def _resume_path(self) -> Path | None:
         """The checkpoint to resume from (--resume, else OUT's latest with --auto_resume), config-checked."""
@@ -184,7 +200,7 @@ class Trainer:
             check_shared_memory(batch_bytes, d.num_workers, d.prefetch_factor, local_ranks)
         return build_loader(dataset, sampler, batch_size, collate_clips, d.num_workers, d.mp_context,
                             d.prefetch_factor, pin_memory=d.pin_mem and self.dist.device.type == "cuda",
-                            drop_last=train, persistent_workers=train)
+                            drop_last=train, persistent_workers=train, timeout=d.data_timeout)
 
     def prepare(self, batch: dict, normalize: bool | None = None) -> dict:
         """A batch on the device (without blocking the host); `normalize`: its uint8 clips are normalised there.
@@ -207,7 +223,8 @@ class Trainer:
         args: dict[str, Any] = dict(
             data_root=d.data_root or data_path, mode=mode, num_frames=m.num_frames, sampling_rate=d.sampling_rate,
             crop_size=m.input_size, seed=self.cfg.loop.seed, normalize=not self.normalize_on_device,
-            short_side_range=None if m.input_size < 160 else (256, 320))
+            short_side_range=None if m.input_size < 160 else (256, 320), max_frame_pixels=d.max_frame_pixels,
+            max_video_frames=d.max_video_frames)
         if mode != "test":
             args["repeat_aug"] = d.repeat_aug
         return build_video_dataset(data_path, split, **{**args, **kw})
@@ -244,7 +261,15 @@ class Trainer:
     # ------------------------------------------------------------------ entry points
     def fit(self) -> dict:
         """Train (or with --bench, measure); returns a summary (final step, outputs, the task's metrics)."""
-        self._start()
+        try:
+            return self._fit()
+        finally:  # the process may go on (tests, notebooks): free the folder for the next run
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _fit(self) -> dict:
+        """`fit` while holding OUT's run lock."""
+        self._start(lock=True)
         resume = self._build(train=True)
         cfg, loop = self.cfg, self.cfg.loop
         self.sampler = ResumableDistributedSampler(len(self.dataset), self.dist.world_size, self.dist.rank,
@@ -314,7 +339,7 @@ class Trainer:
         self.sampler.set_consumed(st.consumed)  # the saved position, whatever the world size was
         steps_left = len(self.sampler) // (loop.batch_size * loop.accum_iter)
         timer = self._timer = {"data": 0.0, "failures": 0}  # data wait and failures since the last log
-        raw = iter(self.loader)
+        raw = batches(self.loader)  # a worker stuck in a read stops the run naming its file (--data_timeout)
         window, clips, step_times = StepWindow(), 0, []
         window_start = time.perf_counter()
         for n in range(steps_left):
