@@ -259,7 +259,7 @@ def test_fsdp2_wrapped_classifier_rho_and_videotext_return_no_view_tensors() -> 
                       lambda m: m(clips, tokens, 0.5, noise)),
     }
     for name, (build, run) in builds.items():
-        for precision in ("fp32",) if name == "rho_byol" else ("fp32", "bf16"):
+        for precision in ("fp32", "bf16"):  # bf16: FSDP2 casts BatchNorm weights, not its statistics
             torch.manual_seed(0)
             views = _fsdp_outputs(build(), precision, run)
             assert not views, (name, precision, views)

@@ -45,7 +45,17 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise x [N, C] with the global batch's mean and (biased) variance while training."""
         if not self.training or _world() == 1:
-            return super().forward(x)
+            if x.dtype == self.running_mean.dtype if self.running_mean is not None else True:
+                return super().forward(x)
+            # FSDP2's bf16 policy casts the weights and the input but not the fp32 running statistics, and
+            # batch_norm refuses mixed dtypes: normalise in fp32, as the cross-rank path below does.
+            momentum = self.momentum or 0.0
+            if self.training and self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            weight, bias = (self.weight.float(), self.bias.float()) if self.affine else (None, None)
+            return nn.functional.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias,
+                                            self.training, momentum, self.eps).to(x.dtype)
         from torch.distributed.nn.functional import all_reduce
 
         xf = x.float()
