@@ -136,10 +136,10 @@ def test_loading_another_backends_checkpoint_is_a_clear_error(tmp_path: Path) ->
 
 
 def test_param_groups_decay_rules_and_layer_scales() -> None:
-    """No decay on biases, norms, pos-embeds and tokens; lr_scale = decay ** (L - 1 - layer); wrapper names cleaned."""
+    """wd_skip tokens: no decay on biases, norms, pos-embeds and tokens; lr_scale = decay ** (L - 1 - layer); wrapper names cleaned."""
     model = make_model()
     apply_checkpointing(model)
-    groups = param_groups(model, 0.05, layer_decay=0.5)
+    groups = param_groups(model, 0.05, layer_decay=0.5, skip_tokens=True)  # the fine-tuning convention
     by_name = {n: g for g in groups for n in g["names"]}
     assert len(by_name) == len(list(model.parameters()))
     assert all("_checkpoint_wrapped_module" not in n for n in by_name)

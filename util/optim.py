@@ -30,7 +30,7 @@ def param_groups(
     weight_decay: float,
     layer_decay: float | None = None,
     no_weight_decay: set[str] | None = None,
-    skip_tokens: bool = True,
+    skip_tokens: bool = False,
 ) -> list[dict]:
     """Split trainable params into AdamW groups with 'weight_decay' and 'lr_scale' (1.0 unless layer_decay).
 
