@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from util import distributed as du
-from util.errors import CheckpointError, MaeError, UnsafeCheckpointError
+from util.errors import CheckpointError, MaeError, MissingFileError, UnsafeCheckpointError
 from util.optim import clean_name
 from util.safe_load import detect_format, forced_weights_only, load_weights_file, verify_checkpoint_dir
 
@@ -352,11 +352,12 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     if path.is_dir():
-        ckpt = path if (path / TRAINER_STATE).is_file() else find_latest(path)
+        # lexists: a FIFO or dangling trainer_state.pt still marks a checkpoint folder, which the check then names
+        ckpt = path if os.path.lexists(path / TRAINER_STATE) else find_latest(path)
         if ckpt is None:
-            raise FileNotFoundError(f"{path} is neither a checkpoint folder nor an output folder with checkpoints")
+            raise MissingFileError(f"{path} is neither a checkpoint folder nor an output folder with checkpoints")
         with tempfile.TemporaryDirectory() as td:
             obj = {"model": export_weights(ckpt, Path(td) / "weights.pth")}
     else:
@@ -393,25 +394,38 @@ def check_destination(out: str | Path, overwrite: bool = False) -> Path:
     return dest
 
 
+def _model_of(obj: object, source: Path) -> dict:
+    """The 'model' state dict of a backend's saved state, or a CheckpointError naming `source`."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        what = type(obj).__name__ if not isinstance(obj, dict) else f"dict without a 'model' dict ({sorted(map(str, obj))[:5]})"
+        raise CheckpointError(f"{source} holds a {what}, not the saved model state; the checkpoint is damaged: resume "
+                              "or export another one")
+    return obj["model"]
+
+
 def export_weights(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """Write {'model': consolidated fp32 state dict with plain names} from any backend's checkpoint, atomically."""
     dest = check_destination(out, overwrite)  # before the (possibly long) consolidation
     state_dir = Path(os.path.realpath(ckpt)) / STATE_DIR
     fmt = verify_checkpoint_dir(ckpt)  # nothing in the folder may run code
     if fmt == "ddp":
-        sd = load_weights_file(state_dir / "model.pt")["model"]
+        sd = _model_of(load_weights_file(state_dir / "model.pt"), state_dir / "model.pt")
     elif fmt == "dcp":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         with tempfile.TemporaryDirectory() as td:
             with forced_weights_only():
                 dcp_to_torch_save(state_dir, Path(td) / "full.pt")
-            sd = load_weights_file(Path(td) / "full.pt")["model"]
+            sd = _model_of(load_weights_file(Path(td) / "full.pt"), state_dir)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with forced_weights_only(deepspeed=True):
             sd = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag="zero")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{state_dir}: the model state holds {len(bad)} entries that are not name -> tensor "
+                              f"(e.g. {str(bad[0])[:60]!r}); the checkpoint is damaged: resume or export another one")
     sd = {clean_name(k): v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in sd.items()}
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.partial"  # the old file stays whole until the rename

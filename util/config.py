@@ -164,7 +164,7 @@ def _check_value(action: argparse.Action, key: str, value: Any, source: str) -> 
             raise ConfigError(f"{source}: key '{key}' must be a number, got {short_repr(value)}")
         try:
             converted = action.type(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # int(inf) overflows
             raise ConfigError(f"{source}: key '{key}' has bad value {short_repr(value)}: {exc}") from None
         if action.type is int and isinstance(value, float) and value != converted:
             raise ConfigError(f"{source}: key '{key}' must be an integer, got {short_repr(value)}")
