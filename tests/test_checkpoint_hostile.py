@@ -233,3 +233,22 @@ def test_info_on_a_folder_that_is_no_checkpoint(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     with pytest.raises(MaeError, match="not a checkpoint folder"):
         describe(tmp_path)
+
+
+TINY = ["--synthetic_videos", "24", "--input_size", "32", "--num_frames", "4", "--batch_size", "2", "--repeat_aug",
+        "1", "--num_workers", "0", "--epochs", "1", "--precision", "fp32", "--save_every", "1"]
+
+
+def test_pretraining_resumes_past_a_truncated_latest(tmp_path: Path) -> None:
+    """main_pretrain with a truncated trainer_state.pt in `latest`: resumes from the previous step, saying so."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "main_pretrain.py", "--output_dir", str(tmp_path), *TINY]
+    first = subprocess.run([*cmd, "--max_steps", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = tmp_path / "checkpoints" / "step-2" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    again = subprocess.run([*cmd, "--max_steps", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert f"skipping checkpoint {state.parent}" in log and str(state) in log
+    assert f"resumed from {(tmp_path / 'checkpoints' / 'step-1').resolve()}" in log
