@@ -127,11 +127,11 @@ def load_weights_file(path: str | Path) -> Any:
         try:
             return _torch_load(f, path)
         except pickle.UnpicklingError as e:
-            if not re.search(r"GLOBAL ([\w.]+)", str(e)):
-                raise _unreadable(path, e) from None
+            # The weights-only unpickler refused an instruction: a payload in a plain pickle shows up as an
+            # unsupported operand, not always as a GLOBAL, so any refusal counts as "may run code".
             raise UnsafeCheckpointError(
                 f"refusing to load {path}: {path.name} is not a plain weights checkpoint (weights-only "
-                f"unpickling failed, it would run or import code: `{_offending_global(e)}`). "
+                f"unpickling failed, it would run or import code, or it is no torch file: `{_offending_global(e)}`). "
                 "Re-export it as tensors only."
             ) from None
         except Exception as e:  # torch's zip reader, the unpickler, a short read: all mean a damaged file
@@ -156,6 +156,9 @@ def _offending_global(error: Exception) -> str:
     found = re.search(r"GLOBAL ([\w.]+)", text)  # torch's weights-only message: "... GLOBAL posix.system ..."
     if found:
         return found.group(1)
+    detail = text.split("WeightsUnpickler error:", 1)  # torch's preamble first, then what it refused
+    if len(detail) == 2 and detail[1].strip():
+        return detail[1].strip().splitlines()[0][:200]
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
