@@ -29,10 +29,13 @@ import csv
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from util.errors import DataFileError, MissingFileError, short_repr
 
 from .synthetic import (
     CLASS_NAMES,
@@ -69,37 +72,74 @@ def read_caption_list(path: str, data_root: str = "", video_column: str = "video
     `video_column` / `text_column` may list several names separated by commas: the first one present in
     the header is used (so one setting reads files of different origin).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"caption list {path} does not exist")
-    with open(path, newline="", encoding="utf-8") as f:
+    check_regular_file(path, "caption list")
+    try:
+        return _read_caption_rows(path, data_root, video_column, text_column, path_format)
+    except UnicodeDecodeError as exc:
+        raise DataFileError(f"{path}:{first_bad_utf8_line(path)}: not UTF-8 text ({exc.reason}); re-save the caption "
+                            "list as UTF-8 (e.g. iconv -f latin1 -t utf-8 OLD > NEW)") from None
+
+
+def check_regular_file(path: str, what: str) -> None:
+    """Raise MissingFileError unless `path` is a regular file (a FIFO or folder is said, never opened)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise MissingFileError(f"{what} {path} does not exist" if isinstance(exc, FileNotFoundError) else
+                               f"{what} {path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO or device"
+        raise MissingFileError(f"{what} {path} is {kind}, not a regular file; give the file itself")
+
+
+def first_bad_utf8_line(path: str) -> int:
+    """The 1-based number of the first line of `path` that is not valid UTF-8 (0 if none is)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
+def _read_caption_rows(path: str, data_root: str, video_column: str, text_column: str,
+                       path_format: str) -> CaptionList:
+    """read_caption_list's parser, once the file is known to be a regular file."""
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        header = reader.fieldnames
+        try:
+            header = reader.fieldnames
+        except csv.Error as exc:
+            raise DataFileError(f"{path}:1: the header is not a readable CSV row ({exc}); the first line names the "
+                                "columns, e.g. video,caption") from None
         if not header:
-            raise ValueError(f"{path}: empty file; a caption list is a CSV with a header naming a video column "
+            raise DataFileError(f"{path}: empty file; a caption list is a CSV with a header naming a video column "
                              f"and a caption column")
         vcol = _pick_column(path, header, video_column, "video", "--caption_video_column")
         tcol = _pick_column(path, header, text_column, "caption", "--caption_text_column")
         index: dict[str, int] = {}
         videos: list[str] = []
         captions: list[list[str]] = []
-        for row in reader:
+        for row in _csv_rows(reader, path):
             line = reader.line_num
             if None in row:  # more fields than the header names
-                raise ValueError(f"{path}:{line}: more fields than the header has columns ({len(header)}); "
+                raise DataFileError(f"{path}:{line}: more fields than the header has columns ({len(header)}); "
                                  f"quote captions that contain commas")
             video, text = (row.get(vcol) or "").strip(), (row.get(tcol) or "").strip()
             if not video and not text and not any((v or "").strip() for v in row.values()):
                 continue  # a blank line
             if not video:
-                raise ValueError(f"{path}:{line}: empty video in column '{vcol}'; fill it in or delete the row")
+                raise DataFileError(f"{path}:{line}: empty video in column '{vcol}'; fill it in or delete the row")
             if not text:
-                raise ValueError(f"{path}:{line}: empty caption in column '{tcol}' for video {video!r}; "
+                raise DataFileError(f"{path}:{line}: empty caption in column '{tcol}' for video {short_repr(video)}; "
                                  f"fill it in or delete the row")
             try:
                 rel = path_format.format(video, **row)
-            except (KeyError, IndexError) as exc:
-                raise ValueError(f"{path}:{line}: --caption_path_format {path_format!r} names {exc}, which is not a "
-                                 f"column of the header ({', '.join(header)})") from None
+            except (KeyError, IndexError, ValueError, AttributeError) as exc:
+                raise DataFileError(f"{path}:{line}: --caption_path_format {path_format!r} names {exc}, which is not a "
+                                    f"column of the header ({_columns(header)})") from None
             full = os.path.join(data_root, rel)
             if full not in index:
                 index[full] = len(videos)
@@ -107,8 +147,29 @@ def read_caption_list(path: str, data_root: str = "", video_column: str = "video
                 captions.append([])
             captions[index[full]].append(text)
     if not videos:
-        raise ValueError(f"{path}: the caption list has a header but no rows")
+        raise DataFileError(f"{path}: the caption list has a header but no rows")
     return CaptionList(path, videos, captions)
+
+
+def _csv_rows(reader: csv.DictReader, path: str):
+    """The reader's rows; csv's own errors (a field over its 128 KiB limit, a NUL byte) name file and line."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            hint = ("an unclosed quote (\") usually makes the rest of the file one field: close it, or shorten the "
+                    "caption" if "field larger" in str(exc) else "fix or delete the row")
+            raise DataFileError(f"{path}:{start}: not a readable CSV row from here ({exc}); {hint}") from None
+        yield row
+
+
+def _columns(header: list[str]) -> str:
+    """The header's column names for a message, bounded (a binary 'header' can be a megabyte)."""
+    text = ", ".join(header)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _pick_column(path: str, header: list[str], wanted: str, role: str, flag: str) -> str:
@@ -117,8 +178,8 @@ def _pick_column(path: str, header: list[str], wanted: str, role: str, flag: str
     for name in names:
         if name in header:
             return name
-    raise ValueError(f"{path}: no {role} column {' or '.join(repr(n) for n in names)} in the header "
-                     f"({', '.join(header)}); name the right one with {flag}")
+    raise DataFileError(f"{path}: no {role} column {' or '.join(repr(n) for n in names)} in the header "
+                     f"({_columns(header)}); name the right one with {flag}")
 
 
 def write_caption_list(path: str, rows: list[tuple[str, str]]) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from util.errors import DataFileError, MissingFileError
+
 # Special ids, the same for both kinds: pad 0 (so a zero-filled row is all padding), then start/end/unknown.
 PAD, SOT, EOT, UNK = 0, 1, 2, 3
 SPECIALS = ("[PAD]", "[SOT]", "[EOT]", "[UNK]")
@@ -127,15 +129,35 @@ def train_tokenizer(captions: Iterable[str], kind: str = "bpe", vocab_size: int 
     return CaptionTokenizer("bpe", tok.to_str())
 
 
+# What to do about a damaged tokenizer file: the text tower was trained with exactly that tokenizer.
+_FIX = ("it is part of the trained model: put back this run's own tokenizer.json (a copy from where the run was "
+        "made or backed up), or start a new --output_dir, where a new one is trained")
+
+
 def load_tokenizer(path: str | Path) -> CaptionTokenizer:
-    """Read what `CaptionTokenizer.save` wrote."""
+    """Read what `CaptionTokenizer.save` wrote; anything else is a DataFileError naming the file (and line)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}: a video-text run writes OUT/tokenizer.json when it starts")
-    text = path.read_text()
-    data = json.loads(text)
+    if not path.is_file():  # a FIFO or folder is not a file either: never opened
+        raise MissingFileError(f"no tokenizer at {path}: a video-text run writes OUT/tokenizer.json when it starts")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataFileError(f"{path}:{line}: not a tokenizer file (bytes that are not UTF-8 text); {_FIX}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataFileError(f"{path}:{exc.lineno}: not a tokenizer file (not JSON: {exc.msg}); {_FIX}") from None
+    if not isinstance(data, dict):
+        raise DataFileError(f"{path}: not a tokenizer file (it holds a JSON {type(data).__name__}, not an object); "
+                            f"{_FIX}")
     if data.get("mae_st_tokenizer") == "byte":
         return CaptionTokenizer("byte")
     if "model" not in data:
-        raise ValueError(f"{path} is neither a Hugging Face tokenizer.json nor a byte-tokenizer marker")
-    return CaptionTokenizer("bpe", text)
+        raise DataFileError(f"{path} is neither a Hugging Face tokenizer.json nor a byte-tokenizer marker; {_FIX}")
+    tok = CaptionTokenizer("bpe", text)
+    try:  # here, not lazily in a data worker, where the error would name no file
+        tok._backend()
+    except Exception as exc:  # tokenizers raises its own Exception type for every malformed field
+        raise DataFileError(f"{path}: not a tokenizer Hugging Face can read ({str(exc)[:200]}); {_FIX}") from None
+    return tok

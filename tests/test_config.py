@@ -80,3 +80,68 @@ def test_script_rejects_bad_config_before_any_work(tmp_path: Path, text: str, ne
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing was started
+
+
+# ----------------------------------------------------------------------------- hostile config files
+def _error(tmp_path: Path, text: str | bytes, capsys, argv: tuple[str, ...] = ()) -> str:
+    """parse_args on a config file holding `text`: the usage error it exits with."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(SystemExit):
+        parse_args(get_args_parser(), ["--config", str(cfg), *argv])
+    return capsys.readouterr().err
+
+
+def test_yaml_aliases_are_refused_and_messages_stay_short(tmp_path: Path, capsys) -> None:
+    """An alias bomb under a known key is refused as such; a huge literal value is shown bounded."""
+    levels = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 7)]  # 9**7 leaves
+    err = _error(tmp_path, "\n".join(levels) + "\nbatch_size: *a6\n", capsys)
+    assert "cfg.yaml" in err and "anchors and aliases" in err and "line 1" in err
+    err = _error(tmp_path, "batch_size: [" + ", ".join(["12345"] * 200_000) + "]\n", capsys)
+    assert "cfg.yaml" in err and "batch_size" in err and len(err.splitlines()[-1]) < 500  # after the usage text
+
+
+def test_duplicate_keys_are_refused_naming_key_and_lines(tmp_path: Path, capsys) -> None:
+    err = _error(tmp_path, "batch_size: 2\nepochs: 3\nbatch_size: 4\n", capsys)
+    assert "cfg.yaml" in err and "'batch_size' appears twice (lines 1 and 3)" in err
+
+
+def test_null_for_a_flag_with_a_value_names_the_key(tmp_path: Path, capsys) -> None:
+    """`batch_size: null` stops at parse time (it reached the trainer as None before)."""
+    err = _error(tmp_path, "batch_size: null\n", capsys)
+    assert "cfg.yaml" in err and "'batch_size' is null" in err and "default 2" in err
+    assert "opt_betas" in _error(tmp_path, "opt_betas: [0.9, null]\n", capsys)
+    assert parse_args(get_args_parser(), ["--config", write(tmp_path, "lr: null\n")]).lr is None  # optional: fine
+
+
+def test_binary_or_directory_config_names_the_file(tmp_path: Path, capsys) -> None:
+    err = _error(tmp_path, bytes(range(128, 256)) * 8, capsys)
+    assert "cfg.yaml is not a text YAML file" in err
+    with pytest.raises(SystemExit):
+        parse_args(get_args_parser(), ["--config", str(tmp_path)])
+    assert f"{tmp_path} is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("launcher", ["submitit_pretrain", "submitit_finetune"])
+def test_launcher_dry_run_names_a_binary_config(tmp_path: Path, launcher: str) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    proc = subprocess.run([sys.executable, f"launchers/{launcher}.py", "--dry_run", "--config", str(cfg)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{cfg} is not a text YAML file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--weight_decay", "inf"], ["--blr", "nan"], ["--min_lr", "inf"],
+                                  ["--opt_betas", "0.9", "nan"], ["--warmup_epochs=-inf"]])
+def test_non_finite_floats_are_refused_at_parse_time(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(get_args_parser(), argv)
+    err = capsys.readouterr().err
+    assert argv[0].split("=")[0] in err and "not a finite number" in err
+
+
+def test_non_finite_float_in_yaml_names_the_file(tmp_path: Path, capsys) -> None:
+    err = _error(tmp_path, "weight_decay: .inf\n", capsys)
+    assert "weight_decay" in err and "not a finite number" in err and "cfg.yaml" in err

@@ -28,6 +28,7 @@ from datasets.captions import (
 from datasets.synthetic import CLASS_NAMES
 from datasets.text_tokenizer import EOT, PAD, SOT, load_tokenizer, train_tokenizer
 from models.videotext import contrastive_loss, videotext_loss, videotext_model
+from util.errors import DataFileError, MissingFileError
 from util.videotext_eval import read_class_prompts, retrieval_metrics, zero_shot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,52 @@ def test_caption_list_path_format_naming_an_unknown_column(tmp_path: Path) -> No
 
 
 # ----------------------------------------------------------------------------- tokenizers
+def test_caption_list_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
+    f = tmp_path / "c.csv"
+    f.write_bytes(b"video,caption\na.mp4,fine\nb.mp4,caf\xe9 latin-1\n")
+    with pytest.raises(DataFileError, match=r"c\.csv:3: not UTF-8 text.*iconv"):
+        read_caption_list(str(f))
+
+
+@pytest.mark.parametrize("row", ['b.mp4,' + "x" * (128 * 1024 + 1), 'b.mp4,"an unclosed quote\n' + "y" * 140_000])
+def test_caption_list_field_over_csv_limit_names_file_and_line(tmp_path: Path, row: str) -> None:
+    """A caption over csv's 128 KiB limit (or an unclosed quote eating the file): file, line and the likely cause."""
+    f = write(tmp_path / "c.csv", "video,caption\na.mp4,fine\n" + row + "\n")
+    with pytest.raises(DataFileError, match=r"c\.csv:3: .*field larger.*unclosed quote"):
+        read_caption_list(str(f))
+
+
+def test_caption_list_fifo_or_folder_is_said_not_opened(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.csv")  # opened, it would block: the check only stats it
+    with pytest.raises(MissingFileError, match=r"fifo\.csv is a FIFO"):
+        read_caption_list(str(tmp_path / "fifo.csv"))
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        read_caption_list(str(tmp_path))
+
+
+def test_caption_list_with_a_byte_order_mark_keeps_its_first_column(tmp_path: Path) -> None:
+    f = tmp_path / "c.csv"
+    f.write_bytes(b"\xef\xbb\xbfvideo,caption\na.mp4,a caption\n")
+    assert read_caption_list(str(f)).videos == ["a.mp4"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", r"t\.json:1: not a tokenizer file \(not JSON"),
+    (b"{\n\n  \"model\": [1,\n}", r"t\.json:4: not a tokenizer file \(not JSON"),
+    (b"[1, 2, 3]", r"t\.json: not a tokenizer file \(it holds a JSON list"),
+    (b"\"text\"", r"t\.json: not a tokenizer file \(it holds a JSON str"),
+    (b"\x00\x01\xff\xfe binary", r"t\.json:1: not a tokenizer file \(bytes that are not UTF-8"),
+    (b'{"model": {"type": "BPE", "vocab": 7}}', r"t\.json: not a tokenizer Hugging Face can read"),
+    (b'{"version": "1.0"}', r"t\.json is neither a Hugging Face tokenizer\.json"),
+])
+def test_hostile_tokenizer_file_names_the_file_and_the_fix(tmp_path: Path, content: bytes, message: str) -> None:
+    """What resume reads as OUT/tokenizer.json: damage is a DataFileError naming the file, never a raw error later."""
+    (tmp_path / "t.json").write_bytes(content)
+    with pytest.raises(DataFileError, match=message) as err:
+        load_tokenizer(tmp_path / "t.json")
+    assert "put back this run's own tokenizer.json" in str(err.value)
+
+
 def test_bpe_tokenizer_round_trip_fixed_length_and_save(tmp_path: Path) -> None:
     tok = train_tokenizer(CORPUS * 5, "bpe", vocab_size=300)
     ids = tok.encode(CORPUS, context_length=20)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import random
 import shutil
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from util import distributed as du
+from util.errors import CheckpointError, MaeError, MissingFileError, UnsafeCheckpointError
 from util.optim import clean_name
 from util.safe_load import detect_format, forced_weights_only, load_weights_file, verify_checkpoint_dir
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -128,7 +131,7 @@ def _write_errors() -> tuple[type[BaseException], ...]:
 WRITE_ERRORS = _write_errors()
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(MaeError, RuntimeError):
     """A checkpoint could not be written; the partial folder was removed and `latest` is unchanged."""
 
 
@@ -245,21 +248,68 @@ def find_latest(output_dir: str | Path) -> Path | None:
     root = Path(output_dir) / "checkpoints"
     link = root / LATEST
     if link.is_symlink() or link.exists():
-        target = link.resolve()
-        if _is_complete(target):
+        try:
+            target = link.resolve(strict=True)
+        except (OSError, RuntimeError):  # dangling, or a loop (`latest -> latest`): both fall back alike
+            target = None
+        if target is not None and _is_complete(target):
             return target
     done = complete_checkpoints(root)
     return done[-1] if done else None
 
 
+def find_resumable(output_dir: str | Path) -> Path | None:
+    """What auto-resume continues from: `latest`, else the newest intact checkpoint, each skip logged with why.
+
+    A damaged checkpoint (truncated, not a torch file, a FIFO) is skipped; one that asks to run code is
+    refused (someone changed it). Checkpoints that are all damaged are an error, never a fresh start
+    over the run's outputs.
+    """
+    root = Path(output_dir) / "checkpoints"
+    first = find_latest(output_dir)
+    older = [p.resolve() for p in reversed(complete_checkpoints(root))]
+    skipped: list[str] = []
+    for ckpt in dict.fromkeys(([first] if first else []) + older):
+        try:
+            verify_checkpoint_dir(ckpt)
+            read_trainer_state(ckpt)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s: %s", ckpt, exc)
+            skipped.append(f"{ckpt.name}: {exc}")
+            continue
+        if skipped:
+            log.warning("resuming from %s, the newest intact checkpoint (skipped %s)", ckpt,
+                        ", ".join(s.split(":")[0] for s in skipped))
+        return ckpt
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint in {root} to resume from ({'; '.join(skipped)}); move the "
+                              "damaged folders out of it to start over there, or use a new --output_dir")
+    return None
+
+
+TRAINER_KEYS = ("backend", "world_size")  # what every save adds to the trainer state
+
+
 def read_trainer_state(path: str | Path) -> dict:
-    """The trainer_state.pt of a checkpoint directory, loaded weights_only."""
-    return load_weights_file(Path(path).resolve() / TRAINER_STATE)
+    """The trainer_state.pt of a checkpoint directory, loaded weights_only; not a saved trainer state -> error."""
+    file = Path(os.path.realpath(path)) / TRAINER_STATE
+    state = load_weights_file(file)
+    missing = [k for k in TRAINER_KEYS if k not in state] if isinstance(state, dict) else []
+    if not isinstance(state, dict) or missing:
+        what = f"a {type(state).__name__}" if not isinstance(state, dict) else f"a dict without {', '.join(missing)}"
+        raise CheckpointError(f"{file} holds {what}, not a trainer state this project saved (a dict with "
+                              f"{', '.join(TRAINER_KEYS)}, global_step, ...): it was replaced or damaged; resume "
+                              "from another checkpoint (--resume OUT/checkpoints/step-N) or use a new --output_dir")
+    return state
 
 
 def load_checkpoint(backend: Backend, path: str | Path) -> dict:
     """Collective: restore model + optimizer into backend and this rank's RNG; returns the trainer state."""
-    path = Path(path).resolve()
+    path = Path(os.path.realpath(path))  # never raises on a symlink loop; the checks below name it
+    if not path.exists():
+        raise CheckpointError(f"--resume {path}: no such checkpoint folder (a dangling or looping symlink?)")
     if not path.is_dir():
         raise ValueError(f"--resume takes a checkpoint folder (OUT/checkpoints/step-N), but {path} is a file; "
                          f"to start a run from weights use --init_from {path} (pretraining) or --finetune {path}")
@@ -302,56 +352,99 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     if path.is_dir():
-        ckpt = path if (path / TRAINER_STATE).is_file() else find_latest(path)
+        # lexists: a FIFO or dangling trainer_state.pt still marks a checkpoint folder, which the check then names
+        ckpt = path if os.path.lexists(path / TRAINER_STATE) else find_latest(path)
         if ckpt is None:
-            raise FileNotFoundError(f"{path} is neither a checkpoint folder nor an output folder with checkpoints")
+            raise MissingFileError(f"{path} is neither a checkpoint folder nor an output folder with checkpoints")
         with tempfile.TemporaryDirectory() as td:
             obj = {"model": export_weights(ckpt, Path(td) / "weights.pth")}
     else:
         obj = load_weights_file(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of weights (a state dict, or a dict "
-                         f"with one of the keys {CONTAINER_KEYS})")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights (a state dict, or a dict "
+                              f"with one of the keys {CONTAINER_KEYS})")
     for key in CONTAINER_KEYS:
         if isinstance(obj.get(key), dict):
             obj = obj[key]
             break
+    bad = [k for k, v in obj.items() if torch.is_tensor(v) and not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{path}: weight names must be strings, but {len(bad)} are not (e.g. {bad[0]!r:.60}, a "
+                              f"{type(bad[0]).__name__}); it is not a state dict: export it again")
     sd = {clean_name(k): v for k, v in obj.items() if torch.is_tensor(v)}
     if not sd:
-        raise ValueError(f"{path}: no tensors found (top-level keys: {sorted(map(str, obj))[:10]})")
+        raise CheckpointError(f"{path}: no tensors found (top-level keys: {sorted(map(str, obj))[:10]})")
     return sd
 
 
 # ----------------------------------------------------------------------------- offline export
-def export_weights(ckpt: str | Path, out: str | Path) -> dict:
-    """Write {'model': consolidated fp32 state dict with plain names} from any backend's checkpoint."""
-    state_dir = Path(ckpt).resolve() / STATE_DIR
-    fmt = verify_checkpoint_dir(Path(ckpt).resolve())  # nothing in the folder may run code
+def check_destination(out: str | Path, overwrite: bool = False) -> Path:
+    """Where an export may write: never inside a checkpoint folder, an existing file only with `overwrite`."""
+    dest = Path(os.path.realpath(out))  # a symlinked destination counts where it leads
+    for folder in dest.parents:
+        if os.path.lexists(folder / TRAINER_STATE):
+            raise CheckpointError(f"refusing to write {out}: it is inside the checkpoint folder {folder}, whose "
+                                  "files it could overwrite; write the export elsewhere (e.g. OUT/weights.pth)")
+    if dest.is_dir():
+        raise CheckpointError(f"refusing to write {out}: it is a folder; give a file name (e.g. {out}/weights.pth)")
+    if os.path.lexists(out) and not overwrite:
+        raise CheckpointError(f"refusing to write {out}: the file exists; pass --overwrite to replace it")
+    return dest
+
+
+def _model_of(obj: object, source: Path) -> dict:
+    """The 'model' state dict of a backend's saved state, or a CheckpointError naming `source`."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        what = type(obj).__name__ if not isinstance(obj, dict) else f"dict without a 'model' dict ({sorted(map(str, obj))[:5]})"
+        raise CheckpointError(f"{source} holds a {what}, not the saved model state; the checkpoint is damaged: resume "
+                              "or export another one")
+    return obj["model"]
+
+
+def export_weights(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """Write {'model': consolidated fp32 state dict with plain names} from any backend's checkpoint, atomically."""
+    dest = check_destination(out, overwrite)  # before the (possibly long) consolidation
+    state_dir = Path(os.path.realpath(ckpt)) / STATE_DIR
+    fmt = verify_checkpoint_dir(ckpt)  # nothing in the folder may run code
     if fmt == "ddp":
-        sd = load_weights_file(state_dir / "model.pt")["model"]
+        sd = _model_of(load_weights_file(state_dir / "model.pt"), state_dir / "model.pt")
     elif fmt == "dcp":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         with tempfile.TemporaryDirectory() as td:
             with forced_weights_only():
                 dcp_to_torch_save(state_dir, Path(td) / "full.pt")
-            sd = load_weights_file(Path(td) / "full.pt")["model"]
+            sd = _model_of(load_weights_file(Path(td) / "full.pt"), state_dir)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with forced_weights_only(deepspeed=True):
             sd = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag="zero")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{state_dir}: the model state holds {len(bad)} entries that are not name -> tensor "
+                              f"(e.g. {str(bad[0])[:60]!r}); the checkpoint is damaged: resume or export another one")
     sd = {clean_name(k): v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in sd.items()}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": sd}, out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.partial"  # the old file stays whole until the rename
+    try:
+        torch.save({"model": sd}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return sd
 
 
 def describe(ckpt: str | Path) -> str:
     """One-paragraph summary of a checkpoint directory."""
-    path = Path(ckpt).resolve()
+    path = Path(os.path.realpath(ckpt))
+    if not os.path.lexists(path / TRAINER_STATE):
+        raise CheckpointError(f"{ckpt} is not a checkpoint folder (no {TRAINER_STATE} in it); give "
+                              "OUT/checkpoints/step-N or OUT/checkpoints/latest")
     s = read_trainer_state(path)
     keys = ("name", "global_step", "epoch", "step_in_epoch", "backend", "world_size")
     lines = [f"checkpoint: {path}"] + [f"  {k}: {s.get(k)}" for k in keys]
@@ -367,14 +460,19 @@ def main(argv: list[str] | None = None) -> int:
     exp = sub.add_parser("export", help="write one consolidated weights file {'model': state_dict}")
     exp.add_argument("checkpoint")
     exp.add_argument("output")
+    exp.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     info = sub.add_parser("info", help="print what a checkpoint holds")
     info.add_argument("checkpoint")
     args = parser.parse_args(argv)
-    if args.cmd == "export":
-        sd = export_weights(args.checkpoint, args.output)
-        print(f"wrote {args.output}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values")
-    else:
-        print(describe(args.checkpoint))
+    try:
+        if args.cmd == "export":
+            sd = export_weights(args.checkpoint, args.output, overwrite=args.overwrite)
+            print(f"wrote {args.output}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values")
+        else:
+            print(describe(args.checkpoint))
+    except MaeError as exc:  # a refusal is a message, not a traceback
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

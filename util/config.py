@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import stat
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -26,11 +28,39 @@ from typing import Any
 
 import yaml
 
+from util.errors import ConfigError, short_repr
+
 BOOL = argparse.BooleanOptionalAction  # `--flag` / `--no-flag`, so YAML-enabled flags can be switched off
+__all__ = ["ConfigError"]  # re-exported: it lived here first
 
 
-class ConfigError(ValueError):
-    """A bad configuration key or value, named in the message."""
+class _RefusedYaml(yaml.YAMLError):
+    """YAML that parses but that a config file must not hold (an alias, a duplicate key)."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses anchors/aliases (an alias bomb expands a small file exponentially) and
+    duplicate keys (YAML's last-wins would silently drop the first value). Config files need neither."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _RefusedYaml(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
+                               "allowed in config files; write each value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+            if first != line:
+                raise _RefusedYaml(f"key {short_repr(key)} appears twice (lines {first} and {line}); keep one")
+        return super().construct_mapping(node, deep)
 
 
 def flag(default: Any, help: str, *, choices: Sequence | None = None, check: Callable[[Any], bool] | None = None,
@@ -89,51 +119,82 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> argpars
 def section(cls: type, args: argparse.Namespace) -> Any:
     """The dataclass `cls` filled from the parsed flags, every range check applied (ConfigError names the flag)."""
     values = {f.name: getattr(args, f.name) for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
     for f in fields(cls):
         check, value = f.metadata.get("check"), values[f.name]
+        if _is_float(hints[f.name]) and value is not None and not all(map(math.isfinite, _as_list(value))):
+            raise ConfigError(f"--{f.name} {short_repr(value)} is not a finite number (inf and nan are never a "
+                              "meaningful setting)")
         if check is not None and value is not None and not check(value):
-            raise ConfigError(f"--{f.name} {value!r} is out of range: {f.metadata.get('rule') or 'see --help'}")
+            raise ConfigError(f"--{f.name} {short_repr(value)} is out of range: {f.metadata.get('rule') or 'see --help'}")
         if isinstance(value, list):
             values[f.name] = list(value)
     return cls(**values)
 
 
+def _is_float(hint: Any) -> bool:
+    """A float flag (or a list of floats): one where inf or nan could slip through `float()`."""
+    base, _ = _plain_type(hint)
+    return base is float or (base is list and typing.get_args(hint)[:1] == (float,))
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 def _check_value(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """Validate and convert a YAML value with the flag's own type and choices."""
-    if value is None and action.default is None:  # an optional flag left unset (e.g. `lr: null`)
-        return None
+    if value is None:
+        if action.default is None:  # an optional flag left unset (e.g. `lr: null`)
+            return None
+        raise ConfigError(f"{source}: key '{key}' is null (empty), but --{action.dest} needs a value; write one, or "
+                          f"delete the line for the default {short_repr(action.default)}")
     if isinstance(action, BOOL) or isinstance(action.default, bool):
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
+            raise ConfigError(f"{source}: key '{key}' must be true or false, got {short_repr(value)}")
         return value
     if isinstance(action.nargs, int) and action.nargs > 1:  # e.g. opt_betas: [0.9, 0.95]
         if not isinstance(value, list | tuple) or len(value) != action.nargs:
-            raise ConfigError(f"{source}: key '{key}' must be a list of {action.nargs} values, got {value!r}")
-        item = argparse.Action(action.option_strings, action.dest, type=action.type, choices=action.choices)
+            raise ConfigError(f"{source}: key '{key}' must be a list of {action.nargs} values, got {short_repr(value)}")
+        item = argparse.Action(action.option_strings, action.dest, type=action.type, choices=action.choices,
+                               default=action.default)  # not None: a null item is refused
         return [_check_value(item, key, v, source) for v in value]
     if value is not None and action.type is not None:
         if action.type in (int, float) and isinstance(value, bool):
-            raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")
+            raise ConfigError(f"{source}: key '{key}' must be a number, got {short_repr(value)}")
         try:
             converted = action.type(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{source}: key '{key}' has bad value {value!r}: {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:  # int(inf) overflows
+            raise ConfigError(f"{source}: key '{key}' has bad value {short_repr(value)}: {exc}") from None
         if action.type is int and isinstance(value, float) and value != converted:
-            raise ConfigError(f"{source}: key '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"{source}: key '{key}' must be an integer, got {short_repr(value)}")
         value = converted
     if action.choices is not None and value not in action.choices:
         raise ConfigError(
-            f"{source}: key '{key}' has bad value {value!r}; valid choices: {', '.join(map(str, action.choices))}"
+            f"{source}: key '{key}' has bad value {short_repr(value)}; valid choices: {', '.join(map(str, action.choices))}"
         )
     return value
 
 
 def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     """Read a YAML file of flag defaults, rejecting an empty file, unknown keys and bad values."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r} does not exist" if isinstance(exc, FileNotFoundError) else
+                          f"config file {path!r} cannot be read: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"config file {path} is a directory; give a YAML file in it (e.g. {path}/name.yaml)")
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"config file {path} is not a regular file (a FIFO or device); give a YAML file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not a text YAML file (it holds bytes that are not UTF-8: "
+                          f"{exc.reason}); give the .yaml file, not a binary one") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not a valid config: {str(exc)[:500]}") from None
     if data is None:
         raise ConfigError(f"config file {path} is empty: give at least one flag (or leave out --config for the demo)")
     if not isinstance(data, dict):
@@ -142,6 +203,7 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, 
     out = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
+        key = short_repr(key).strip("'")  # a key is echoed in messages: bounded like values
         if dest not in actions:
             close = sorted(k for k in actions if k.split("_")[0] == dest.split("_")[0])[:5]
             hint = f"; did you mean one of: {', '.join(close)}" if close else ""

@@ -22,12 +22,15 @@ import os
 import pathlib
 import pickle
 import re
+import stat
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+
+from util.errors import CheckpointError, UnsafeCheckpointError
 
 # Layout names; util/checkpoint.py and util/parallel.py use the same ones (a test checks). They are
 # repeated here because checkpoint.py imports this module, so this module cannot import it back.
@@ -52,24 +55,95 @@ DEEPSPEED_SAFE_GLOBALS = (
 PLAIN_CONTAINERS = [argparse.Namespace]
 
 
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file that could run code (or is not what its name says) was refused before use."""
+# ----------------------------------------------------------------------------- what may be read
+def _kind(mode: int) -> str:
+    """'a FIFO', 'a device', ... for a stat mode that is not a regular file."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+
+
+def _stat(path: Path) -> os.stat_result:
+    """os.stat with a CheckpointError naming the file (a dangling or looping symlink, no permission)."""
+    try:
+        return os.stat(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+
+
+def inside(path: str | Path, root: str | Path) -> Path:
+    """The real location of `path`; refused (target named) when a symlink takes it out of folder `root`."""
+    path, root = Path(path), Path(os.path.realpath(root))
+    real = Path(os.path.realpath(path))  # never raises, even on a symlink loop (stat reports that later)
+    if real != root and root not in real.parents:
+        target = os.readlink(path) if path.is_symlink() else real
+        raise UnsafeCheckpointError(f"refusing to read {path}: it leads to {target} ({real}), outside the checkpoint "
+                                    f"folder {root}; a checkpoint folder holds its own files (copy them in instead)")
+    return real
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open `path` for reading only if it is a regular file: a FIFO or device is refused, never waited on."""
+    path = Path(path)
+    mode = _stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"refusing to read {path}: it is {_kind(mode)}, not a regular file (reading it "
+                              "could block forever); replace it with the real file")
+    try:  # O_NONBLOCK: if it was swapped for a FIFO since the stat, the open still returns at once
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise CheckpointError(f"cannot open {path}: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CheckpointError(f"refusing to read {path}: it is {_kind(mode)}, not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _torch_load(f: BinaryIO, path: Path, mmap: bool = False) -> Any:
+    """torch.load(weights_only=True) of an open regular file; mmap through /proc so no other file is opened."""
+    proc = f"/proc/self/fd/{f.fileno()}"
+    if mmap and os.path.exists(proc):  # mmap needs a file name: this one is the file already checked
+        return torch.load(proc, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _unreadable(path: Path, error: Exception, advice: str = "") -> CheckpointError:
+    """The error for a torch file that failed to load: code it asked for (UnsafeCheckpointError), else damage."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and re.search(r"GLOBAL ([\w.]+)", text):
+        return UnsafeCheckpointError(
+            f"refusing to load {path}: unpickling it needs `{_offending_global(error)}`, which a checkpoint of this "
+            f"project never contains (it could run code). {advice}".rstrip())
+    return CheckpointError(f"cannot read {path} as a torch file ({_offending_global(error)}): truncated, damaged or "
+                           "not a torch file; save or export it again")
 
 
 # ----------------------------------------------------------------------------- single files
-def load_weights_file(path: str | Path) -> dict:
-    """torch.load(weights_only=True) with a clear error when the file would need code to unpickle."""
-    try:
-        # mae_st's and VideoMAE's save_model store their flags as `args`: an argparse.Namespace is rebuilt
-        # from its __dict__ (no code of its own), and its values pass the same weights-only checks.
-        with torch.serialization.safe_globals(PLAIN_CONTAINERS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: {Path(path).name} is not a plain weights checkpoint (weights-only "
-            f"unpickling failed, it would run or import code: `{_offending_global(e)}`). "
-            "Re-export it as tensors only."
-        ) from None
+def load_weights_file(path: str | Path) -> Any:
+    """torch.load(weights_only=True) of a regular file; code it asks for, truncation or damage -> CheckpointError."""
+    path = Path(path)
+    with open_regular(path) as f:
+        try:
+            # mae_st's and VideoMAE's save_model store their flags as `args`: an argparse.Namespace is rebuilt
+            # from its __dict__ (no code of its own), and its values pass the same weights-only checks.
+            with torch.serialization.safe_globals(PLAIN_CONTAINERS):
+                return _torch_load(f, path)
+        except pickle.UnpicklingError as e:
+            # The weights-only unpickler refused an instruction: a payload in a plain pickle shows up as an
+            # unsupported operand, not always as a GLOBAL, so any refusal counts as "may run code".
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: {path.name} is not a plain weights checkpoint (weights-only "
+                f"unpickling failed, it would run or import code, or it is no torch file: `{_offending_global(e)}`). "
+                "Re-export it as tensors only."
+            ) from None
+        except Exception as e:  # torch's zip reader, the unpickler, a short read: all mean a damaged file
+            raise _unreadable(path, e) from None
 
 
 def _checkpoint_of(state_dir: Path) -> Path:
@@ -90,24 +164,24 @@ def _offending_global(error: Exception) -> str:
     found = re.search(r"GLOBAL ([\w.]+)", text)  # torch's weights-only message: "... GLOBAL posix.system ..."
     if found:
         return found.group(1)
-    return text.splitlines()[0] if text else type(error).__name__
+    detail = text.split("WeightsUnpickler error:", 1)  # torch's preamble first, then what it refused
+    if len(detail) == 2 and detail[1].strip():
+        return detail[1].strip().splitlines()[0][:200]
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def verify_torch_file(path: str | Path, extra_globals: list | tuple = (), advice: str = "") -> None:
     """Unpickle `path` weights-only (plus `extra_globals`), memory-mapped so no tensor data is read; raise if refused."""
     path = Path(path)
-    try:
-        with torch.serialization.safe_globals(list(extra_globals)):
-            # mmap: only the pickle is parsed; the (possibly GB-sized) storages are never read here.
-            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: unpickling it needs `{_offending_global(e)}`, which a checkpoint of "
-            f"this project never contains (it could run code). {advice}".rstrip()
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UnsafeCheckpointError(f"cannot read {path} as a torch file ({_offending_global(e)}): "
-                                    "truncated or not a checkpoint file") from None
+    with open_regular(path) as f:
+        try:
+            is_zip = zipfile.is_zipfile(f)
+            f.seek(0)
+            with torch.serialization.safe_globals(list(extra_globals)):
+                # mmap: only the pickle is parsed; the (possibly GB-sized) storages are never read here.
+                _torch_load(f, path, mmap=is_zip)
+        except Exception as e:  # code it asks for, or any sign of a damaged file (the unpickler's IndexError too)
+            raise _unreadable(path, e, advice) from None
 
 
 # ----------------------------------------------------------------------------- torch DCP
@@ -165,7 +239,7 @@ def verify_dcp_metadata(checkpoint_dir: str | Path) -> Any:
     from torch.distributed.checkpoint.metadata import Metadata
 
     path = Path(checkpoint_dir) / DCP_METADATA
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         try:
             meta = _DcpMetadataUnpickler(f, path).load()
         except UnsafeCheckpointError:
@@ -190,12 +264,13 @@ def verify_dcp_checkpoint(checkpoint_dir: str | Path) -> None:
         if rel.is_absolute() or ".." in rel.parts or root not in data.parents:
             raise UnsafeCheckpointError(f"refusing to load {root}: its metadata points outside the folder "
                                         f"({info.relative_path!r} for {index.fqn})")
+        open_regular(data).close()  # DCP's reader opens every data file: none may be a FIFO
         if index.fqn not in byte_fqns:
             continue  # tensors: DCP's reader already loads them with weights_only=True
         if info.transform_descriptors:
             raise UnsafeCheckpointError(f"refusing to load {root}: entry {index.fqn} is stored through "
                                         f"{list(info.transform_descriptors)}, which this project never writes")
-        with open(data, "rb") as f:
+        with open_regular(data) as f:
             f.seek(int(info.offset))
             blob = f.read(int(info.length))
         try:
@@ -206,8 +281,8 @@ def verify_dcp_checkpoint(checkpoint_dir: str | Path) -> None:
                 f"refusing to load {data}: its entry {index.fqn} needs `{_offending_global(e)}` to unpickle, "
                 f"which DCP never writes (it could run code). {_advice(_checkpoint_of(root))}"
             ) from None
-        except (RuntimeError, EOFError) as e:
-            raise UnsafeCheckpointError(f"cannot read entry {index.fqn} of {data}: {_offending_global(e)}") from None
+        except Exception as e:  # a damaged blob: torch's reader raises many types
+            raise CheckpointError(f"cannot read entry {index.fqn} of {data}: {_offending_global(e)}") from None
 
 
 # ----------------------------------------------------------------------------- DeepSpeed
@@ -225,25 +300,47 @@ def deepspeed_safe_globals() -> list[Any]:
     return found
 
 
-def verify_deepspeed_dir(state_dir: str | Path, tag: str = DEEPSPEED_TAG) -> None:
-    """Every file under `<state_dir>/<tag>/` loads weights-only with DeepSpeed's own safe globals, or raise."""
+def checkpoint_files(top: str | Path, root: str | Path) -> Iterator[Path]:
+    """Every regular file under `top` (symlinks followed while they stay inside `root`), each real folder once.
+
+    Bounded by construction: only folders inside `root` are entered, each at most once (a symlink loop
+    ends there); a symlink out of `root` and anything that is neither a folder nor a regular file (a
+    FIFO, a device) is refused naming it, never opened.
+    """
+    seen: set[Path] = set()
+    stack = [Path(top)]
+    while stack:
+        folder = stack.pop()
+        real = inside(folder, root)
+        if real in seen:
+            continue
+        seen.add(real)
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            path = Path(entry.path)
+            mode = _stat(inside(path, root)).st_mode
+            if stat.S_ISDIR(mode):
+                stack.append(path)
+            elif stat.S_ISREG(mode):
+                yield path
+            else:
+                raise CheckpointError(f"refusing to read {path}: it is {_kind(mode)}, not a regular file (reading it "
+                                      "could block forever); remove it from the checkpoint folder")
+
+
+def verify_deepspeed_dir(state_dir: str | Path, tag: str = DEEPSPEED_TAG, root: str | Path | None = None) -> None:
+    """Every file under `<state_dir>/<tag>/` (inside `root`) loads weights-only with DeepSpeed's safe globals, or raise."""
     state_dir = Path(state_dir)
     tag_dir = state_dir / tag
     if not tag_dir.is_dir():
         raise UnsafeCheckpointError(f"{state_dir} has no DeepSpeed checkpoint folder {tag!r}")
     advice = f"DeepSpeed would unpickle it with weights_only=False. {_advice(_checkpoint_of(state_dir))}"
     safe = deepspeed_safe_globals()
-    seen: set[str] = set()
     # Every file, whatever its name: DeepSpeed picks files by glob patterns and config switches
     # (bf16 prefixes, universal checkpoints in <tag>/zero/, MoE experts) that a name list would miss.
-    for dirpath, dirnames, filenames in os.walk(tag_dir, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        for name in sorted(filenames):
-            verify_torch_file(Path(dirpath) / name, safe, advice)
+    for path in checkpoint_files(tag_dir, root if root is not None else state_dir):
+        verify_torch_file(path, safe, advice)
 
 
 # ----------------------------------------------------------------------------- one entry point
@@ -256,7 +353,8 @@ def detect_format(state_dir: str | Path) -> str:
         return "dcp"
     if (state_dir / DEEPSPEED_TAG).is_dir():
         return "deepspeed"
-    raise ValueError(f"{state_dir} holds no DDP file, DCP metadata or DeepSpeed 'zero' folder")
+    raise CheckpointError(f"{state_dir} holds no DDP file, DCP metadata or DeepSpeed 'zero' folder: not a checkpoint "
+                          "of this project")
 
 
 def verify_checkpoint_dir(path: str | Path) -> str:
@@ -265,17 +363,25 @@ def verify_checkpoint_dir(path: str | Path) -> str:
     Raises UnsafeCheckpointError, naming the file and what it asked for, before any library reads it.
     """
     path = Path(path)
-    state_dir = path / STATE_DIR if (path / STATE_DIR).is_dir() else path
+    root = Path(os.path.realpath(path))  # the folder itself may be a symlink (`latest`): its target is the root
+    if not root.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder (it is {'missing' if not os.path.lexists(path) else 'not a folder'}); "
+                              "give OUT/checkpoints/step-N or OUT/checkpoints/latest")
+    state_dir = root / STATE_DIR if os.path.lexists(root / STATE_DIR) else root
+    inside(state_dir, root)
     advice = _advice(_checkpoint_of(state_dir))
-    if (path / TRAINER_STATE).is_file():
-        verify_torch_file(path / TRAINER_STATE, advice=advice)
+    if os.path.lexists(root / TRAINER_STATE):
+        verify_torch_file(inside(root / TRAINER_STATE, root), advice=advice)
+    for name in (DDP_FILE, DCP_METADATA):  # a FIFO under a layout name is refused, not taken for "absent"
+        if os.path.lexists(state_dir / name):
+            open_regular(inside(state_dir / name, root)).close()
     fmt = detect_format(state_dir)
     if fmt == "ddp":
         verify_torch_file(state_dir / DDP_FILE, advice=advice)
     elif fmt == "dcp":
         verify_dcp_checkpoint(state_dir)
     else:
-        verify_deepspeed_dir(state_dir)
+        verify_deepspeed_dir(state_dir, root=root)
     return fmt
 
 

@@ -37,7 +37,7 @@ from datasets import (
     normalize_clips,
 )
 from datasets.loader import batches, build_loader, check_shared_memory, clip_batch_bytes, decode_threads_for
-from util.checkpoint import Checkpointer, find_latest, load_checkpoint, read_trainer_state
+from util.checkpoint import Checkpointer, find_latest, find_resumable, load_checkpoint, read_trainer_state
 from util.config import RunConfig, save_config
 from util.distributed import DistInfo, all_agree, barrier, cleanup, init_distributed, set_cpu_threads
 from util.engine import StepWindow, TrainState, step_seed, steps_in_epoch, train_step
@@ -140,7 +140,7 @@ class Trainer:
     def _resume_path(self) -> Path | None:
         """The checkpoint to resume from (--resume, else OUT's latest with --auto_resume), config-checked."""
         ck = self.cfg.ckpt
-        path = Path(ck.resume) if ck.resume else (find_latest(self.out) if ck.auto_resume else None)
+        path = Path(ck.resume) if ck.resume else (find_resumable(self.out) if ck.auto_resume else None)
         if path is None:
             return None
         if not path.is_dir():

@@ -1,0 +1,51 @@
+"""The project's own error types: every refusal of bad input is one of these, and its message names the file.
+
+They subclass the built-in types earlier code raised (ValueError, FileNotFoundError, RuntimeError), so
+`except ValueError` and `pytest.raises(ValueError)` keep working; `except MaeError` catches them all.
+"""
+
+from __future__ import annotations
+
+import reprlib
+
+
+class MaeError(Exception):
+    """Base of every error this project raises on purpose (bad input, refused file, failed write)."""
+
+
+class InputError(MaeError, ValueError):
+    """A file or value given to the project is unusable; the message names it and the fix."""
+
+
+class ConfigError(InputError):
+    """A bad configuration key or value, named in the message."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint folder or weights file that cannot be read as one (truncated, wrong type, not a checkpoint)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file that could run code (or is not what its name says) was refused before use."""
+
+
+class DataFileError(InputError):
+    """A list, caption list or tokenizer file that cannot be read; the message names file (and line)."""
+
+
+class MissingFileError(MaeError, FileNotFoundError):
+    """A file or folder the run needs is not there (or is not a regular file / folder)."""
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+MAX_REPR = 120  # characters of a value an error message shows
+
+
+def short_repr(value: object) -> str:
+    """repr() bounded in length and depth: an error message never formats a huge (or alias-bombed) value."""
+    text = _SHORT.repr(value)  # reprlib never formats the parts it leaves out
+    return text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "..."
+
