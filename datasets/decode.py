@@ -26,6 +26,8 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from util.errors import DataFileError, MissingFileError
+
 # wanted times are float seconds; pts are rounded to the container's time base (1 ms in matroska)
 _TIME_TOL = 1e-4
 # Bounds checked from the stream's metadata before anything is decoded (and on each decoded frame, whose
@@ -74,7 +76,7 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
-class VideoTooLarge(ValueError):
+class VideoTooLarge(DataFileError):
     """A video over --max_frame_pixels or --max_video_frames: skipped like any unreadable file."""
 
 
@@ -88,7 +90,7 @@ def check_bounds(path: str, width: int, height: int, frames: int, max_pixels: in
         raise VideoTooLarge(f"{path}: {frames} frames exceed --max_video_frames {max_frames}; cut it or raise the flag")
 
 
-class NotARegularFile(OSError):
+class NotARegularFile(MissingFileError):
     """A path that exists but is a directory, FIFO, socket or device: reading it could block forever."""
 
 
@@ -100,7 +102,7 @@ def check_regular_file(path: str, what: str = "file") -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} does not exist") from None
+        raise MissingFileError(f"{what} {path} does not exist") from None
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
         raise NotARegularFile(f"{what} {path} is {kind}, not a regular file: only regular files are read")

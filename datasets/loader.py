@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from util.errors import MaeError
+
 MP_CONTEXTS = ("forkserver", "spawn", "fork")
 SHM_DIR = "/dev/shm"  # where torch puts the tensors workers hand to the main process (both sharing strategies)
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ def build_loader(
     )
 
 
-class DataTimeoutError(RuntimeError):
+class DataTimeoutError(MaeError, RuntimeError):
     """No batch from the data workers within --data_timeout seconds: a read that does not return."""
 
 

@@ -12,6 +12,8 @@ import re
 import numpy as np
 import torch
 
+from util.errors import DataFileError, MissingFileError
+
 from .decode import (
     MAX_FRAME_PIXELS,
     MAX_VIDEO_FRAMES,
@@ -66,7 +68,7 @@ def read_list_file(list_file: str, data_root: str = "", num_classes: int | None 
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        raise ValueError(f"{list_file}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}); save the list as "
+        raise DataFileError(f"{list_file}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}); save the list as "
                          f"UTF-8") from None
     samples = []
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -74,17 +76,17 @@ def read_list_file(list_file: str, data_root: str = "", num_classes: int | None 
             continue
         m = _LINE.match(line.strip())
         if m is None:
-            raise ValueError(f"{list_file}:{lineno}: expected 'path label' (space or comma separated, "
+            raise DataFileError(f"{list_file}:{lineno}: expected 'path label' (space or comma separated, "
                              f"integer label), got {line.strip()[:200]!r}")
         label = int(m.group(2))
         if num_classes is not None and not 0 <= label < num_classes:
-            raise ValueError(f"{list_file}:{lineno}: label {m.group(2)[:30]} is outside [0, {num_classes}) "
+            raise DataFileError(f"{list_file}:{lineno}: label {m.group(2)[:30]} is outside [0, {num_classes}) "
                              f"(--num_classes {num_classes}); fix the list or --num_classes")
         if not -_INT64 <= label < _INT64:
-            raise ValueError(f"{list_file}:{lineno}: label {m.group(2)[:30]} does not fit in 64 bits")
+            raise DataFileError(f"{list_file}:{lineno}: label {m.group(2)[:30]} does not fit in 64 bits")
         samples.append((os.path.join(data_root, m.group(1)), label))
     if not samples:
-        raise ValueError(f"{list_file}: list file holds no samples")
+        raise DataFileError(f"{list_file}: list file holds no samples")
     return samples
 
 
@@ -163,9 +165,9 @@ class VideoDataset(torch.utils.data.Dataset):
         # `samples` ((path, label) pairs) stands in for a list file, e.g. the videos of a caption list.
         # `num_classes`: labels of the list must index that many classes (checked when it is read).
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise DataFileError(f"mode must be one of {MODES}, got {mode!r}")
         if reprob > 0 and not normalize:
-            raise ValueError("reprob > 0 erases with normal noise in normalised space: needs normalize=True")
+            raise DataFileError("reprob > 0 erases with normal noise in normalised space: needs normalize=True")
         self.samples = samples if samples is not None else read_list_file(list_file, data_root, num_classes)
         self.list_file, self.mode = list_file, mode
         self.num_frames, self.sampling_rate, self.target_fps = num_frames, sampling_rate, target_fps
@@ -346,4 +348,4 @@ def build_video_dataset(data_path: str, split: str, **kwargs) -> VideoDataset:
         if os.path.lexists(list_file):  # present but a directory or FIFO: say so (read_list_file does)
             kwargs.setdefault("data_root", data_path)
             return VideoDataset(list_file, **kwargs)
-    raise FileNotFoundError(f"no {split}.csv or {split}.txt in {data_path}")
+    raise MissingFileError(f"no {split}.csv or {split}.txt in {data_path}")

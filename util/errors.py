@@ -30,7 +30,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 class DataFileError(InputError):
-    """A list, caption list or tokenizer file that cannot be read; the message names file (and line)."""
+    """A list, caption list, tokenizer or video file that cannot be used; the message names file (and line)."""
 
 
 class MissingFileError(MaeError, FileNotFoundError):
