@@ -28,10 +28,8 @@ import contextlib
 import gc
 import json
 import os
-import resource
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,15 +39,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import (  # noqa: E402
+    build_backend,
+    current_memory,
+    mae_loss,
+    peak_memory,
+    reset_peak_memory,
+    sync,
+    time_in_turn,
+    train_step_fn,
+)
 from models import create_model  # noqa: E402
 from models.flops import masked_autoencoder_flops  # noqa: E402
 from models.masking import num_visible  # noqa: E402
-from util.config import OptimConfig, ParallelConfig  # noqa: E402
-from util.distributed import DistInfo  # noqa: E402
-from util.engine import train_step  # noqa: E402
 from util.flops import device_peak_flops, matmul_peak_flops  # noqa: E402
 from util.optim import build_adamw, param_groups  # noqa: E402
-from util.parallel import setup_parallel  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILE_MODES = ("none", "blocks", "model")
@@ -108,38 +112,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad or not args.compile_modes:
         p.error(f"--compile takes a comma list of {', '.join(COMPILE_MODES)}; got {args.compile!r}")
     return args
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued device work so wall-clock timings are honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak-memory window (CUDA allocator, or the process RSS high-water mark)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):  # Linux >= 4.0: "5" resets VmHWM, which ru_maxrss reads
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-
-def current_memory(device: torch.device) -> int:
-    """Bytes in use now (CUDA allocator, or the process RSS)."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes since reset_peak_memory (CPU: max RSS of the whole process via getrusage)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def matmul_peak_gflops(device: torch.device, n: int, repeats: int = 5) -> float:
@@ -218,13 +190,9 @@ def prepare(name: str, params: int, step: Callable[[], torch.Tensor], args: argp
 
 def run_interleaved(benches: list[Bench], args: argparse.Namespace, device: torch.device) -> None:
     """Time the models' steps in turn (A, B, A, B, ...) so load from other processes hits all alike."""
-    for _ in range(args.steps):
-        for b in benches:
-            sync(device)
-            t0 = time.perf_counter()
-            b.step()
-            sync(device)
-            b.result.step_times.append(time.perf_counter() - t0)
+    times = time_in_turn({str(i): b.step for i, b in enumerate(benches)}, args.steps, device)
+    for i, b in enumerate(benches):
+        b.result.step_times.extend(times[str(i)])
     for b in benches:
         # torch.compile'd graphs hide their ops from the counter; it counts eager steps only.
         b.result.flops_counter = count_flops(b.step) if b.result.compile == "none" else 0
@@ -238,16 +206,8 @@ def bench_ours(args: argparse.Namespace, device: torch.device, clips: torch.Tens
     model = create_model(args.model, num_frames=args.frames, img_size=args.img).to(device).train()
     flops = model.flops_per_clip(args.mask_ratio)["train_step"] * args.batch
     params = sum(p.numel() for p in model.parameters())
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
-    parallel = ParallelConfig(dist=args.dist, precision=args.dtype, grad_ckpt=args.grad_ckpt, compile=compile_mode)
-    backend = setup_parallel(model, parallel, OptimConfig(), 1e-4, info, accum_iter=1, micro_batch=args.batch)
-    batch = {"clips": clips, "noise": noise}
-
-    def loss_fn(module: nn.Module, b: dict) -> torch.Tensor:  # PretrainTask.loss for the random sampler
-        return module(b["clips"], args.mask_ratio, b["noise"])[0]
-
-    def step() -> torch.Tensor:
-        return train_step(backend, [batch], loss_fn, 1)[0]
+    backend = build_backend(model, device, args.dtype, args.dist, args.grad_ckpt, compile_mode, args.batch)
+    step = train_step_fn(backend, {"clips": clips, "noise": noise}, mae_loss(args.mask_ratio))
 
     name = "ours" if len(args.compile_modes) == 1 else f"ours ({'eager' if compile_mode == 'none' else compile_mode})"
     bench = prepare(name, params, step, args, device, flops)

@@ -1,0 +1,276 @@
+"""What the benchmarks share, so that each of them measures the training code rather than code of its own.
+
+- Running the training scripts: `run_script` runs `main_pretrain.py` / `main_finetune.py` (or any script) to
+  completion in a subprocess with its log in a file, and reuses a finished run (its result file exists);
+  `launch` is the one subprocess call under it (also for the scripts that run other benchmarks).
+- Timing train steps: `build_backend` builds the backend as training does (`util.parallel.setup_parallel` in one
+  process), `train_step_fn` steps it with `util.engine.train_step` (the function the training loop calls), and
+  `time_in_turn` times several such steps in turn so that machine load hits all alike.
+- Task losses: the one place a benchmark takes a task's loss from (see the marked section below).
+- Generated videos: `moving_texture_video` (one real-format H.264 file) and `motion_pool` (the generated motion
+  videos with a few labelled per class).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from datasets.synthetic import ensure_synthetic_dataset, write_video  # noqa: E402
+from models.videotext import videotext_loss  # noqa: E402
+from util.config import OptimConfig, ParallelConfig  # noqa: E402
+from util.distributed import DistInfo  # noqa: E402
+from util.engine import LossFn, train_step  # noqa: E402
+from util.parallel import Backend, setup_parallel  # noqa: E402
+
+
+# ============================================================================ running the scripts
+def script_env(threads: int | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment with the repository first on PYTHONPATH (and OMP_NUM_THREADS when given)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, **extra}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def shown_command(cmd: list[str]) -> str:
+    """`python SCRIPT ARGS` as typed in the repository root: repository paths relative, empty or spaced args quoted."""
+    return "python " + " ".join(c if c and " " not in c else repr(c) for c in cmd[1:]).replace(str(ROOT) + "/", "")
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of the finished child processes (and of the data workers they waited for)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass
+class Launch:
+    """How a subprocess ended: its exit code (None: stopped at the timeout), wall and children's CPU seconds."""
+
+    code: int | None
+    seconds: float
+    cpu_seconds: float
+
+
+def launch(cmd: list[str], log: Path | None, env: dict[str, str], timeout: float | None = None) -> Launch:
+    """Run `cmd` in the repository root, its output to `log` (headed by the command; None: this terminal)."""
+    start, cpu = time.time(), children_cpu_seconds()
+    with contextlib.ExitStack() as stack:
+        out = None
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            out = stack.enter_context(open(log, "w"))
+            out.write(" ".join(cmd) + "\n\n")
+            out.flush()
+        try:
+            code: int | None = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if out
+                                              else None, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    return Launch(code, time.time() - start, children_cpu_seconds() - cpu)
+
+
+def log_tail(log: Path, lines: int = 20) -> str:
+    """The last non-empty lines of a log file (or 'no output')."""
+    text = [line for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    return "\n".join(text[-lines:]) or "no output"
+
+
+@dataclass
+class ScriptRun:
+    """A finished run of a script: its command line, its wall and CPU minutes (nan: an earlier run was reused)."""
+
+    command: str
+    minutes: float = math.nan
+    cpu_minutes: float = math.nan
+
+    @property
+    def reused(self) -> bool:
+        """True when no run was made now (an earlier, finished one was reused)."""
+        return self.minutes != self.minutes
+
+
+def finished_marker(script: str, output_dir: Path) -> Path:
+    """The file a finished run leaves: main_finetune.py's test result, else (pretraining) its latest checkpoint."""
+    return output_dir / ("eval_test.json" if "finetune" in Path(script).name else "checkpoints/latest")
+
+
+def run_script(script: str, output_dir: Path, args: list[str], *, threads: int = 1, log: Path | None = None,
+               done: Callable[[], bool] | None = None, label: str = "") -> ScriptRun:
+    """Run `python SCRIPT --output_dir OUT ARGS` to completion, unless `done()` says a finished run is there to reuse.
+
+    `done` defaults to `finished_marker` existing; `log` to OUT's parent / '<OUT's name>.log'. A failed run, or one
+    that ends without its result, stops the benchmark (SystemExit) naming its log.
+    """
+    cmd = [sys.executable, script, "--output_dir", str(output_dir), *args]
+    shown, label = shown_command(cmd), label or output_dir.name
+    is_done = done or finished_marker(script, output_dir).exists
+    if is_done():
+        print(f"reusing {label} (a finished run in {output_dir}; delete it to rerun)", flush=True)
+        return ScriptRun(shown)
+    log = log or output_dir.parent / f"{output_dir.name}.log"
+    print(f"running {label}: {shown}\n  (log: {log})", flush=True)
+    run = launch(cmd, log, script_env(threads))
+    if run.code != 0:
+        raise SystemExit(f"{label} failed (exit {run.code}); see {log}:\n{log_tail(log)}")
+    if not is_done():
+        raise SystemExit(f"{label} finished without its result; see {log}")
+    return ScriptRun(shown, run.seconds / 60, run.cpu_seconds / 60)
+
+
+# ============================================================================ task losses
+# THE ONE PLACE where the benchmarks compute a task's loss. These copy main_pretrain.py's tasks (PretrainTask.loss,
+# VideoTextTask.loss) for a plain batch in one process, because a script must not import another script. When the
+# losses move to the tasks/ package (tasks/mae.py, tasks/videotext.py), replace these two bodies with calls to them.
+def mae_loss(mask_ratio: float) -> LossFn:
+    """PretrainTask.loss without AMT attention maps: the MAE loss of batch['clips'] at `mask_ratio`, batch['noise']."""
+    def loss(module: nn.Module, batch: dict) -> torch.Tensor:
+        return module(batch["clips"], mask_ratio, batch["noise"])[0]
+
+    return loss
+
+
+def videotext_loss_fn(mask_ratio: float) -> LossFn:
+    """VideoTextTask.loss in one process: InfoNCE (+ the MAE term, when built with it) at `mask_ratio`."""
+    def loss(module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        return videotext_loss(module(batch["clips"], batch["tokens"], mask_ratio, batch["noise"]))
+
+    return loss
+
+
+# ============================================================================ timing train steps
+def one_process(device: torch.device) -> DistInfo:
+    """Rank 0 of a one-process run on `device`."""
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
+
+
+def build_backend(model: nn.Module, device: torch.device, precision: str = "fp32", dist: str = "ddp",
+                  grad_ckpt: bool = False, compile: str = "none", micro_batch: int = 1,
+                  optim: OptimConfig | None = None) -> Backend:
+    """The training backend of `model` as main_pretrain.py builds it (AdamW at lr 1e-4), in one process."""
+    parallel = ParallelConfig(dist=dist, precision=precision, grad_ckpt=grad_ckpt, compile=compile)
+    return setup_parallel(model, parallel, optim or OptimConfig(), 1e-4, one_process(device), accum_iter=1,
+                          micro_batch=micro_batch)
+
+
+def train_step_fn(backend: Backend, batch: dict, loss_fn: LossFn) -> Callable[[], torch.Tensor]:
+    """One optimiser step on `batch` through util.engine.train_step, as the training loop takes it; returns the loss."""
+    def step() -> torch.Tensor:
+        return train_step(backend, [batch], loss_fn, 1)[0]
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_in_turn(steps: dict[str, Callable[[], Any]], rounds: int, device: torch.device, warmup: int = 0,
+                 alternate: bool = False) -> dict[str, list[float]]:
+    """Seconds of each step over `rounds` rounds, the steps timed in turn (A, B, A, B, ...) so that machine load
+    hits all alike; `warmup` more rounds come first, untimed; `alternate` reverses the order every other round."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(warmup + rounds):
+        for name in (reversed(names) if alternate and r % 2 == 0 else names):
+            sync(device)
+            t0 = time.perf_counter()
+            steps[name]()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak-memory window (CUDA allocator, or the process's resident-memory high-water mark)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux >= 4.0: "5" resets VmHWM
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def current_memory(device: torch.device) -> int:
+    """Bytes in use now (CUDA allocator, or the process's resident memory)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since reset_peak_memory (CUDA allocator, or the process's VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ============================================================================ generated videos
+def moving_texture_video(path: str, width: int, height: int, seconds: int = 10, fps: int = 30, gop: int = 250,
+                         seed: int = 0) -> str:
+    """Write a textured, moving H.264 video once (fixed GOP; atomically); reuse it if present.
+
+    A texture panning over the whole frame plus a moving bright disc: motion everywhere, like real footage.
+    """
+    if os.path.isfile(path):
+        return path
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    texture = np.kron(base, np.ones((8, 8, 1), np.uint8))[:height, :width]
+    yy, xx = np.mgrid[0:height, 0:width]
+    frames = np.empty((seconds * fps, height, width, 3), np.uint8)
+    for t in range(len(frames)):
+        f = np.roll(texture, (t * 2, t * 3), axis=(0, 1))
+        f[(xx - (t * 7) % width) ** 2 + (yy - height / 2) ** 2 < (height / 6) ** 2] = 255
+        frames[t] = f
+    tmp = path + ".tmp.mp4"
+    write_video(tmp, frames, fps, gop_size=gop)
+    os.replace(tmp, path)
+    return path
+
+
+def motion_pool(out: Path, num_videos: int, labels_per_class: int, size: int = 32, object_scale: float = 2.0,
+                speed_scale: float = 2.0, object_texture: str = "stripes") -> tuple[Path, Path]:
+    """The generated motion videos (one-colour background; made once, cached under `out` by their settings) and a
+    folder of lists: `labels_per_class` labelled train videos per class (0: all), and val + test as the test list."""
+    pool = Path(ensure_synthetic_dataset(str(out), num_videos, size=size, seed=0, background="plain",
+                                         object_scale=object_scale, speed_scale=speed_scale,
+                                         object_texture=object_texture))
+    lists = pool / f"labelled_{labels_per_class or 'all'}"
+    lists.mkdir(parents=True, exist_ok=True)
+    per_class: dict[str, list[str]] = {}
+    for row in (pool / "train.csv").read_text().splitlines():
+        per_class.setdefault(row.split()[1], []).append(row)
+    keep = [r for rs in per_class.values() for r in rs[:labels_per_class or None]]
+    (lists / "train.csv").write_text("".join(r + "\n" for r in keep))
+    (lists / "test.csv").write_text((pool / "val.csv").read_text() + (pool / "test.csv").read_text())
+    return pool, lists
