@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.synthetic import ensure_synthetic_dataset  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    build_backend,
+    children_cpu_seconds,
+    mae_loss,
+    motion_pool,
+    run_script,
+    time_in_turn,
+    train_step_fn,
+)
 
 NUM_VIDEOS, SIZE, NUM_CLASSES, VIDEOS_PER_STEP = 1200, 32, 8, 16
 CLIP = ["--input_size", str(SIZE), "--num_frames", "8", "--sampling_rate", "2", "--t_patch_size", "2",
@@ -60,22 +66,7 @@ LINPROBE = ["--linprobe", "--blr", "8e-2", "--weight_decay", "0.0"]
 
 def make_data(out: Path, labels_per_class: int) -> tuple[Path, Path]:
     """The video pool (generated once, cached by its settings) and lists: a few labelled videos, the test set."""
-    pool = Path(ensure_synthetic_dataset(str(out), NUM_VIDEOS, size=SIZE, seed=0, background="plain",
-                                         object_scale=2.0, speed_scale=2.0))
-    lists = pool / f"labelled_{labels_per_class}"
-    lists.mkdir(parents=True, exist_ok=True)
-    per_class: dict[str, list[str]] = {}
-    for row in (pool / "train.csv").read_text().splitlines():
-        per_class.setdefault(row.split()[1], []).append(row)
-    (lists / "train.csv").write_text("".join(r + "\n" for rs in per_class.values() for r in rs[:labels_per_class]))
-    (lists / "test.csv").write_text((pool / "val.csv").read_text() + (pool / "test.csv").read_text())
-    return pool, lists
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of the finished child processes (and of the data workers they waited for)."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+    return motion_pool(out, NUM_VIDEOS, labels_per_class)
 
 
 def run(name: str, script: str, args: list[str], out: Path, threads: int) -> tuple[str, float, float]:
@@ -83,21 +74,8 @@ def run(name: str, script: str, args: list[str], out: Path, threads: int) -> tup
 
     On a shared machine the wall minutes grow with the load; the CPU minutes do not (much).
     """
-    cmd = [sys.executable, script, "--output_dir", str(out / name), *CLIP, *args]
-    shown = " ".join(c if c and " " not in c else repr(c) for c in cmd[1:]).replace(str(ROOT) + "/", "")
-    done = out / name / ("eval_test.json" if "finetune" in script else "checkpoints/latest")
-    if done.exists():
-        return "python " + shown, float("nan"), float("nan")
-    log = out / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"running {name} (log: {log})", flush=True)
-    start, cpu = time.time(), cpu_seconds()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads),
-                                                   "PYTHONPATH": str(ROOT)}, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log}")
-    return "python " + shown, (time.time() - start) / 60, (cpu_seconds() - cpu) / 60
+    r = run_script(script, out / name, [*CLIP, *args], threads=threads, log=out / f"{name}.log", label=name)
+    return r.command, r.minutes, r.cpu_minutes
 
 
 def clips_per_s(run_dir: Path) -> float:
@@ -112,32 +90,21 @@ def interleaved_step_times(steps: int, threads: int) -> dict[str, float]:
     import torch
 
     from models import create_model
-    from util.config import OptimConfig, ParallelConfig
-    from util.distributed import DistInfo
-    from util.engine import train_step
-    from util.parallel import setup_parallel
 
     torch.set_num_threads(threads)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+    cpu = torch.device("cpu")
     kw = dict(img_size=SIZE, num_frames=8, norm_pix_loss=False, pred_t_dim=8, decoder_embed_dim=128,
               decoder_depth=2, decoder_num_heads=4)
     g = torch.Generator().manual_seed(0)
     batch = {"clips": torch.randn(2 * VIDEOS_PER_STEP, 3, 8, SIZE, SIZE, generator=g),
              "noise": torch.rand(2 * VIDEOS_PER_STEP, 64, generator=g)}
-    arms = {}
+    arms, step_fns = {}, {}
     for name, extra in (("random", {}), ("amt", {"mask_type": "amt", "throw_ratio": 0.4})):
         torch.manual_seed(0)
-        backend = setup_parallel(create_model("mae_vit_micro_patch8", **kw, **extra),
-                                 ParallelConfig(dist="ddp", precision="fp32"), OptimConfig(), 1e-4, info)
-        arms[name] = (backend, lambda module, b: module(b["clips"], 0.9, b["noise"])[0])
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for i in range(steps + 2):
-        for name, (backend, loss_fn) in arms.items():  # alternate, so load changes hit both arms alike
-            t0 = time.perf_counter()
-            train_step(backend, [batch], loss_fn, 1)
-            if i >= 2:  # warm-up steps
-                times[name].append(time.perf_counter() - t0)
-    flops = {name: backend.unwrapped.flops_per_clip(0.9)["train_step"] for name, (backend, _) in arms.items()}
+        arms[name] = build_backend(create_model("mae_vit_micro_patch8", **kw, **extra), cpu)
+        step_fns[name] = train_step_fn(arms[name], batch, mae_loss(0.9))
+    times = time_in_turn(step_fns, steps, cpu, warmup=2)  # alternate, so load changes hit both arms alike
+    flops = {name: backend.unwrapped.flops_per_clip(0.9)["train_step"] for name, backend in arms.items()}
     return {**{name: statistics.median(t) for name, t in times.items()}, **{f"{k}_flops": v for k, v in flops.items()}}
 
 
@@ -215,7 +182,7 @@ def main() -> None:
               f"{fmt(cpu, '{:.1f}')} | {fmt(rate, '{:.1f}')} |")
     print(f"\nAMT vs random masking, one step timed in turn: {speed['random'] / speed['amt']:.2f}x faster "
           f"(FLOPs {speed['random_flops'] / speed['amt_flops']:.2f}x)")
-    print(f"total {(time.time() - start) / 60:.1f} minutes, {cpu_seconds() / 60:.1f} CPU minutes in the runs\n\ncommands:")
+    print(f"total {(time.time() - start) / 60:.1f} minutes, {children_cpu_seconds() / 60:.1f} CPU minutes in the runs\n\ncommands:")
     for label, cmd in commands:
         print(f"# {label}\n{cmd}")
 

@@ -33,17 +33,15 @@ import argparse
 import concurrent.futures
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.synthetic import OBJECT_TEXTURES, dataset_fingerprint, ensure_synthetic_dataset  # noqa: E402
+from benchmarks.common import motion_pool, run_script  # noqa: E402
+from datasets.synthetic import OBJECT_TEXTURES, dataset_fingerprint  # noqa: E402
 
 NUM_VIDEOS, SIZE, NUM_CLASSES = 3600, 32, 8
 CLIP = ["--input_size", str(SIZE), "--num_frames", "8", "--sampling_rate", "2", "--t_patch_size", "2",
@@ -68,19 +66,7 @@ def make_data(out: Path, labels_per_class: int, object_scale: float, speed_scale
               num_videos: int = NUM_VIDEOS, object_texture: str = "stripes") -> tuple[Path, Path]:
     """The video pool (generated once) and a folder of lists: a few labelled train videos, a large test set."""
     # Cached under `out` by its generation settings, built atomically: a killed run never leaves half a pool.
-    pool = Path(ensure_synthetic_dataset(str(out), num_videos, size=SIZE, seed=0, background="plain",
-                                         object_scale=object_scale, speed_scale=speed_scale,
-                                         object_texture=object_texture))
-    lists = pool / f"labelled_{labels_per_class or 'all'}"
-    lists.mkdir(parents=True, exist_ok=True)
-    rows = (pool / "train.csv").read_text().splitlines()
-    per_class: dict[str, list[str]] = {}
-    for row in rows:
-        per_class.setdefault(row.split()[1], []).append(row)
-    keep = [r for rs in per_class.values() for r in rs[:labels_per_class or None]]
-    (lists / "train.csv").write_text("".join(r + "\n" for r in keep))
-    (lists / "test.csv").write_text((pool / "val.csv").read_text() + (pool / "test.csv").read_text())
-    return pool, lists
+    return motion_pool(out, num_videos, labels_per_class, SIZE, object_scale, speed_scale, object_texture)
 
 
 def finetune_seed(pretrain_seed: int, index: int, finetune_seeds: int) -> int:
@@ -119,21 +105,8 @@ def summarize(values: list[float]) -> dict:
 
 def run(name: str, script: str, args: list[str], out: Path, threads: int) -> tuple[str, float]:
     """Run one script to completion (skipped when its output already holds a final result)."""
-    cmd = [sys.executable, script, "--output_dir", str(out / name), *CLIP, *args]
-    shown = " ".join(c if c and " " not in c else repr(c) for c in cmd[1:]).replace(str(ROOT) + "/", "")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    log = out / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    done = out / name / ("eval_test.json" if "finetune" in script else "checkpoints/latest")
-    if done.exists():
-        return "python " + shown, float("nan")
-    print(f"running {name} (log: {log})", flush=True)
-    start = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log}")
-    return "python " + shown, (time.time() - start) / 60
+    r = run_script(script, out / name, [*CLIP, *args], threads=threads, log=out / f"{name}.log", label=name)
+    return r.command, r.minutes
 
 
 def run_all(tasks: list[tuple], out: Path, threads: int, jobs: int) -> list[dict]:
