@@ -116,11 +116,13 @@ def finished_marker(script: str, output_dir: Path) -> Path:
 
 
 def run_script(script: str, output_dir: Path, args: list[str], *, threads: int = 1, log: Path | None = None,
-               done: Callable[[], bool] | None = None, label: str = "") -> ScriptRun:
+               done: Callable[[], bool] | None = None, result: Callable[[], bool] | None = None,
+               label: str = "") -> ScriptRun:
     """Run `python SCRIPT --output_dir OUT ARGS` to completion, unless `done()` says a finished run is there to reuse.
 
-    `done` defaults to `finished_marker` existing; `log` to OUT's parent / '<OUT's name>.log'. A failed run, or one
-    that ends without its result, stops the benchmark (SystemExit) naming its log.
+    `done` defaults to `finished_marker` existing, `result` (what must hold after the run) to `done`, `log` to OUT's
+    parent / '<OUT's name>.log'. A failed run, or one that ends without its result, stops the benchmark
+    (SystemExit) naming its log.
     """
     cmd = [sys.executable, script, "--output_dir", str(output_dir), *args]
     shown, label = shown_command(cmd), label or output_dir.name
@@ -133,7 +135,7 @@ def run_script(script: str, output_dir: Path, args: list[str], *, threads: int =
     run = launch(cmd, log, script_env(threads))
     if run.code != 0:
         raise SystemExit(f"{label} failed (exit {run.code}); see {log}:\n{log_tail(log)}")
-    if not is_done():
+    if not (result or is_done)():
         raise SystemExit(f"{label} finished without its result; see {log}")
     return ScriptRun(shown, run.seconds / 60, run.cpu_seconds / 60)
 

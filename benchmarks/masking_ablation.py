@@ -33,7 +33,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -47,15 +46,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import build_backend, mae_loss, run_script, time_in_turn, train_step_fn  # noqa: E402
 from datasets import normalize_clips, read_list_file  # noqa: E402
 from datasets.synthetic import CLASS_NAMES, ensure_synthetic_dataset  # noqa: E402
 from models import create_model  # noqa: E402
 from models.convert import load_pretrained  # noqa: E402
 from util.checkpoint import find_latest, read_trainer_state, read_weights  # noqa: E402
-from util.config import OptimConfig, ParallelConfig  # noqa: E402
-from util.distributed import DistInfo  # noqa: E402
-from util.engine import train_step  # noqa: E402
-from util.parallel import setup_parallel  # noqa: E402
 
 MASK_TYPES = ("random", "tube", "frame", "cube", "adaptive", "adaptive_detached")
 RATIOS = (0.75, 0.9, 0.95)
@@ -72,27 +68,12 @@ LINPROBE = ["--linprobe", "--blr", str(PROBE_BLR), "--weight_decay", "0.0", "--s
 
 
 # ----------------------------------------------------------------------------- running the scripts
-def run_script(script: str, args: list[str], out: Path, is_done: Callable[[], bool], threads: int = 1
-               ) -> tuple[str, float]:
+def run(script: str, args: list[str], out: Path, is_done: Callable[[], bool], threads: int = 1) -> tuple[str, float]:
     """Run one script to completion unless `is_done()`; returns (command line, minutes; nan when reused)."""
-    cmd = [sys.executable, script, "--output_dir", str(out), *args]
-    shown = f"OMP_NUM_THREADS={threads} python " + " ".join(c if c and " " not in c else repr(c) for c in cmd[1:]).replace(str(ROOT) + "/", "")
-    if is_done():
-        return shown, float("nan")
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "run.log"
-    print(f"  running: {shown}\n    (log: {log})", flush=True)
-    start = time.time()
-    with open(log, "w") as f:
-        # One thread by default: on a shared CPU two threads of these tiny matmuls wait for each other at
-        # every op (measured here under load 10: 7.7 s/step with two, 1.5 s with one).
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log}")
-    if not is_done():
-        raise SystemExit(f"{script} finished without its result; see {log}")
-    return shown, (time.time() - start) / 60
+    # One thread by default: on a shared CPU two threads of these tiny matmuls wait for each other at
+    # every op (measured here under load 10: 7.7 s/step with two, 1.5 s with one).
+    r = run_script(script, out, args, threads=threads, log=out / "run.log", done=is_done, label=out.name)
+    return f"OMP_NUM_THREADS={threads} {r.command}", r.minutes
 
 
 def finished_steps(run_dir: Path) -> int:
@@ -110,7 +91,7 @@ def pretrain(run_dir: Path, data: str, mask_type: str, ratio: float, steps: int,
     args = ["--config", PRETRAIN_CONFIG, *COMMON, "--data_path", data, "--mask_type", mask_type,
             "--mask_ratio", str(ratio), "--batch_size", str(batch), "--epochs", str(epochs), "--max_steps", str(steps),
             "--warmup_epochs", f"{0.1 * epochs:g}", "--save_every", "0", "--vis_every", "0", *extra]
-    cmd, minutes = run_script("main_pretrain.py", args, run_dir, lambda: finished_steps(run_dir) >= steps, threads)
+    cmd, minutes = run("main_pretrain.py", args, run_dir, lambda: finished_steps(run_dir) >= steps, threads)
     return {"command": cmd, "minutes": minutes, **run_stats(run_dir)}
 
 
@@ -132,7 +113,7 @@ def linear_probe(run_dir: Path, pool: str, lists: Path, epochs: int, threads: in
     out = run_dir / f"linprobe_ep{epochs}_blr{PROBE_BLR:g}"
     args = ["--config", FINETUNE_CONFIG, *COMMON, "--finetune", str(run_dir), "--data_path", str(lists),
             "--data_root", pool, "--epochs", str(epochs), *LINPROBE]
-    cmd, minutes = run_script("main_finetune.py", args, out, (out / "eval_test.json").exists, threads)
+    cmd, minutes = run("main_finetune.py", args, out, (out / "eval_test.json").exists, threads)
     return {"probe_command": cmd, "probe_minutes": minutes,
             "probe_top1": json.loads((out / "eval_test.json").read_text())["top1"]}
 
@@ -290,7 +271,6 @@ def vitb_step_times(repeats: int, device: str = "cpu") -> dict:
     variants = {"random": ("random", 0.0), "random, decoder mask 0.5": ("random", 0.5),
                 "adaptive": ("adaptive", 0.0), "adaptive, decoder mask 0.5": ("adaptive", 0.5)}
     dev = torch.device(device)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=dev, is_main=True)
     batch = {"clips": torch.randn(1, 3, 16, 224, 224, device=dev), "noise": torch.rand(1, 1568, device=dev)}
     steps = {}
     for name, (mask_type, decoder_mask) in variants.items():
@@ -298,22 +278,9 @@ def vitb_step_times(repeats: int, device: str = "cpu") -> dict:
         model = create_model("mae_vit_base_patch16", num_frames=16, t_patch_size=2, pred_t_dim=8, mask_type=mask_type,
                              decoder_mask_ratio=decoder_mask).to(dev).train()
         # The backend training uses (DDP in one process, fp32, AdamW with the default groups and clipping).
-        backend = setup_parallel(model, ParallelConfig(dist="ddp", precision="fp32"), OptimConfig(), 1e-4, info,
-                                 accum_iter=1, micro_batch=1)
-
-        def loss_fn(module: torch.nn.Module, b: dict) -> torch.Tensor:  # PretrainTask.loss
-            return module(b["clips"], 0.9, b["noise"])[0]
-
-        steps[name] = lambda backend=backend, loss_fn=loss_fn: train_step(backend, [batch], loss_fn, 1)
-    times: dict[str, list[float]] = {n: [] for n in variants}
-    for r in range(repeats + 1):  # the first round warms allocators and kernels up and builds AdamW's state
-        for name, step in steps.items():
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            float(step()[0])  # reading the loss waits for the step
-            if r:
-                times[name].append(time.perf_counter() - t0)
+        steps[name] = train_step_fn(build_backend(model, dev), batch, mae_loss(0.9))
+    # The first round warms allocators and kernels up and builds AdamW's state.
+    times = time_in_turn(steps, repeats, dev, warmup=1)
     return {n: statistics.median(t) for n, t in times.items()}
 
 

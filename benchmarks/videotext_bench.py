@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,11 +36,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import (  # noqa: E402
+    build_backend,
+    finished_marker,
+    run_script,
+    time_in_turn,
+    train_step_fn,
+    videotext_loss_fn,
+)
 from datasets.captions import CaptionVideoDataset, ensure_videotext_dataset, read_caption_list  # noqa: E402
 from datasets.text_tokenizer import train_tokenizer  # noqa: E402
 from datasets.video_dataset import collate_clips  # noqa: E402
-from models.videotext import videotext_loss, videotext_model  # noqa: E402
-from util.optim import build_adamw, param_groups  # noqa: E402
+from models.videotext import videotext_model  # noqa: E402
+from util.config import OptimConfig  # noqa: E402
 
 NUM_VIDEOS, SIZE = 1200, 32
 DEMO = str(ROOT / "configs" / "pretrain" / "videotext_demo.yaml")
@@ -76,17 +83,12 @@ def time_steps(data: Path, rounds: int, threads: int) -> dict:
     torch.manual_seed(0)
     model = videotext_model("mae_vit_micro_patch8", tok.vocab_size, context_length=24, text_width=128, text_depth=2,
                             text_heads=4, embed_dim=128, img_size=SIZE, num_frames=4, t_patch_size=2, pred_t_dim=2)
-    opt = build_adamw(param_groups(model, 0.05), 1e-4, torch.device("cpu"))
-    times: dict[float, list[float]] = {0.0: [], 0.5: []}
-    for r in range(rounds + 2):
-        for ratio in (0.0, 0.5) if r % 2 else (0.5, 0.0):  # alternate the order too
-            t0 = time.perf_counter()
-            out = model(batch["clips"], batch["tokens"], ratio, batch["noise"])
-            videotext_loss(out)[0].backward()
-            opt.step()
-            opt.zero_grad()
-            if r >= 2:  # the first rounds warm the allocator and caches
-                times[ratio].append(time.perf_counter() - t0)
+    # The training backend and step (one process, fp32, AdamW with the default groups; no clipping, as before).
+    cpu = torch.device("cpu")
+    backend = build_backend(model, cpu, optim=OptimConfig(clip_grad=0.0))
+    steps = {ratio: train_step_fn(backend, batch, videotext_loss_fn(ratio)) for ratio in (0.0, 0.5)}
+    # The first rounds warm the allocator and caches; the order alternates too.
+    times = time_in_turn(steps, rounds, cpu, warmup=2, alternate=True)
     t0, t50 = statistics.median(times[0.0]), statistics.median(times[0.5])
     return {"step_s_mask0": t0, "step_s_mask50": t50, "speedup": t0 / t50, "rounds": rounds,
             "flops_ratio": model.flops_per_clip(0.0)["train_step"] / model.flops_per_clip(0.5)["train_step"]}
@@ -96,21 +98,11 @@ def run(name: str, args: list[str], out: Path, data: Path, threads: int) -> dict
     """One main_pretrain.py run to completion (reused when its results exist); returns its timing."""
     folder = out / name
     done = folder / "bench_run.json"
-    cmd = [sys.executable, "main_pretrain.py", "--output_dir", str(folder), "--data_path", str(data), *args]
-    shown = " ".join(c if c and " " not in c else repr(c) for c in cmd[1:]).replace(str(ROOT) + "/", "")
-    if done.is_file():
-        print(f"[reuse] {name}: {shown}", flush=True)
+    r = run_script("main_pretrain.py", folder, ["--data_path", str(data), *args], threads=threads,
+                   done=done.is_file, result=finished_marker("main_pretrain.py", folder).exists, label=name)
+    if r.reused:
         return json.loads(done.read_text())
-    print(f"[run] {name}: {shown}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    wall, cpu = time.time(), os.times()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-4000:]}")
-    end = os.times()
-    info = {"minutes": (time.time() - wall) / 60, "cpu_minutes": (end.children_user + end.children_system
-                                                                  - cpu.children_user - cpu.children_system) / 60,
-            "command": shown}
+    info = {"minutes": r.minutes, "cpu_minutes": r.cpu_minutes, "command": r.command}
     done.write_text(json.dumps(info))
     return info
 
@@ -124,6 +116,7 @@ def results(folder: Path) -> dict:
 
 
 def main() -> None:
+    """Time the masked and unmasked steps, run the four pretrainings and print the table and the checks."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "runs" / "videotext_bench"))
     p.add_argument("--budget_steps", type=int, default=520, help="steps of the unmasked run (20 epochs of 26)")
