@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import moving_texture_video  # noqa: E402
 from datasets.decode import clip_span, clip_times, decode_frames, probe, random_clip_start  # noqa: E402
 from datasets.resize import resize_video  # noqa: E402
-from datasets.synthetic import write_video  # noqa: E402
 from datasets.transforms import crop_resize, normalize_clips, random_resized_box  # noqa: E402
 from datasets.video_dataset import VideoDataset  # noqa: E402
 
@@ -56,31 +56,10 @@ STAGES = (
 )
 
 
-def make_source(path: str, width: int, height: int, seconds: int = 10, fps: int = 30, gop: int = 250) -> str:
-    """Write a textured, moving test video once (H.264, fixed GOP); reuse it if present."""
-    if os.path.isfile(path):
-        return path
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
-    texture = np.kron(base, np.ones((8, 8, 1), np.uint8))[:height, :width]
-    yy, xx = np.mgrid[0:height, 0:width]
-    frames = np.empty((seconds * fps, height, width, 3), np.uint8)
-    for t in range(len(frames)):
-        # panning texture plus a moving bright disc: motion everywhere, like real footage
-        f = np.roll(texture, (t * 2, t * 3), axis=(0, 1))
-        disc = (xx - (t * 7) % width) ** 2 + (yy - height / 2) ** 2 < (height / 6) ** 2
-        f[disc] = 255
-        frames[t] = f
-    tmp = path + ".tmp.mp4"
-    write_video(tmp, frames, fps, gop_size=gop)
-    os.replace(tmp, path)
-    return path
-
-
 def source_path(cache: str, name: str) -> str:
     """Path of source `name` (see the module doc), generated on first use."""
     if name in SIZES:
-        return make_source(os.path.join(cache, f"src_{name}_gop250.mp4"), *SIZES[name])
+        return moving_texture_video(os.path.join(cache, f"src_{name}_gop250.mp4"), *SIZES[name])
     src = source_path(cache, "568x320")
     if name == "568x320-resized":
         dst, kw = os.path.join(cache, "src_568x320_resized_gop2s.mp4"), {}

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import launch, script_env  # noqa: E402
 
 
 def bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -47,7 +49,9 @@ def run(argv: list[str], steps: int, modes: str, nproc: int, out: str) -> dict:
                                                     "--nproc_per_node", str(nproc)]
     cmd = [*launcher, str(ROOT / "main_pretrain.py"), *argv, "--bench", modes, "--bench_steps", str(steps),
            "--output_dir", out, "--no-auto_resume", "--save_every", "0", "--vis_every", "0"]
-    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = launch(cmd, None, script_env()).code
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
     return json.loads((Path(out) / "bench.json").read_text())
 
 

@@ -7,9 +7,9 @@
 Every figure is measured through the training path, each by its own script in a subprocess that
 writes JSON (`--json`), so nothing here times code of its own:
   4  end to end: `bench_train.py` -> `main_pretrain.py --bench model,loader,e2e` (ViT-L recipe, 14
-     workers, forkserver) on real-format H.264 that this script writes once with the project's encoder
-     (`datasets.synthetic.write_video`): 568x320, 10 s, 30 fps, a keyframe every 250 frames, as
-     Kinetics ships after the usual resize to 320p; or on `--data_path`;
+     workers, forkserver) on real-format H.264 that this script writes once, the moving texture of
+     bench_data.py (`benchmarks.common.moving_texture_video`): 568x320, 10 s, 30 fps, a keyframe every
+     250 frames, as Kinetics ships after the usual resize to 320p; or on `--data_path`;
   5  model only, ViT-L 16x224 bf16, 8 clips: `bench_step.py`, eager and compiled per block and whole
      (`--compile none,blocks,model`, timed in turn), against Hugging Face VideoMAE when `transformers`
      is installed;
@@ -34,19 +34,17 @@ import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(ROOT))
 
-from datasets.synthetic import cached_build, write_video  # noqa: E402
+from benchmarks.common import launch, log_tail, moving_texture_video, script_env  # noqa: E402
+from datasets.synthetic import cached_build  # noqa: E402
 
 COMPILED = ("blocks", "model")
 
@@ -94,40 +92,19 @@ QUICK = Sizes(model="mae_vit_micro_patch8", huge="mae_vit_micro_patch8", frames=
 
 
 # ----------------------------------------------------------------------------- data for row 4
-def write_kinetics_like(path: str, width: int, height: int, seconds: int, seed: int, fps: int = 30,
-                        gop: int = 250) -> str:
-    """One H.264 video shaped like a resized Kinetics clip: a panning texture with moving discs."""
-    rng = np.random.default_rng(seed)
-    tile = rng.integers(0, 256, (height // 6 + 2, width // 6 + 2, 3), dtype=np.uint8)
-    texture = np.kron(tile, np.ones((6, 6, 1), np.uint8))[: height + 6, : width + 6]
-    yy, xx = np.mgrid[0:height, 0:width]
-    centres = rng.uniform(0, 1, (3, 2)) * (width, height)
-    speeds = rng.uniform(-4, 4, (3, 2))
-    frames = np.empty((seconds * fps, height, width, 3), np.uint8)
-    for t in range(len(frames)):
-        dy, dx = (t // 2) % 6, t % 6  # camera pan: every block moves, so P-frames carry real motion
-        frame = texture[dy: dy + height, dx: dx + width].copy()
-        for (cx, cy), (vx, vy), colour in zip(centres, speeds, ((255, 64, 0), (0, 200, 255), (240, 240, 240)),
-                                              strict=True):
-            x, y = (cx + vx * t) % width, (cy + vy * t) % height
-            frame[(xx - x) ** 2 + (yy - y) ** 2 < (height / 8) ** 2] = colour
-        frames[t] = frame
-    write_video(path, frames, fps, gop_size=gop)
-    return path
-
-
 def ensure_video_set(sizes: Sizes) -> str:
     """A cached folder of generated H.264 videos and a train.csv listing them `list_lines` times in all."""
     width, height = sizes.video_size
     params = dict(width=width, height=height, seconds=sizes.video_seconds, videos=sizes.videos,
-                  lines=sizes.list_lines, gop=250, fps=30, version=1)
+                  lines=sizes.list_lines, gop=250, fps=30, version=2)  # 2: benchmarks.common's moving texture
 
     def build(tmp: str) -> None:
         os.makedirs(os.path.join(tmp, "videos"))
         # One at a time: libx264 already encodes on every core. (Encoding here is fork-safe for the rows:
         # they start as new programs, never as forks of this process.)
         for i in range(sizes.videos):
-            write_kinetics_like(os.path.join(tmp, "videos", f"{i:03d}.mp4"), width, height, sizes.video_seconds, i)
+            moving_texture_video(os.path.join(tmp, "videos", f"{i:03d}.mp4"), width, height, sizes.video_seconds,
+                                 seed=i)
         rows = [f"videos/{i % sizes.videos:03d}.mp4 {i % 4}" for i in range(sizes.list_lines)]
         Path(tmp, "train.csv").write_text("\n".join(rows) + "\n")
 
@@ -152,21 +129,12 @@ def run_script(key: str, argv: list[str], out: Path, timeout: float, env: dict[s
     json_path.unlink(missing_ok=True)
     cmd = [sys.executable, *argv, "--json", str(json_path)]
     run = RowRun(key, command=cmd)
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        log.write(" ".join(cmd) + "\n\n")
-        log.flush()
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = None
-    run.seconds = time.time() - t0
-    if code is None:
+    done = launch(cmd, log_path, env, timeout)
+    run.seconds = done.seconds
+    if done.code is None:
         run.error = f"timed out after {timeout:.0f} s (log: {log_path})"
-    elif code != 0 or not json_path.exists():
-        tail = [line for line in log_path.read_text().splitlines() if line.strip()][-1:] or ["no output"]
-        run.error = f"failed (exit {code}): {tail[0][:160]} (log: {log_path})"
+    elif done.code != 0 or not json_path.exists():
+        run.error = f"failed (exit {done.code}): {log_tail(log_path, 1)[:160]} (log: {log_path})"
     else:
         run.data = json.loads(json_path.read_text())
     return run
@@ -376,8 +344,7 @@ def main(argv: list[str] | None = None) -> str:
     budget = args.budget_s or (170.0 if args.quick else 450.0)
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    env = script_env(PYTHONUNBUFFERED="1")
     if args.device == "cpu":
         # Tiny CPU models are dispatch-bound: a second intra-op thread only spins (and hides no GPU).
         env.setdefault("OMP_NUM_THREADS", "1")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -183,27 +182,6 @@ def fit(model: str, budget_gib: float, backend: str, mask_ratio: float, precisio
     return best
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_rss_peak() -> None:
-    try:  # Linux: "5" resets VmHWM, the peak that /proc/self/status reports
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _rss_peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return _rss_bytes()
-
-
 def measure(model: str, batch: int, mask_ratio: float, precision: str, checkpointing: bool,
             num_frames: int = 16, input_size: int = 224, device: str = "cuda") -> dict:
     """One real training step on one device (the training backend in one process: DDP layout, no sharding).
@@ -211,35 +189,31 @@ def measure(model: str, batch: int, mask_ratio: float, precision: str, checkpoin
     CUDA: peak bytes from torch.cuda.max_memory_allocated. CPU: growth of the process's resident memory
     (states: after building and one step; peak: its high-water mark during the next step).
     """
-    from util.config import OptimConfig, ParallelConfig
-    from util.distributed import DistInfo
-    from util.engine import train_step
-    from util.parallel import setup_parallel
+    from benchmarks.common import (
+        build_backend,
+        current_memory,
+        mae_loss,
+        peak_memory,
+        reset_peak_memory,
+        train_step_fn,
+    )
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated() if cuda else _rss_bytes()
+    reset_peak_memory(dev)
+    start = current_memory(dev)
     m = create_model(model, img_size=input_size, num_frames=num_frames)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=dev, is_main=True)
-    backend = setup_parallel(m, ParallelConfig(precision=precision, grad_ckpt=checkpointing), OptimConfig(), 1e-4,
-                             info, micro_batch=batch)
+    backend = build_backend(m, dev, precision, grad_ckpt=checkpointing, micro_batch=batch)
     clips = torch.randn(batch, 3, num_frames, input_size, input_size, device=dev)
     noise = torch.rand(batch, m.patch_embed.num_patches, device=dev)
-    micro = {"clips": clips, "noise": noise}
+    step = train_step_fn(backend, {"clips": clips, "noise": noise}, mae_loss(mask_ratio))
     for _ in range(2):  # the second step has the optimizer state already allocated
-        if cuda:
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            base = _rss_bytes()
-            _reset_rss_peak()
-        train_step(backend, [micro], lambda mod, b: mod(b["clips"], mask_ratio, b["noise"])[0], 1)
+        base = current_memory(dev)
+        reset_peak_memory(dev)
+        step()
+    peak = peak_memory(dev)
     if cuda:
-        peak = torch.cuda.max_memory_allocated()
         return dict(states=base / GiB, peak=peak / GiB, act=(peak - base) / GiB, method="torch.cuda.max_memory_allocated")
-    peak = _rss_peak_bytes()
     return dict(states=(base - start) / GiB, peak=(peak - start) / GiB, act=(peak - base) / GiB,
                 method="CPU resident-memory growth (not a GPU figure)")
 
