@@ -29,6 +29,7 @@ import pstats
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ def baseline_item(path: str, rng: np.random.Generator, repeat: int, frames: int 
     return torch.stack(out)
 
 
-def measure(fn, items: int) -> tuple[float, float]:
+def measure(fn: Callable[[int], object], items: int) -> tuple[float, float]:
     """Items per wall second and per CPU second of this process, after one warm-up call.
 
     On a shared machine the wall rate drops when other processes take turns on our core; the
@@ -107,7 +108,7 @@ def measure(fn, items: int) -> tuple[float, float]:
     return items / (time.perf_counter() - wall), items / (time.process_time() - cpu)
 
 
-def best_of(rounds: int, *fns) -> list[tuple[float, float]]:
+def best_of(rounds: int, *fns: tuple[Callable[[int], object], int]) -> list[tuple[float, float]]:
     """Run each (fn, items) in turn, `rounds` times interleaved; keep each one's best rates."""
     best = [(0.0, 0.0)] * len(fns)
     for _ in range(rounds):

@@ -39,16 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (  # noqa: E402
-    build_backend,
-    current_memory,
-    mae_loss,
-    peak_memory,
-    reset_peak_memory,
-    sync,
-    time_in_turn,
-    train_step_fn,
-)
+from benchmarks import common  # noqa: E402
 from models import create_model  # noqa: E402
 from models.flops import masked_autoencoder_flops  # noqa: E402
 from models.masking import num_visible  # noqa: E402
@@ -138,7 +129,7 @@ def count_flops(step: Callable[[], torch.Tensor]) -> int:
     return counter.get_total_flops()
 
 
-def op_counts(events) -> dict[str, int]:
+def op_counts(events: list) -> dict[str, int]:
     """Host work of one profiled step: ATen ops dispatched from Python or compiled code (not those nested in
     another op), kernel launches (CUDA), and entries into compiled graphs."""
     def nested(e) -> bool:
@@ -163,7 +154,7 @@ def profile_step(step: Callable[[], torch.Tensor], device: torch.device, rows: i
         sort = "self_cuda_time_total"
     with torch.profiler.profile(activities=acts) as prof:
         step()
-        sync(device)
+        common.sync(device)
     return op_counts(prof.events()), prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
@@ -178,19 +169,19 @@ class Bench:
 def prepare(name: str, params: int, step: Callable[[], torch.Tensor], args: argparse.Namespace,
             device: torch.device, flops_analytic: int) -> Bench:
     """Warm a training-step closure up while measuring its peak memory."""
-    reset_peak_memory(device)
-    before = current_memory(device)
+    common.reset_peak_memory(device)
+    before = common.current_memory(device)
     for _ in range(max(1, args.warmup)):
         step()
-    sync(device)
-    peak = peak_memory(device)
+    common.sync(device)
+    peak = common.peak_memory(device)
     result = Result(name, [], flops_analytic, 0, peak, params, extra={"step_mem": peak - before})
     return Bench(result, step)
 
 
 def run_interleaved(benches: list[Bench], args: argparse.Namespace, device: torch.device) -> None:
     """Time the models' steps in turn (A, B, A, B, ...) so load from other processes hits all alike."""
-    times = time_in_turn({str(i): b.step for i, b in enumerate(benches)}, args.steps, device)
+    times = common.time_in_turn({str(i): b.step for i, b in enumerate(benches)}, args.steps, device)
     for i, b in enumerate(benches):
         b.result.step_times.extend(times[str(i)])
     for b in benches:
@@ -206,8 +197,8 @@ def bench_ours(args: argparse.Namespace, device: torch.device, clips: torch.Tens
     model = create_model(args.model, num_frames=args.frames, img_size=args.img).to(device).train()
     flops = model.flops_per_clip(args.mask_ratio)["train_step"] * args.batch
     params = sum(p.numel() for p in model.parameters())
-    backend = build_backend(model, device, args.dtype, args.dist, args.grad_ckpt, compile_mode, args.batch)
-    step = train_step_fn(backend, {"clips": clips, "noise": noise}, mae_loss(args.mask_ratio))
+    backend = common.build_backend(model, device, args.dtype, args.dist, args.grad_ckpt, compile_mode, args.batch)
+    step = common.train_step_fn(backend, {"clips": clips, "noise": noise}, common.mae_loss(args.mask_ratio))
 
     name = "ours" if len(args.compile_modes) == 1 else f"ours ({'eager' if compile_mode == 'none' else compile_mode})"
     bench = prepare(name, params, step, args, device, flops)

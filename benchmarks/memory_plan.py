@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -130,7 +131,7 @@ def format_table(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n\n(GiB per GPU, computed)"
 
 
-def saved_bytes(fn, *inputs: torch.Tensor, exclude: tuple[torch.Tensor, ...] = ()) -> int:
+def saved_bytes(fn: Callable[..., object], *inputs: torch.Tensor, exclude: tuple[torch.Tensor, ...] = ()) -> int:
     """Bytes of distinct storages autograd saves while running fn (parameters excluded)."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
@@ -189,29 +190,22 @@ def measure(model: str, batch: int, mask_ratio: float, precision: str, checkpoin
     CUDA: peak bytes from torch.cuda.max_memory_allocated. CPU: growth of the process's resident memory
     (states: after building and one step; peak: its high-water mark during the next step).
     """
-    from benchmarks.common import (
-        build_backend,
-        current_memory,
-        mae_loss,
-        peak_memory,
-        reset_peak_memory,
-        train_step_fn,
-    )
+    from benchmarks import common
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    reset_peak_memory(dev)
-    start = current_memory(dev)
+    common.reset_peak_memory(dev)
+    start = common.current_memory(dev)
     m = create_model(model, img_size=input_size, num_frames=num_frames)
-    backend = build_backend(m, dev, precision, grad_ckpt=checkpointing, micro_batch=batch)
+    backend = common.build_backend(m, dev, precision, grad_ckpt=checkpointing, micro_batch=batch)
     clips = torch.randn(batch, 3, num_frames, input_size, input_size, device=dev)
     noise = torch.rand(batch, m.patch_embed.num_patches, device=dev)
-    step = train_step_fn(backend, {"clips": clips, "noise": noise}, mae_loss(mask_ratio))
+    step = common.train_step_fn(backend, {"clips": clips, "noise": noise}, common.mae_loss(mask_ratio))
     for _ in range(2):  # the second step has the optimizer state already allocated
-        base = current_memory(dev)
-        reset_peak_memory(dev)
+        base = common.current_memory(dev)
+        common.reset_peak_memory(dev)
         step()
-    peak = peak_memory(dev)
+    peak = common.peak_memory(dev)
     if cuda:
         return dict(states=base / GiB, peak=peak / GiB, act=(peak - base) / GiB, method="torch.cuda.max_memory_allocated")
     return dict(states=(base - start) / GiB, peak=(peak - start) / GiB, act=(peak - base) / GiB,

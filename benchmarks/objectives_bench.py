@@ -30,15 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (  # noqa: E402
-    build_backend,
-    children_cpu_seconds,
-    mae_loss,
-    motion_pool,
-    run_script,
-    time_in_turn,
-    train_step_fn,
-)
+from benchmarks import common  # noqa: E402
 
 NUM_VIDEOS, SIZE, NUM_CLASSES, VIDEOS_PER_STEP = 1200, 32, 8, 16
 CLIP = ["--input_size", str(SIZE), "--num_frames", "8", "--sampling_rate", "2", "--t_patch_size", "2",
@@ -66,7 +58,7 @@ LINPROBE = ["--linprobe", "--blr", "8e-2", "--weight_decay", "0.0"]
 
 def make_data(out: Path, labels_per_class: int) -> tuple[Path, Path]:
     """The video pool (generated once, cached by its settings) and lists: a few labelled videos, the test set."""
-    return motion_pool(out, NUM_VIDEOS, labels_per_class)
+    return common.motion_pool(out, NUM_VIDEOS, labels_per_class)
 
 
 def run(name: str, script: str, args: list[str], out: Path, threads: int) -> tuple[str, float, float]:
@@ -74,7 +66,7 @@ def run(name: str, script: str, args: list[str], out: Path, threads: int) -> tup
 
     On a shared machine the wall minutes grow with the load; the CPU minutes do not (much).
     """
-    r = run_script(script, out / name, [*CLIP, *args], threads=threads, log=out / f"{name}.log", label=name)
+    r = common.run_script(script, out / name, [*CLIP, *args], threads=threads, log=out / f"{name}.log", label=name)
     return r.command, r.minutes, r.cpu_minutes
 
 
@@ -101,9 +93,9 @@ def interleaved_step_times(steps: int, threads: int) -> dict[str, float]:
     arms, step_fns = {}, {}
     for name, extra in (("random", {}), ("amt", {"mask_type": "amt", "throw_ratio": 0.4})):
         torch.manual_seed(0)
-        arms[name] = build_backend(create_model("mae_vit_micro_patch8", **kw, **extra), cpu)
-        step_fns[name] = train_step_fn(arms[name], batch, mae_loss(0.9))
-    times = time_in_turn(step_fns, steps, cpu, warmup=2)  # alternate, so load changes hit both arms alike
+        arms[name] = common.build_backend(create_model("mae_vit_micro_patch8", **kw, **extra), cpu)
+        step_fns[name] = common.train_step_fn(arms[name], batch, common.mae_loss(0.9))
+    times = common.time_in_turn(step_fns, steps, cpu, warmup=2)  # alternate, so load changes hit both arms alike
     flops = {name: backend.unwrapped.flops_per_clip(0.9)["train_step"] for name, backend in arms.items()}
     return {**{name: statistics.median(t) for name, t in times.items()}, **{f"{k}_flops": v for k, v in flops.items()}}
 
@@ -182,7 +174,7 @@ def main() -> None:
               f"{fmt(cpu, '{:.1f}')} | {fmt(rate, '{:.1f}')} |")
     print(f"\nAMT vs random masking, one step timed in turn: {speed['random'] / speed['amt']:.2f}x faster "
           f"(FLOPs {speed['random_flops'] / speed['amt_flops']:.2f}x)")
-    print(f"total {(time.time() - start) / 60:.1f} minutes, {children_cpu_seconds() / 60:.1f} CPU minutes in the runs\n\ncommands:")
+    print(f"total {(time.time() - start) / 60:.1f} minutes, {common.children_cpu_seconds() / 60:.1f} CPU minutes in the runs\n\ncommands:")
     for label, cmd in commands:
         print(f"# {label}\n{cmd}")
 

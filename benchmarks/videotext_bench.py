@@ -36,14 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (  # noqa: E402
-    build_backend,
-    finished_marker,
-    run_script,
-    time_in_turn,
-    train_step_fn,
-    videotext_loss_fn,
-)
+from benchmarks import common  # noqa: E402
 from datasets.captions import CaptionVideoDataset, ensure_videotext_dataset, read_caption_list  # noqa: E402
 from datasets.text_tokenizer import train_tokenizer  # noqa: E402
 from datasets.video_dataset import collate_clips  # noqa: E402
@@ -85,10 +78,10 @@ def time_steps(data: Path, rounds: int, threads: int) -> dict:
                             text_heads=4, embed_dim=128, img_size=SIZE, num_frames=4, t_patch_size=2, pred_t_dim=2)
     # The training backend and step (one process, fp32, AdamW with the default groups; no clipping, as before).
     cpu = torch.device("cpu")
-    backend = build_backend(model, cpu, optim=OptimConfig(clip_grad=0.0))
-    steps = {ratio: train_step_fn(backend, batch, videotext_loss_fn(ratio)) for ratio in (0.0, 0.5)}
+    backend = common.build_backend(model, cpu, optim=OptimConfig(clip_grad=0.0))
+    steps = {ratio: common.train_step_fn(backend, batch, common.videotext_loss_fn(ratio)) for ratio in (0.0, 0.5)}
     # The first rounds warm the allocator and caches; the order alternates too.
-    times = time_in_turn(steps, rounds, cpu, warmup=2, alternate=True)
+    times = common.time_in_turn(steps, rounds, cpu, warmup=2, alternate=True)
     t0, t50 = statistics.median(times[0.0]), statistics.median(times[0.5])
     return {"step_s_mask0": t0, "step_s_mask50": t50, "speedup": t0 / t50, "rounds": rounds,
             "flops_ratio": model.flops_per_clip(0.0)["train_step"] / model.flops_per_clip(0.5)["train_step"]}
@@ -98,8 +91,9 @@ def run(name: str, args: list[str], out: Path, data: Path, threads: int) -> dict
     """One main_pretrain.py run to completion (reused when its results exist); returns its timing."""
     folder = out / name
     done = folder / "bench_run.json"
-    r = run_script("main_pretrain.py", folder, ["--data_path", str(data), *args], threads=threads,
-                   done=done.is_file, result=finished_marker("main_pretrain.py", folder).exists, label=name)
+    r = common.run_script("main_pretrain.py", folder, ["--data_path", str(data), *args], threads=threads,
+                          done=done.is_file, result=common.finished_marker("main_pretrain.py", folder).exists,
+                          label=name)
     if r.reused:
         return json.loads(done.read_text())
     info = {"minutes": r.minutes, "cpu_minutes": r.cpu_minutes, "command": r.command}
