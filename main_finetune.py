@@ -7,200 +7,33 @@
     python main_finetune.py --config ... --eval --resume OUT/checkpoints/latest   # test a saved run
 
 With no `--config`, `configs/finetune/demo.yaml` is used. `--finetune` accepts our checkpoint folders
-and exports, the official MAE-ST / PySlowFast releases and VideoMAE files (`models/convert.py`). This
-file is the fine-tuning flags and task; the run loop is `util/trainer.py`, testing `util/evaluate.py`
-(the softmax of K temporal x S spatial views averaged per video).
+and exports, the official MAE-ST / PySlowFast releases and VideoMAE files (`models/convert.py`). The
+task (flags, model, data, loss, testing) is tasks/classify.py; the run loop is util/trainer.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 
-import numpy as np
-import torch
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch import nn
+import tasks
+from tasks import classify
+from util.config import flag_values, run_config
+from util.trainer import Trainer
 
-from datasets import DistributedEvalSampler, VideoMixup
-from models import create_model
-from models.convert import load_pretrained
-from models.vit import to_linear_probe
-from util.checkpoint import read_weights
-from util.config import (
-    add_flags,
-    add_run_flags,
-    flag,
-    flag_values,
-    non_negative,
-    parse_args,
-    positive,
-    run_config,
-    section,
-)
-from util.evaluate import test_and_report
-from util.trainer import Task, Trainer
-
-DEMO_CONFIG = str(Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml")
-unit = {"check": lambda x: 0 <= x <= 1, "rule": "in [0, 1]"}
+DEMO_CONFIG = tasks.default_config("finetune", [])
 
 
-@dataclass
-class FinetuneConfig:
-    """The classifier, where its weights come from, and how it is tested."""
-
-    finetune: str = flag("", "weights to start from: file or checkpoint/output folder")
-    allow_unexpected_keys: bool = flag(False, "load --finetune weights even if some have no place in the model "
-                                       "(they are dropped, so the model computes something else)")
-    num_classes: int = flag(400, "classes of the head", check=positive, rule="> 0")
-    drop_path_rate: float = flag(0.1, "stochastic depth of the last block", **unit)
-    dropout: float = flag(0.5, "dropout before the classifier", **unit)
-    global_pool: bool = flag(True, "mean-pool patch tokens (else class token)")
-    linprobe: bool = flag(False, "freeze the encoder; train BatchNorm1d(affine=False) + linear head (as MAE)")
-    eval: bool = flag(False, "only test the weights (--resume, latest or --finetune)")
-    dist_eval: bool = flag(True, "shard test videos over ranks (else all on each)")
-    eval_split: str = flag("val", "list file to test on (K400 reports on val)")
-    eval_every: int = flag(5, "epochs between tests during training (0: end only)", check=non_negative, rule=">= 0")
-    test_num_temporal_views: int = flag(10, "clips per video along time (mae_st main_test: 10 x 3 views)",
-                                        check=positive, rule="> 0")
-    test_num_spatial_crops: int = flag(3, "crops per clip (1: center, 3: l/c/r)", check=positive, rule="> 0")
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation and label mixing (MAE-ST's fine-tuning recipe)."""
-
-    mixup: float = flag(0.8, "mixup alpha (0: off)", check=non_negative, rule=">= 0")
-    cutmix: float = flag(1.0, "cutmix alpha (0: off)", check=non_negative, rule=">= 0")
-    mixup_prob: float = flag(1.0, "probability of mixing a batch", **unit)
-    mixup_switch_prob: float = flag(0.5, "probability of cutmix over mixup", **unit)
-    smoothing: float = flag(0.1, "label smoothing", check=lambda x: 0 <= x < 1, rule="in [0, 1)")
-    rand_aug: str = flag("rand-m7-n2-mstd0.5-inc1", "timm RandAugment config ('': off)")
-    reprob: float = flag(0.25, "random-erasing probability", **unit)
-    min_crop_scale: float = flag(0.08, "smallest random-resized-crop area share", check=lambda x: 0 < x <= 1,
-                                 rule="in (0, 1]")
-    hflip: bool = flag(True, "random horizontal flips (off for direction labels)")
-
-
-def build_loss(cfg: FinetuneConfig, aug: AugmentConfig) -> tuple[VideoMixup | None, nn.Module]:
-    """(mixup/cutmix or None, criterion): soft-target CE with mixing, else (smoothed) CE."""
-    if aug.mixup > 0 or aug.cutmix > 0:
-        mix = VideoMixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
-                         switch_prob=aug.mixup_switch_prob, label_smoothing=aug.smoothing, num_classes=cfg.num_classes)
-        return mix, SoftTargetCrossEntropy()  # smoothing is already inside the mixed targets
-    return None, LabelSmoothingCrossEntropy(aug.smoothing) if aug.smoothing > 0 else nn.CrossEntropyLoss()
-
-
-class FinetuneTask(Task):
-    """Supervised video classification with multi-view testing."""
-
-    name = "fine-tuning"
-    architecture_flags = ("num_classes", "global_pool", "linprobe")
-
-    def __init__(self, cfg: FinetuneConfig, aug: AugmentConfig, clips_per_batch: int) -> None:
-        self.cfg, self.aug = cfg, aug
-        self.mixup, self.criterion = build_loss(cfg, aug)
-        if self.mixup is not None and clips_per_batch % 2:  # checked before any work
-            raise ValueError("mixup/cutmix pair clips within a batch: batch_size x repeat_aug must be even")
-        self.test_loader = None
-
-    def setup(self, trainer: Trainer) -> None:
-        self.data_path = trainer.resolve_data_path()
-
-    def build_model(self, trainer: Trainer) -> nn.Module:
-        m, c = trainer.cfg.model, self.cfg
-        model = create_model(m.model, num_classes=c.num_classes, img_size=m.input_size, num_frames=m.num_frames,
-                             t_patch_size=m.t_patch_size, cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed,
-                             drop_path_rate=0.0 if c.linprobe else c.drop_path_rate,
-                             dropout=0.0 if c.linprobe else c.dropout, global_pool=c.global_pool,
-                             init_values=m.init_values)
-        return to_linear_probe(model) if c.linprobe else model
-
-    def init_weights(self, model: nn.Module, trainer: Trainer) -> None:
-        if not self.cfg.finetune:
-            if self.cfg.eval:
-                raise ValueError(f"--eval needs weights: --resume DIR, a checkpoint in {trainer.out}, or --finetune FILE")
-            return
-        report = load_pretrained(model, read_weights(self.cfg.finetune), source=self.cfg.finetune,
-                                 allow_unexpected=self.cfg.allow_unexpected_keys)
-        if self.cfg.eval and any(k.startswith("head") for k in report.missing + report.skipped):
-            raise ValueError(f"--eval with --finetune {self.cfg.finetune}: the file has no {self.cfg.num_classes}-way head")
-
-    def build_train_dataset(self, trainer: Trainer) -> torch.utils.data.Dataset:
-        a = self.aug  # random erasing draws normal noise in normalised space: the workers normalise
-        return trainer.video_dataset(self.data_path, "train", "finetune", rand_aug=a.rand_aug or None,
-                                     reprob=a.reprob, hflip=a.hflip, scale=(a.min_crop_scale, 1.0), normalize=True,
-                                     num_classes=self.cfg.num_classes)
-
-    def loss(self, module: nn.Module, batch: dict) -> torch.Tensor:
-        clips, target = batch["clips"], batch["label"]
-        if self.mixup is not None:
-            # timm's Mixup draws from numpy's global RNG: seed it from the per-step torch seed so a
-            # resumed run mixes exactly as the uninterrupted one would have.
-            np.random.seed(int(torch.randint(0, 2**31 - 1, (1,))))
-            clips, target = self.mixup(clips, target)
-        return self.criterion(module(clips), target)
-
-    def flops_per_clip(self, model: nn.Module) -> float:
-        return model.flops_per_clip()["train_step"]
-
-    def test(self, trainer: Trainer, tag: str) -> dict:
-        """Multi-view test of the current weights on --eval_split (collective); logged and written by rank 0."""
-        c = self.cfg
-        if self.test_loader is None:
-            ds = self.test_set = trainer.video_dataset(self.data_path, c.eval_split, "test",
-                                                       num_temporal_views=c.test_num_temporal_views,
-                                                       num_spatial_crops=c.test_num_spatial_crops,
-                                                       num_classes=c.num_classes)
-            # With --no-dist_eval every rank tests everything and only rank 0's scores count.
-            world, rank = (trainer.dist.world_size, trainer.dist.rank) if c.dist_eval else (1, 0)
-            batch = trainer.cfg.loop.batch_size * trainer.cfg.data.repeat_aug
-            self.test_loader = trainer.make_loader(ds, DistributedEvalSampler(len(ds), world, rank), batch, train=False)
-        names = Path(self.data_path, "classes.txt")
-        names = names.read_text().split() if names.is_file() else None
-        metrics = test_and_report(
-            trainer.backend.module, self.test_loader, len(self.test_set.samples), c.num_classes, trainer.dist.device,
-            trainer.dist.is_main, trainer.out, c.eval_split, tag, c.test_num_temporal_views * c.test_num_spatial_crops,
-            c.dist_eval, trainer.backend.precision, lambda b: trainer.prepare(b, normalize=not self.test_set.normalize),
-            names if names and len(names) == c.num_classes else None)
-        if hasattr(trainer, "logger"):
-            trainer.logger.scalars(trainer.state.global_step, metrics, prefix=f"{c.eval_split}/")
-        return metrics
-
-    def on_epoch_end(self, trainer: Trainer) -> None:
-        done, every = trainer.state.epoch + 1, self.cfg.eval_every
-        if every and done % every == 0 and done < trainer.cfg.loop.epochs:
-            self.test(trainer, f"epoch {done}")
-
-    def on_train_end(self, trainer: Trainer) -> dict:
-        return self.test(trainer, f"final, step {trainer.state.global_step}")
-
-    def evaluate(self, trainer: Trainer) -> dict:
-        return self.test(trainer, f"eval of {trainer.cfg.ckpt.resume or self.cfg.finetune or 'latest'}")
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """Every fine-tuning flag (shared sections from util.config; MAE-ST's fine-tuning defaults for them)."""
-    parser = argparse.ArgumentParser("MAE-ST fine-tuning", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_run_flags(parser)
-    add_flags(parser, FinetuneConfig, "fine-tuning and evaluation")
-    add_flags(parser, AugmentConfig, "augmentation")
-    # The ViT-L recipe of the official FINETUNE.md for the shared flags.
-    parser.set_defaults(model="vit_large_patch16", epochs=50, warmup_epochs=5, blr=1e-3, min_lr=1e-6, repeat_aug=2,
-                        clip_grad=5.0, save_every=0, opt_betas=[0.9, 0.999], layer_decay=0.75,
-                        wd_skip="tokens")
-    return parser
+def get_args_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """Every fine-tuning flag (shared sections with MAE-ST's fine-tuning defaults, then the task's)."""
+    return tasks.finetune_parser(argv)
 
 
 def main(args: argparse.Namespace) -> dict:
     """Fine-tune (or only test with --eval); returns a summary with the final test metrics."""
-    cfg = section(FinetuneConfig, args)
-    task = FinetuneTask(cfg, section(AugmentConfig, args), args.batch_size * args.repeat_aug)
-    trainer = Trainer(run_config(args), task, flag_values(args, get_args_parser()))
-    return trainer.evaluate() if cfg.eval else trainer.fit()
+    return Trainer(run_config(args), classify.make_task(args), flag_values(args, get_args_parser())).run()
 
 
 if __name__ == "__main__":
-    main(parse_args(get_args_parser(), sys.argv[1:], default_config=DEMO_CONFIG))
+    main(tasks.parse("finetune", sys.argv[1:]))

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import os
@@ -35,7 +36,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from datasets.synthetic import ensure_synthetic_dataset, write_video  # noqa: E402
-from models.videotext import videotext_loss  # noqa: E402
+from tasks.common import MaskingConfig, StartConfig  # noqa: E402
+from tasks.mae import MAEConfig, MAETask  # noqa: E402
+from tasks.videotext import batch_loss as videotext_batch_loss  # noqa: E402
 from util.config import OptimConfig, ParallelConfig  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
 from util.engine import LossFn, train_step  # noqa: E402
@@ -141,23 +144,15 @@ def run_script(script: str, output_dir: Path, args: list[str], *, threads: int =
 
 
 # ============================================================================ task losses
-# THE ONE PLACE where the benchmarks compute a task's loss. These copy main_pretrain.py's tasks (PretrainTask.loss,
-# VideoTextTask.loss) for a plain batch in one process, because a script must not import another script. When the
-# losses move to the tasks/ package (tasks/mae.py, tasks/videotext.py), replace these two bodies with calls to them.
+# The benchmarks' losses are the tasks' own (tasks/mae.py, tasks/videotext.py), for a plain batch in one process.
 def mae_loss(mask_ratio: float) -> LossFn:
-    """PretrainTask.loss without AMT attention maps: the MAE loss of batch['clips'] at `mask_ratio`, batch['noise']."""
-    def loss(module: nn.Module, batch: dict) -> torch.Tensor:
-        return module(batch["clips"], mask_ratio, batch["noise"])[0]
-
-    return loss
+    """MAETask.loss (random masking, no AMT attention maps) at `mask_ratio`: the loss of batch['clips'], batch['noise']."""
+    return MAETask(StartConfig(), MaskingConfig(mask_ratio=mask_ratio), MAEConfig()).loss
 
 
 def videotext_loss_fn(mask_ratio: float) -> LossFn:
-    """VideoTextTask.loss in one process: InfoNCE (+ the MAE term, when built with it) at `mask_ratio`."""
-    def loss(module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        return videotext_loss(module(batch["clips"], batch["tokens"], mask_ratio, batch["noise"]))
-
-    return loss
+    """VideoTextTask's loss in one process: InfoNCE (+ the MAE term, when built with it) at `mask_ratio`."""
+    return functools.partial(videotext_batch_loss, mask_ratio=mask_ratio)
 
 
 # ============================================================================ timing train steps

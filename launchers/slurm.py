@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from util.config import parse_args  # noqa: E402
 
 
 def launcher_parser() -> argparse.ArgumentParser:
@@ -158,17 +157,17 @@ def make_executor(largs: argparse.Namespace, folder: Path, job_name: str) -> Any
 def launch(
     argv: Sequence[str],
     main_module: str,
-    get_parser: Callable[[], argparse.ArgumentParser],
-    default_config: str | None,
+    get_parser: Callable[[Sequence[str]], argparse.ArgumentParser],
+    parse: Callable[[Sequence[str]], argparse.Namespace],
 ) -> Any:
     """Parse launcher + main flags, then submit (or print with --dry_run); returns the submitit job or None."""
     largs, rest = launcher_parser().parse_known_args(list(argv))
     check_launcher_args(largs)
     if "-h" in rest or "--help" in rest:
         launcher_parser().print_help()
-        get_parser().print_help()
+        get_parser(rest).print_help()
         return None
-    args = parse_args(get_parser(), rest, default_config=default_config)  # bad main flags exit here
+    args = parse(rest)  # bad main flags exit here, with the --config defaults of the objective they name
     job_dir = Path(largs.job_dir).resolve() if largs.job_dir else default_job_dir(args, main_module)
     if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in rest):
         args.output_dir = str(job_dir)

@@ -18,10 +18,9 @@ from launchers.slurm import launch  # noqa: E402
 
 def main(argv: list[str]) -> object:
     """Parse and submit; returns the submitit job (None for --dry_run / --help)."""
-    import main_finetune
+    import tasks
 
-    default = getattr(main_finetune, "DEFAULT_CONFIG", None) or getattr(main_finetune, "DEMO_CONFIG", None)
-    return launch(argv, "main_finetune", main_finetune.get_args_parser, default)
+    return launch(argv, "main_finetune", tasks.finetune_parser, lambda rest: tasks.parse("finetune", rest))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from launchers.slurm import launch  # noqa: E402
 
 def main(argv: list[str]) -> object:
     """Parse and submit; returns the submitit job (None for --dry_run / --help)."""
-    import main_pretrain
+    import tasks
 
-    return launch(argv, "main_pretrain", main_pretrain.get_args_parser, main_pretrain.DEMO_CONFIG)
+    return launch(argv, "main_pretrain", tasks.pretrain_parser, lambda rest: tasks.parse("pretrain", rest))
 
 
 if __name__ == "__main__":

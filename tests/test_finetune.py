@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from main_finetune import AugmentConfig, FinetuneConfig, build_loss, get_args_parser
+from main_finetune import get_args_parser
+from tasks.classify import AugmentConfig, FinetuneConfig, build_loss
 from models import create_model
 from models.vit import to_linear_probe
 from tests.dist.common import make_backend

@@ -135,7 +135,7 @@ def test_fuzzed_yaml_configs(tmp_path: Path, guarded: Path) -> None:
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                parse_args(get_args_parser(), ["--config", str(f), "--output_dir", str(tmp_path / "out")])
+                parse_args(get_args_parser(["--config", str(f)]), ["--config", str(f), "--output_dir", str(tmp_path / "out")])
             outcomes.append("ok")
         except SystemExit:  # parse_args turns only a ConfigError into this usage error
             message = err.getvalue().splitlines()[-1]

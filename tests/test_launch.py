@@ -243,7 +243,7 @@ def recipe_layout(recipe: Path):
     import main_pretrain
     from util.config import parse_args
 
-    args = parse_args(main_pretrain.get_args_parser(), ["--config", str(recipe)])
+    args = parse_args(main_pretrain.get_args_parser(["--config", str(recipe)]), ["--config", str(recipe)])
     layout = re.search(r"layout: (\d+) nodes? x (\d+) GPUs?", recipe.read_text())
     assert layout, "the recipe must state its layout"
     return args, int(layout.group(1)) * int(layout.group(2))

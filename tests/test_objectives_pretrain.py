@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import ROOT, command, env, losses
+from test_pretrain import ROOT, SHARED_FAST, command, env, losses
 
 RHO = ["--proj_dim", "16", "--proj_hidden_dim", "32", "--pred_hidden_dim", "32", "--moco_queue", "64",
        "--rho_rand_aug", "", "--rho", "2"]
@@ -26,12 +26,12 @@ def test_rho_killed_and_resumed_gives_the_same_losses_then_linear_probe(tmp_path
                                                                          backend: list[str]) -> None:
     args = ["--objective", objective, *RHO, "--epochs", "2", "--save_every", "3", "--precision", "fp32", *backend]
     ref = tmp_path / "ref"
-    proc = subprocess.run(command(ref, 2, args), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command(ref, 2, args, SHARED_FAST), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     expected = losses(ref)
 
     out = tmp_path / "killed"
-    victim = subprocess.Popen(command(out, 2, args), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+    victim = subprocess.Popen(command(out, 2, args, SHARED_FAST), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 300
@@ -43,7 +43,7 @@ def test_rho_killed_and_resumed_gives_the_same_losses_then_linear_probe(tmp_path
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert int(latest.resolve().name.split("-")[1]) < max(expected)
-    resumed = subprocess.run(command(out, 2, args), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command(out, 2, args, SHARED_FAST), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     got = losses(out)
     assert sorted(got) == sorted(expected)

@@ -28,11 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(out: Path, nproc: int, extra: list[str]) -> list[str]:
+# FAST without the MAE's own flags: what the other objectives (rho) accept.
+SHARED_FAST = [a for i, a in enumerate(FAST) if not (a.startswith("--pred_t_dim") or a.startswith("--decoder_")
+                                                     or FAST[i - 1].startswith(("--pred_t_dim", "--decoder_")))]
+
+
+def command(out: Path, nproc: int, extra: list[str], fast: list[str] = FAST) -> list[str]:
     base = [sys.executable]
     if nproc > 1:
         base += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
-    return base + [str(ROOT / "main_pretrain.py"), "--output_dir", str(out), *FAST, *extra]
+    return base + [str(ROOT / "main_pretrain.py"), "--output_dir", str(out), *fast, *extra]
 
 
 def env() -> dict[str, str]:

@@ -29,7 +29,7 @@ from datasets.synthetic import CLASS_NAMES
 from datasets.text_tokenizer import EOT, PAD, SOT, load_tokenizer, train_tokenizer
 from models.videotext import contrastive_loss, videotext_loss, videotext_model
 from util.errors import DataFileError, MissingFileError
-from util.videotext_eval import read_class_prompts, retrieval_metrics, zero_shot
+from tasks.videotext_eval import read_class_prompts, retrieval_metrics, zero_shot
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ["A red square moves right, spinning clockwise", "A blue star slides to the left while turning counterclockwise",
@@ -382,11 +382,11 @@ def test_tiny_run_eval_commands_repeat_its_numbers_and_refuse_an_untrained_folde
     shutil.copytree(src, out, symlinks=True)  # the fixture's folder stays as the other test saw it
     first = json.loads((out / "eval_retrieval.json").read_text())
     (out / "eval_retrieval.json").unlink()
-    again = run_main(*TINY_RUN, "--output_dir", str(out), "--eval", "retrieval", cache=cache)
+    again = run_main(*TINY_RUN, "--output_dir", str(out), "--videotext_eval", "retrieval", cache=cache)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "eval_retrieval.json").read_text())["t2v_R@1"] == first["t2v_R@1"]
-    bad = run_main(*TINY_RUN, "--output_dir", str(tmp_path / "empty"), "--eval", "zeroshot", cache=cache)
-    assert bad.returncode != 0 and "--eval tests a trained run" in bad.stderr
+    bad = run_main(*TINY_RUN, "--output_dir", str(tmp_path / "empty"), "--videotext_eval", "zeroshot", cache=cache)
+    assert bad.returncode != 0 and "--videotext_eval tests a trained run" in bad.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -399,7 +399,7 @@ def test_objective_videotext_refuses_repeated_clips_and_learned_masks(flags: lis
     import main_pretrain
     from util.config import ConfigError, parse_args
 
-    args = parse_args(main_pretrain.get_args_parser(), [*TINY_RUN, *flags])
+    args = parse_args(main_pretrain.get_args_parser(TINY_RUN), [*TINY_RUN, *flags])
     with pytest.raises(ConfigError, match=re.escape(message)):
         main_pretrain.build_task(args)
 
@@ -415,9 +415,11 @@ def test_videotext_recipes_parse_and_follow_flip(recipe: str, capsys: pytest.Cap
     from util.config import parse_args
 
     path = ROOT / "configs" / "pretrain" / f"{recipe}.yaml"
-    args = parse_args(main_pretrain.get_args_parser(), ["--config", str(path)])
+    args = parse_args(main_pretrain.get_args_parser(["--config", str(path)]), ["--config", str(path)])
     task = main_pretrain.build_task(args)
-    assert isinstance(task, main_pretrain.VideoTextTask) and args.repeat_aug == 1 and not args.hflip
+    from tasks.videotext import VideoTextTask
+
+    assert isinstance(task, VideoTextTask) and args.repeat_aug == 1 and not args.videotext_hflip
     if recipe == "videotext_demo":
         return
     layout = re.search(r"layout: (\d+) nodes x (\d+) GPUs", path.read_text())

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import stat
+import sys
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -176,8 +177,8 @@ def _check_value(action: argparse.Action, key: str, value: Any, source: str) -> 
     return value
 
 
-def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    """Read a YAML file of flag defaults, rejecting an empty file, unknown keys and bad values."""
+def read_config_file(path: str) -> dict[Any, Any]:
+    """The mapping in a YAML config file; ConfigError naming the file for anything that is not one."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -199,17 +200,54 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, 
         raise ConfigError(f"config file {path} is empty: give at least one flag (or leave out --config for the demo)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    return data
+
+
+def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Read a YAML file of flag defaults, rejecting an empty file, unknown keys and bad values."""
+    data = read_config_file(path)
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     out = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         key = short_repr(key).strip("'")  # a key is echoed in messages: bounded like values
+        if dest not in actions and (message := _refused_flag(parser, dest)):
+            raise ConfigError(f"{path}: key '{key}': {message.replace('--', '', 1)}")
         if dest not in actions:
             close = sorted(k for k in actions if k.split("_")[0] == dest.split("_")[0])[:5]
             hint = f"; did you mean one of: {', '.join(close)}" if close else ""
             raise ConfigError(f"{path}: unknown key '{key}'{hint} (see --help for every flag)")
         out[dest] = _check_value(actions[dest], str(key), value, path)
     return out
+
+
+def refuse_flags(parser: argparse.ArgumentParser, renamed: dict[str, str], elsewhere: dict[str, str]) -> None:
+    """Make `parse_args` refuse flags that were renamed (old -> new name) or belong to another objective
+    (flag -> which one has it), naming the fix, on the command line and in YAML files alike."""
+    parser._mae_refused = {**getattr(parser, "_mae_refused", {}), **{  # noqa: SLF001 - read by parse_args
+        old: f"--{old} was renamed: use --{new}" for old, new in renamed.items()}}
+    for name, owner in elsewhere.items():
+        parser._mae_refused.setdefault(name, f"--{name} is a flag of {owner}, not of this run's objective "
+                                             f"(see --help for this objective's flags)")
+
+
+def _refused_flag(parser: argparse.ArgumentParser, name: str) -> str | None:
+    """The message for a refused flag name (with or without `no-`), or None."""
+    refused = getattr(parser, "_mae_refused", {})
+    name = name.replace("-", "_")
+    return refused.get(name) or (refused.get(name[3:]) if name.startswith("no_") else None)
+
+
+def _check_refused_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Refuse renamed or foreign flags on the command line before argparse's prefix matching sees them."""
+    known = {a.dest for a in parser._actions}
+    for token in argv:
+        if token == "--":
+            break
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0]
+            if name.replace("-", "_") not in known and (message := _refused_flag(parser, name)):
+                raise ConfigError(message)
 
 
 def parse_args(
@@ -219,6 +257,10 @@ def parse_args(
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
+    try:
+        _check_refused_argv(parser, sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        parser.error(str(exc))
     config = known.config or default_config
     if config:
         try:
@@ -290,6 +332,12 @@ class DataConfig:
                                  "height), checked before decoding", check=positive, rule="> 0")
     max_video_frames: int = flag(10_000_000, "skip (and count as bad) videos with more frames, checked before "
                                  "decoding", check=positive, rule="> 0")
+
+
+@dataclass
+class SyntheticConfig:
+    """The generated demo videos used when no --data_path is given."""
+
     synthetic_videos: int = flag(96, "generated videos when no data_path is given", check=positive, rule="> 0")
     synthetic_size: int = flag(64, "side of the generated videos in pixels", check=positive, rule="> 0")
     synthetic_background: str = flag("texture", "background of the generated videos",
@@ -374,13 +422,15 @@ class RunConfig:
 
     model: ModelConfig
     data: DataConfig
+    synthetic: SyntheticConfig
     optim: OptimConfig
     loop: LoopConfig
     parallel: ParallelConfig
     ckpt: CheckpointConfig
 
 
-RUN_SECTIONS = (("model", ModelConfig), ("data", DataConfig), ("optimisation", OptimConfig),
+RUN_SECTIONS = (("model", ModelConfig), ("data", DataConfig), ("generated demo data", SyntheticConfig),
+                ("optimisation", OptimConfig),
                 ("loop", LoopConfig), ("parallelism and precision", ParallelConfig),
                 ("checkpoints and logging", CheckpointConfig))
 

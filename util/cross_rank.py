@@ -1,4 +1,4 @@
-"""The pieces of the AMT and rho objectives that talk across ranks or reach into sharded parameters.
+"""Pieces of the objectives that talk across ranks or reach into sharded parameters.
 
 - `CrossRankBatchNorm1d`: BatchNorm over the global batch (the projector/predictor MLPs of rho-BYOL
   and rho-MoCo), differentiable through `torch.distributed.nn` collectives, on any device and
@@ -6,23 +6,18 @@
 - `ema_update`: the momentum encoder's update, shard-local: each rank updates the part of every
   target parameter it holds (a DDP replica, an FSDP2 DTensor shard, a ZeRO-3 partition), from the
   same part of the online parameter, which has the same shape and so the same sharding.
-- `all_gather_cat`: keys of every rank, in rank order (the MoCo queue is identical everywhere).
-- `refresh_amt_attention`: AMT's attention pass over the canonical views of every training video,
-  sharded over ranks, gathered into the same table on every rank.
+- `all_gather_cat`: tensors of every rank, in rank order (the MoCo queue is identical everywhere; AMT's
+  attention table too).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-if TYPE_CHECKING:
-    from util.trainer import Trainer
 
 
 def _world() -> int:
@@ -135,32 +130,3 @@ def ema_update(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], momentum: flo
 def cosine_momentum(base: float, progress: float) -> float:
     """BYOL's schedule, as the rho study anneals it: base at the start, 1 at the end (progress in [0, 1])."""
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1.0) / 2.0
-
-
-@torch.no_grad()
-def refresh_amt_attention(trainer: Trainer, dataset: torch.utils.data.Dataset, table: torch.Tensor,
-                          batch_size: int) -> None:
-    """Fill `table` [N, t, h, w] (uint8, 255 = 1) with every video's [CLS] attention over its canonical view.
-
-    Rank r takes the r-th contiguous share of the videos, padded with its last one so that every rank
-    runs the same number of forwards (FSDP2 and ZeRO-3 gather parameters collectively); the shares
-    are all-gathered in rank order, so every rank holds the same table. Unreadable videos keep 255.
-    """
-    n, world, rank = len(dataset), trainer.dist.world_size, trainer.dist.rank
-    share = math.ceil(n / world)
-    mine = list(range(rank * share, min((rank + 1) * share, n)))
-    indices = mine + [mine[-1] if mine else 0] * (share - len(mine))
-    loader = trainer.make_loader(dataset, indices, batch_size, train=False)
-    module = trainer.backend.module
-    was_training = module.training
-    module.eval()
-    rows = []
-    for batch in loader:
-        batch = trainer.prepare(batch, normalize=not getattr(dataset, "normalize", True))
-        with trainer.backend.precision():
-            weights = module(batch["clips"], return_cls_attention=True)
-        weights = (weights.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        rows.append(torch.where(batch["valid"][:, None], weights, torch.full_like(weights, 255)))
-    module.train(was_training)
-    full = all_gather_cat(torch.cat(rows))[:n] if rows else table.new_full((0, table[0].numel()), 255)
-    table.copy_(full.view_as(table).to(table.device))

@@ -17,8 +17,10 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-# A loss function returns the loss, or (loss, {name: scalar tensor}) to log extra averaged metrics.
-LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor | tuple[torch.Tensor, dict]]
+# A loss function returns {"loss": the loss, name: scalar tensor to log (averaged) ...}; a task's `loss` does.
+# A bare loss tensor (or a (loss, metrics) pair) is accepted too, for short scripts and benchmarks.
+LossOut = dict[str, torch.Tensor] | torch.Tensor | tuple[torch.Tensor, dict]
+LossFn = Callable[[nn.Module, dict[str, Any]], LossOut]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,8 +57,10 @@ def step_seed(seed: int, global_step: int, rank: int) -> int:
     return (seed * 1_000_003 + global_step) * 1_009 + rank
 
 
-def split_loss(out: torch.Tensor | tuple[torch.Tensor, dict]) -> tuple[torch.Tensor, dict]:
-    """(loss, extra metrics) from what a task's loss function returned."""
+def split_loss(out: LossOut) -> tuple[torch.Tensor, dict]:
+    """(loss, extra metrics) from what a loss function returned."""
+    if isinstance(out, dict):
+        return out["loss"], {k: v for k, v in out.items() if k != "loss"}
     return out if isinstance(out, tuple) else (out, {})
 
 

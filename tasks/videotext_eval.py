@@ -1,6 +1,7 @@
 """Video-text evaluation: retrieval (text->video, video->text) and zero-shot classification from prompts.
 
-Embeddings come from callables the task hands over (`encode_video(clips) -> [B, E]`,
+`evaluate(ctx, cfg, ...)` runs them on a run's model (collective; rank 0 writes the JSON and PNG files).
+Below it, embeddings come from callables (`encoders`) (`encode_video(clips) -> [B, E]`,
 `encode_text(ids) -> [B, E]`, unit vectors), so this module never sees a model class.
 
 - Videos: K temporal x S spatial views per video; each view's unit embedding is summed into a dense
@@ -21,18 +22,28 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from datasets import DistributedEvalSampler, VideoDataset, read_list_file
+from datasets.captions import CaptionList, read_caption_list
 from util.evaluate import confusion_matrix, save_confusion_matrix
+from util.task import RunContext
 from util.visualize import MEAN, STD
 
-log = logging.getLogger("mae_st.videotext_eval")
+if TYPE_CHECKING:
+    from datasets.text_tokenizer import CaptionTokenizer
+    from tasks.videotext import VideoTextConfig
+
+log = logging.getLogger("mae_st.videotext")
 Encoder = Callable[[torch.Tensor], torch.Tensor]
+Encoders = tuple[Encoder, Encoder]
 
 
 def _distributed() -> bool:
@@ -222,3 +233,119 @@ def save_retrieval_examples(path: str | Path, queries: Sequence[str], sim: torch
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- on a run's model
+def caption_list(cfg: VideoTextConfig, root: str, file: str, path_format: str = "") -> CaptionList:
+    """A caption list of the data folder (`file` relative to `root` unless absolute), with the run's column flags."""
+    return read_caption_list(os.path.join(root, file), root, cfg.caption_video_column, cfg.caption_text_column,
+                             path_format or cfg.caption_path_format)
+
+
+def encoders(module: Callable, num_frames: int, size: int, context_length: int, device: torch.device) -> Encoders:
+    """(encode_video, encode_text) through the wrapped model's forward, unmasked (what FSDP2/ZeRO-3 need)."""
+    no_text = torch.zeros(0, context_length, dtype=torch.long, device=device)
+    no_clips = torch.zeros(0, 3, num_frames, size, size, device=device)
+    return (lambda clips: module(clips, no_text, 0.0)["video"], lambda ids: module(no_clips, ids, 0.0)["text"])
+
+
+def _test_videos(ctx: RunContext, cfg: VideoTextConfig, samples: list[tuple[str, int]], list_file: str
+                 ) -> tuple[VideoDataset, torch.utils.data.DataLoader]:
+    """Test-mode dataset (K temporal x S spatial views per video) and its sharded loader."""
+    m, d, dist = ctx.cfg.model, ctx.cfg.data, ctx.dist
+    ds = VideoDataset(list_file, samples=samples, mode="test", num_frames=m.num_frames,
+                      sampling_rate=d.sampling_rate, crop_size=m.input_size,
+                      num_temporal_views=cfg.eval_temporal_views, num_spatial_crops=cfg.eval_spatial_crops,
+                      seed=ctx.cfg.loop.seed, normalize=not ctx.normalize_on_device)
+    loader = ctx.make_loader(ds, DistributedEvalSampler(len(ds), dist.world_size, dist.rank),
+                                 ctx.cfg.loop.batch_size, train=False)
+    return ds, loader
+
+
+def _in_eval(module: torch.nn.Module, fn: Callable[[], Any]) -> Any:
+    """Run fn with the module in eval mode, restoring its mode after."""
+    was = module.training
+    module.eval()
+    try:
+        return fn()
+    finally:
+        module.train(was)
+
+
+def retrieval(ctx: RunContext, cfg: VideoTextConfig, root: str, tokenizer: CaptionTokenizer, enc: Encoders, tag: str) -> dict:
+    """Text<->video retrieval on --eval_captions (collective); rank 0 writes the JSON and the examples PNG."""
+    captions = caption_list(cfg, root, cfg.eval_captions, cfg.eval_caption_path_format)
+    ds, loader = _test_videos(ctx, cfg, [(v, -1) for v in captions.videos], captions.path)
+    texts = captions.all_captions()
+    text_video = torch.tensor([i for i, caps in enumerate(captions.captions) for _ in caps])
+    ids = torch.from_numpy(tokenizer.encode(texts, cfg.context_length))
+    module, dev = ctx.backend.module, ctx.dist.device
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        videos = embed_videos(enc[0], loader, len(captions.videos), dev, ctx.prepare, ctx.backend.precision)
+        return embed_texts(enc[1], ids, dev, precision=ctx.backend.precision), videos
+
+    text_emb, video_emb = _in_eval(module, run)
+    sim = text_emb @ video_emb.T
+    metrics = retrieval_metrics(sim, text_video)
+    if ctx.dist.is_main:
+        write_json(ctx.out / "eval_retrieval.json", {**metrics, "captions": captions.path, "tag": tag,
+                                                         "views": cfg.eval_temporal_views * cfg.eval_spatial_crops})
+        picks = torch.linspace(0, len(texts) - 1, min(cfg.eval_examples, len(texts))).long().tolist()
+        save_retrieval_examples(ctx.out / "retrieval_examples.png", [texts[q] for q in picks], sim[picks],
+                                [int(text_video[q]) for q in picks], lambda v: ds[(0, v * ds.views)]["clips"][0],
+                                title=f"{tag}: t2v R@1 {metrics['t2v_R@1']:.1f}, R@5 {metrics['t2v_R@5']:.1f}")
+        log.info("retrieval (%s, %d captions x %d videos): t2v R@1/5/10 %.1f/%.1f/%.1f MdR %.1f; v2t R@1/5/10 "
+                 "%.1f/%.1f/%.1f MdR %.1f", tag, metrics["texts"], metrics["videos"], metrics["t2v_R@1"],
+                 metrics["t2v_R@5"], metrics["t2v_R@10"], metrics["t2v_MdR"], metrics["v2t_R@1"], metrics["v2t_R@5"],
+                 metrics["v2t_R@10"], metrics["v2t_MdR"])
+    return metrics
+
+
+def zeroshot(ctx: RunContext, cfg: VideoTextConfig, root: str, tokenizer: CaptionTokenizer, enc: Encoders, tag: str) -> dict:
+    """Zero-shot classification of --eval_list from --class_prompts (collective); rank 0 writes JSON and PNG."""
+    list_file = os.path.join(root, cfg.eval_list)
+    samples = read_list_file(list_file, root)
+    names_file = Path(root, "classes.txt")
+    names = names_file.read_text().split() if names_file.is_file() else None
+    names, prompts = read_class_prompts(os.path.join(root, cfg.class_prompts), names)
+    labels = torch.tensor([label for _, label in samples])
+    if labels.min() < 0 or labels.max() >= len(names):
+        raise ValueError(f"{list_file}: labels must index the {len(names)} classes of {cfg.class_prompts}")
+    ds, loader = _test_videos(ctx, cfg, samples, list_file)
+    module, dev = ctx.backend.module, ctx.dist.device
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        videos = embed_videos(enc[0], loader, len(samples), dev, ctx.prepare, ctx.backend.precision)
+        per_class = [embed_texts(enc[1], torch.from_numpy(tokenizer.encode(p, cfg.context_length)), dev,
+                                 precision=ctx.backend.precision) for p in prompts]
+        return videos, per_class
+
+    video_emb, prompt_emb = _in_eval(module, run)
+    metrics, pred = zero_shot(video_emb, prompt_emb, labels)
+    if ctx.dist.is_main:
+        write_json(ctx.out / "eval_zeroshot.json", {**metrics, "list": list_file, "tag": tag,
+                                                        "prompts_per_class": [len(p) for p in prompts]})
+        save_zero_shot_confusion(pred, labels, names, ctx.out / "confusion_zeroshot.png",
+                                 f"{tag}: zero-shot top-1 {metrics['top1']:.1f}%")
+        log.info("zero-shot (%s, %d videos, %d classes): top-1 %.1f%%, top-5 %.1f%%", tag, metrics["videos"],
+                 metrics["classes"], metrics["top1"], metrics["top5"])
+    return metrics
+
+
+def evaluate(ctx: RunContext, cfg: VideoTextConfig, root: str, tokenizer: CaptionTokenizer, which: str, tag: str,
+             required: bool) -> dict:
+    """Run `which` (retrieval, zeroshot or all); a missing input file is an error if `required`, else skipped."""
+    m = ctx.cfg.model
+    enc = encoders(ctx.backend.module, m.num_frames, m.input_size, cfg.context_length, ctx.dist.device)
+    results = {}
+    for name, fn, needs in (("retrieval", retrieval, cfg.eval_captions), ("zeroshot", zeroshot, cfg.eval_list)):
+        if which not in (name, "all"):
+            continue
+        if not required and not os.path.isfile(os.path.join(root, needs)):
+            log.warning("no %s at the end of training: %s does not exist", name, os.path.join(root, needs))
+            continue
+        results[name] = fn(ctx, cfg, root, tokenizer, enc, tag)
+        if ctx.logger is not None:
+            ctx.logger.scalars(ctx.state.global_step, results[name], prefix=name)
+    return results

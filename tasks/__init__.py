@@ -1,0 +1,114 @@
+"""One module per training objective; the registry the mains look them up in.
+
+A task module holds its flag sections (`SECTIONS`: typed dataclasses whose fields are the flags), its
+`Task` (util/task.py: model, data, loss, hooks) and its helpers, and a `make_task(args)` that builds
+the task from parsed flags. A new objective is one new file here and one line in `PRETRAIN` (or a
+main of its own); `docs/tasks.md` has the smallest example.
+
+`--objective` is read before anything else (from the command line, else from the `--config` file),
+so `--help` and the YAML checks cover the shared run sections plus that objective's sections only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from util.config import (
+    ConfigError,
+    add_flags,
+    add_run_flags,
+    parse_args,
+    read_config_file,
+    refuse_flags,
+    section,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# --objective -> the task module of main_pretrain.py.
+PRETRAIN = {"mae": "tasks.mae", "rho_byol": "tasks.rho", "rho_moco": "tasks.rho", "videotext": "tasks.videotext"}
+
+
+def task_module(name: str) -> ModuleType:
+    """The module `tasks.<name>` (or a registered objective's module)."""
+    return importlib.import_module(PRETRAIN.get(name) or f"tasks.{name}")
+
+
+def objective_of(argv: Sequence[str], default: str = "mae") -> str:
+    """--objective from the command line, else the `objective` key of --config's file, else `default`."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--objective", default=None)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(list(argv))
+    objective = known.objective
+    if objective is None and known.config:
+        try:
+            objective = read_config_file(known.config).get("objective")
+        except ConfigError:
+            objective = None  # the full parse reports what is wrong with the file
+    objective = default if objective is None else objective
+    if objective not in PRETRAIN:
+        raise ConfigError(f"--objective {objective!r} is not one of: {', '.join(PRETRAIN)}")
+    return objective
+
+
+def build_parser(description: str, module: ModuleType, defaults: dict | None = None) -> argparse.ArgumentParser:
+    """Every flag of a run of `module`'s task: the shared run sections, then the task's own sections.
+
+    Flags of the other objectives' sections are refused with the objective that has them, and the
+    task's renamed flags (`RENAMED`) with their new names.
+    """
+    parser = argparse.ArgumentParser(description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_flags(parser)
+    mine = set()
+    for title, cls in module.SECTIONS:
+        add_flags(parser, cls, title)
+        mine |= set(cls.__dataclass_fields__)
+    owners: dict[str, list[str]] = {}
+    if module.__name__ in PRETRAIN.values():
+        for objective, name in PRETRAIN.items():
+            for _, cls in importlib.import_module(name).SECTIONS:
+                for flag in sorted(set(cls.__dataclass_fields__) - mine):
+                    owners.setdefault(flag, []).append(objective)
+    elsewhere = {flag: "--objective " + " / ".join(dict.fromkeys(objs)) for flag, objs in owners.items()}
+    refuse_flags(parser, getattr(module, "RENAMED", {}), elsewhere)
+    if defaults:
+        parser.set_defaults(**defaults)
+    return parser
+
+
+def pretrain_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """main_pretrain.py's flags for the objective that `argv` (or its --config) names."""
+    return build_parser("MAE-ST pretraining", task_module(objective_of(argv)))
+
+
+def finetune_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """main_finetune.py's flags: the shared sections with MAE-ST's fine-tuning defaults, then the task's."""
+    classify = task_module("classify")
+    return build_parser("MAE-ST fine-tuning", classify, defaults=classify.DEFAULTS)
+
+
+def default_config(kind: str, argv: Sequence[str]) -> str | None:
+    """The demo config of the objective `argv` names (pretrain; None if it has none), or the fine-tuning demo."""
+    if kind == "finetune":
+        return str(CONFIGS / "finetune" / "demo.yaml")
+    demo = getattr(task_module(objective_of(argv)), "DEMO_CONFIG", None)
+    return str(CONFIGS / "pretrain" / demo) if demo else None
+
+
+def parse(kind: str, argv: Sequence[str]) -> argparse.Namespace:
+    """Parsed flags of main_pretrain.py (`kind` "pretrain") or main_finetune.py, with the demo config as default."""
+    try:
+        parser = pretrain_parser(argv) if kind == "pretrain" else finetune_parser(argv)
+        config = default_config(kind, argv)
+    except ConfigError as exc:  # an unknown --objective: argparse's usage error, not a traceback
+        argparse.ArgumentParser(f"main_{kind}.py").error(str(exc))
+    return parse_args(parser, argv, default_config=config)
+
+
+def sections(module: ModuleType, args: argparse.Namespace) -> list:
+    """The task's typed sections of parsed flags, in `SECTIONS` order."""
+    return [section(cls, args) for _, cls in module.SECTIONS]
