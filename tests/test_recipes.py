@@ -194,3 +194,14 @@ def test_docs_64_gpu_table_has_every_k400_mae_recipe_with_its_counts_and_lr() ->
         stated = re.findall(r"= ([0-9.]+e-[0-9]+)", lr_cell)
         lr = effective_lr(a["blr"], a["batch_size"], a["repeat_aug"], a["accum_iter"], world, a["lr_scale_by"])
         assert float(stated[0] if stated else lr_cell.split()[0]) == pytest.approx(lr), name
+
+
+def test_finetune_vit_l_recipe_is_mae_st_finetune_md_command() -> None:
+    # mae_st FINETUNE.md:73, written out by hand: --epochs 50 --warmup_epochs 5 --repeat_aug 2 --blr 0.0024
+    # --layer_decay 0.75 --drop_path_rate 0.2 --dropout 0.3 --clip_grad 5.0 --smoothing 0.1 --mixup 0.8
+    # --cutmix 1.0 --mixup_prob 1.0. Its --epochs are data passes too (100 effective at 2 clips per video).
+    a = resolved(ROOT / "configs" / "finetune" / "vit_l_k400.yaml", finetune_parser)
+    assert (a["epochs"], a["warmup_epochs"], a["repeat_aug"]) == (50, 5, 2)
+    assert a["blr"] == pytest.approx(2.4e-3) and a["lr_scale_by"] == "clips"
+    assert (a["layer_decay"], a["drop_path_rate"], a["dropout"], a["clip_grad"]) == (0.75, 0.2, 0.3, 5.0)
+    assert (a["smoothing"], a["mixup"], a["cutmix"], a["mixup_prob"]) == (0.1, 0.8, 1.0, 1.0)
