@@ -44,7 +44,8 @@ class FinetuneConfig:
     dist_eval: bool = flag(True, "shard test videos over ranks (else all on each)")
     eval_split: str = flag("val", "list file to test on (K400 reports on val)")
     eval_every: int = flag(5, "epochs between tests during training (0: end only)", check=non_negative, rule=">= 0")
-    test_num_temporal_views: int = flag(10, "clips per video along time (mae_st main_test: 10 x 3 views)",
+    test_num_temporal_views: int = flag(10, "clips per video along time (mae_st main_test: 10 x 3 views; "
+                                        "7: the released results' 7 x 3, docs/recipes.md)",
                                         check=positive, rule="> 0")
     test_num_spatial_crops: int = flag(3, "crops per clip (1: center, 3: l/c/r)", check=positive, rule="> 0")
 

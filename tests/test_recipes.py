@@ -161,3 +161,47 @@ def test_finetune_recipe_tests_mae_st_main_test_views(path: Path) -> None:
     a = resolved(path, finetune_parser)
     assert (a["test_num_temporal_views"], a["test_num_spatial_crops"]) == (10, 3)
     assert vars(parse_args(finetune_parser(), []))["test_num_temporal_views"] == 10
+
+
+def _docs_table() -> dict[str, list[str]]:
+    """docs/recipes.md's 64-GPU table: recipe file name -> its row's cells (brace patterns expanded)."""
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    section = text[text.index("## The 64-GPU setting"):text.index("## Fine-tuning and testing")]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not line.startswith("| `"):
+            continue
+        for pattern in re.findall(r"`([^`]+\.yaml)`", cells[0]):
+            head, _, rest = pattern.partition("{")
+            options, _, tail = rest.partition("}")
+            for option in options.split(",") if options else [""]:
+                rows[head + option + tail] = cells
+    return rows
+
+
+def test_docs_64_gpu_table_has_every_k400_mae_recipe_with_its_counts_and_lr() -> None:
+    rows = _docs_table()
+    assert sorted(rows) == sorted(p.name for p in [*MAE_RECIPES, PYSLOWFAST_L])
+    for name, (_, step, passes, warmup, lr_cell) in rows.items():
+        a = resolved(ROOT / "configs" / "pretrain" / name)
+        layout = re.search(r"layout: (\d+) nodes? x (\d+) GPUs", (ROOT / "configs" / "pretrain" / name).read_text())
+        world = int(layout.group(1)) * int(layout.group(2))
+        videos = a["batch_size"] * a["accum_iter"] * world
+        assert step == f"{videos} / {videos * a['repeat_aug']}", name
+        assert passes == f"{a['epochs']} ({a['epochs'] * a['repeat_aug']})", name
+        assert warmup == f"{a['warmup_epochs']:g} ({a['warmup_epochs'] * a['repeat_aug']:g})", name
+        stated = re.findall(r"= ([0-9.]+e-[0-9]+)", lr_cell)
+        lr = effective_lr(a["blr"], a["batch_size"], a["repeat_aug"], a["accum_iter"], world, a["lr_scale_by"])
+        assert float(stated[0] if stated else lr_cell.split()[0]) == pytest.approx(lr), name
+
+
+def test_finetune_vit_l_recipe_is_mae_st_finetune_md_command() -> None:
+    # mae_st FINETUNE.md:73, written out by hand: --epochs 50 --warmup_epochs 5 --repeat_aug 2 --blr 0.0024
+    # --layer_decay 0.75 --drop_path_rate 0.2 --dropout 0.3 --clip_grad 5.0 --smoothing 0.1 --mixup 0.8
+    # --cutmix 1.0 --mixup_prob 1.0. Its --epochs are data passes too (100 effective at 2 clips per video).
+    a = resolved(ROOT / "configs" / "finetune" / "vit_l_k400.yaml", finetune_parser)
+    assert (a["epochs"], a["warmup_epochs"], a["repeat_aug"]) == (50, 5, 2)
+    assert a["blr"] == pytest.approx(2.4e-3) and a["lr_scale_by"] == "clips"
+    assert (a["layer_decay"], a["drop_path_rate"], a["dropout"], a["clip_grad"]) == (0.75, 0.2, 0.3, 5.0)
+    assert (a["smoothing"], a["mixup"], a["cutmix"], a["mixup_prob"]) == (0.1, 0.8, 1.0, 1.0)

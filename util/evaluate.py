@@ -1,6 +1,7 @@
 """Multi-view video classification testing: per-video averaged softmax, top-1/top-5, confusion matrix.
 
-A test item is one (video, view) pair: K temporal windows x S spatial crops per video (K400: 7 x 3).
+A test item is one (video, view) pair: K temporal windows x S spatial crops per video (K400 recipes: 10 x 3 as
+mae_st's main_test.py; the released MAE-ST results are 7 x 3, docs/recipes.md).
 Each rank sums the softmax scores of the views it saw into a dense [num_videos, num_classes] table
 indexed by the video's index, and the tables are summed across ranks. A video whose views were
 split between ranks is therefore still one video, counted once, and the sampler never pads
