@@ -78,6 +78,9 @@ def read_list_file(list_file: str, data_root: str = "", num_classes: int | None 
         if m is None:
             raise DataFileError(f"{list_file}:{lineno}: expected 'path label' (space or comma separated, "
                              f"integer label), got {line.strip()[:200]!r}")
+        if len(m.group(2).lstrip("-").lstrip("0")) > 100:  # int() of over 4300 digits is a bare ValueError
+            raise DataFileError(f"{list_file}:{lineno}: label {m.group(2)[:30]}... ({len(m.group(2))} characters) "
+                                f"does not fit in 64 bits")
         label = int(m.group(2))
         if num_classes is not None and not 0 <= label < num_classes:
             raise DataFileError(f"{list_file}:{lineno}: label {m.group(2)[:30]} is outside [0, {num_classes}) "

@@ -19,7 +19,7 @@ from datasets import (
 from datasets.decode import MAX_FRAME_PIXELS, MAX_VIDEO_FRAMES, VideoTooLarge, decode_frames, probe
 from datasets.transforms import crop_resize
 from util.config import DataConfig
-from util.errors import MaeError
+from util.errors import DataFileError, MaeError
 
 
 def _list(tmp_path, rows, name="train.csv", sep=" "):
@@ -258,6 +258,11 @@ def test_list_labels_are_range_checked_when_read_naming_file_and_line(videos, tm
     # pretraining ignores labels but still refuses one no tensor can hold (an OverflowError in a worker)
     with pytest.raises(ValueError, match=r"train\.csv:2: label 12345678901234567890 does not fit"):
         VideoDataset(str(lst))
+    # past Python's 4300-digit int() limit: still the project's error naming file:line, with or without classes
+    lst.write_text(f"{good} 3\n{good} {'9' * 5000}\n")
+    for classes in (None, 400):
+        with pytest.raises(DataFileError, match=r"train\.csv:2: label 9{30}\.\.\. \(5000 characters\) does not fit"):
+            VideoDataset(str(lst), num_classes=classes)
     lst.write_text(f"{good} 0\n{good} 399\n")
     assert [label for _, label in VideoDataset(str(lst), num_classes=400).samples] == [0, 399]
 
