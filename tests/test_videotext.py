@@ -122,6 +122,8 @@ def test_caption_list_with_a_byte_order_mark_keeps_its_first_column(tmp_path: Pa
     (b"\x00\x01\xff\xfe binary", r"t\.json:1: not a tokenizer file \(bytes that are not UTF-8"),
     (b'{"model": {"type": "BPE", "vocab": 7}}', r"t\.json: not a tokenizer Hugging Face can read"),
     (b'{"version": "1.0"}', r"t\.json is neither a Hugging Face tokenizer\.json"),
+    pytest.param(b'{"model": ' + b"[" * 100_000, r"t\.json: not a tokenizer file \(JSON nested too deeply",
+                 id="nested-100000"),
 ])
 def test_hostile_tokenizer_file_names_the_file_and_the_fix(tmp_path: Path, content: bytes, message: str) -> None:
     """What resume reads as OUT/tokenizer.json: damage is a DataFileError naming the file, never a raw error later."""

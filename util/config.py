@@ -195,6 +195,9 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, 
                           f"{exc.reason}); give the .yaml file, not a binary one") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not a valid config: {str(exc)[:500]}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"config file {path} nests lists or mappings too deeply to be a config; give a flat "
+                          f"mapping of flag names to values") from None
     if data is None:
         raise ConfigError(f"config file {path} is empty: give at least one flag (or leave out --config for the demo)")
     if not isinstance(data, dict):
