@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from datasets.loader import batches
 from util.evaluate import confusion_matrix, save_confusion_matrix
 from util.visualize import MEAN, STD
 
@@ -53,7 +54,7 @@ def embed_videos(encode_video: Encoder, loader: Iterable[dict], num_videos: int,
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         extra = int(most) - num_batches
     clips = None
-    for batch in loader:
+    for batch in batches(loader):  # a worker stuck in a read stops the test naming its file (--data_timeout)
         clips = prepare(batch)["clips"] if prepare else batch["clips"].to(device)
         with precision():
             emb = encode_video(clips).float().cpu().double()
