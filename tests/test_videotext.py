@@ -358,6 +358,15 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     return out, cache
 
 
+def test_video_text_runs_apply_the_decode_bounds(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """--max_video_frames reaches the caption datasets: every generated video is over a bound of 2 frames."""
+    _, cache = tiny_run
+    proc = run_main(*TINY_RUN, "--output_dir", str(tmp_path / "vt"), "--max_video_frames", "2", "--max_steps", "1",
+                    cache=cache)
+    assert proc.returncode != 0
+    assert "frames exceed --max_video_frames 2" in proc.stderr and "videos in a row failed" in proc.stderr
+
+
 def test_tiny_run_writes_checkpoints_tokenizer_and_evaluations(tiny_run: tuple[Path, Path]) -> None:
     out, _ = tiny_run
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -293,6 +293,9 @@ class DataConfig:
                                  "height), checked before decoding", check=positive, rule="> 0")
     max_video_frames: int = flag(10_000_000, "skip (and count as bad) videos with more frames, checked before "
                                  "decoding", check=positive, rule="> 0")
+    max_decode_short_side: int = flag(1080, "decode training clips of sources whose short side is longer scaled "
+                                      "down to it (swscale, before the crop; 0: full size)", check=non_negative,
+                                      rule=">= 0")
     synthetic_videos: int = flag(96, "generated videos when no data_path is given", check=positive, rule="> 0")
     synthetic_size: int = flag(64, "side of the generated videos in pixels", check=positive, rule="> 0")
     synthetic_background: str = flag("texture", "background of the generated videos",

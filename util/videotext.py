@@ -118,7 +118,8 @@ def train_dataset(trainer: Any, cfg: Any, captions: CaptionList, tokenizer: Capt
         captions, tokenizer, cfg.context_length, cfg.text_mask_ratio, mode="pretrain", num_frames=m.num_frames,
         sampling_rate=d.sampling_rate, crop_size=m.input_size, repeat_aug=d.repeat_aug, seed=trainer.cfg.loop.seed,
         mask_noise_tokens=mask_noise_tokens, normalize=not trainer.normalize_on_device, hflip=cfg.hflip,
-        short_side_range=None if m.input_size < 160 else (256, 320))
+        short_side_range=None if m.input_size < 160 else (256, 320), max_frame_pixels=d.max_frame_pixels,
+        max_video_frames=d.max_video_frames, max_decode_short_side=d.max_decode_short_side)
 
 
 def encoders(module: Callable, num_frames: int, size: int, context_length: int, device: torch.device) -> Encoders:
@@ -135,7 +136,8 @@ def _test_videos(trainer: Any, cfg: Any, samples: list[tuple[str, int]], list_fi
     ds = VideoDataset(list_file, samples=samples, mode="test", num_frames=m.num_frames,
                       sampling_rate=d.sampling_rate, crop_size=m.input_size,
                       num_temporal_views=cfg.eval_temporal_views, num_spatial_crops=cfg.eval_spatial_crops,
-                      seed=trainer.cfg.loop.seed, normalize=not trainer.normalize_on_device)
+                      seed=trainer.cfg.loop.seed, normalize=not trainer.normalize_on_device,
+                      max_frame_pixels=d.max_frame_pixels, max_video_frames=d.max_video_frames)
     loader = trainer.make_loader(ds, DistributedEvalSampler(len(ds), dist.world_size, dist.rank),
                                  trainer.cfg.loop.batch_size, train=False)
     return ds, loader
