@@ -34,6 +34,9 @@ _TIME_TOL = 1e-4
 # size a container may misstate): a small file can declare 12000x12000 frames, gigabytes once in RGB.
 MAX_FRAME_PIXELS = 7680 * 4320  # 8K UHD
 MAX_VIDEO_FRAMES = 10_000_000  # over 90 hours at 30 fps
+# Training clips of a source whose short side is longer are scaled to this while converting (swscale): an 8K
+# source decodes to 1920x1080 frames, not 100 MB ones; sources up to 1080p are decoded exactly as they are.
+MAX_DECODE_SHORT_SIDE = 1080
 
 
 @dataclass
@@ -133,8 +136,12 @@ def probe(path: str) -> VideoInfo:
         return _stream_info(container)[1]
 
 
-def _output_size(info: VideoInfo, short_side: int | None) -> tuple[int, int] | None:
-    """(width, height) with the short side scaled to `short_side`, or None to keep the decoded size."""
+def _output_size(info: VideoInfo, short_side: int | None, max_short_side: int | None = None
+                 ) -> tuple[int, int] | None:
+    """(width, height) with the short side scaled to `short_side` (or down to `max_short_side` when longer),
+    or None to keep the decoded size."""
+    if short_side is None and max_short_side and min(info.width, info.height) > max_short_side:
+        short_side = max_short_side
     if short_side is None or not info.width or not info.height:
         return None
     f = short_side / min(info.width, info.height)
@@ -220,7 +227,8 @@ class _Output:
 def decode_frames(path: str, times, short_side: int | None = None, seek: bool = True,
                   skip_nonref: bool = True, threads: int = 1, stats: dict | None = None,
                   buffer: FrameBuffer | None = None, max_pixels: int = MAX_FRAME_PIXELS,
-                  max_frames: int = MAX_VIDEO_FRAMES) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
+                  max_frames: int = MAX_VIDEO_FRAMES, max_short_side: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
     """Decode the frames shown at `times` (s, from the first frame; any order, repeats allowed).
 
     `times` is an array or a function VideoInfo -> array (to place clips from the duration without a
@@ -234,10 +242,11 @@ def decode_frames(path: str, times, short_side: int | None = None, seek: bool = 
     same buffer overwrites.
     Only regular files are opened (NotARegularFile otherwise), and a video whose frames exceed `max_pixels`
     (width x height) or which holds more than `max_frames` frames raises VideoTooLarge, from its metadata,
-    before any frame is decoded.
+    before any frame is decoded. `max_short_side` (without `short_side`): a source whose short side is longer
+    is scaled down to it while converting; smaller ones keep their size.
     """
     holder: dict = {"stats": stats if stats is not None else {}, "path": path, "max_pixels": max_pixels,
-                    "max_frames": max_frames}
+                    "max_frames": max_frames, "max_short_side": max_short_side}
     result = None
     if seek:
         try:
@@ -335,7 +344,7 @@ def _decode(path: str, times, holder: dict, short_side: int | None, seek: bool, 
         rows_of: dict[int, list[int]] = {}
         for row, i in enumerate(picked):
             rows_of.setdefault(int(pts[i]), []).append(row)
-        out = _Output(rows_of, _output_size(info, short_side), len(t), buffer, holder)
+        out = _Output(rows_of, _output_size(info, short_side, holder.get("max_short_side")), len(t), buffer, holder)
         sent, decoded = _send_planned(stream.codec_context, packets, pts, np.unique(picked), out, skip_nonref)
         holder["stats"].update(path="planned", sent=sent, decoded=decoded)
         if out.rows_of or out.array is None:
@@ -390,7 +399,7 @@ def _decode_everything(path: str, holder: dict, short_side: int | None, threads:
         t = holder["times"]
         order = np.argsort(t, kind="stable")
         sorted_t = t[order]
-        size = _output_size(info, short_side)
+        size = _output_size(info, short_side, holder.get("max_short_side"))
         images, got = [None] * len(t), np.zeros(len(t))
         j, prev, prev_t, decoded = 0, None, 0.0, 0
         for frame in container.decode(stream):

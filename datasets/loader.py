@@ -77,8 +77,8 @@ class DataTimeoutError(MaeError, RuntimeError):
     """No batch from the data workers within --data_timeout seconds: a read that does not return."""
 
 
-def batches(loader: torch.utils.data.DataLoader) -> Iterator:
-    """Iterate `loader`; its timeout becomes a DataTimeoutError naming the files its workers were reading.
+def batches(loader: Iterable) -> Iterator:
+    """Iterate `loader`; a DataLoader's timeout becomes a DataTimeoutError naming the files its workers were reading.
 
     A worker blocked in a read (a FIFO, a device, a stalled network mount) cannot be interrupted or skipped
     from outside: the run stops with the file named, so it can be removed from the list or the mount fixed.
@@ -90,9 +90,9 @@ def batches(loader: torch.utils.data.DataLoader) -> Iterator:
         except StopIteration:
             return
         except RuntimeError as exc:
-            if not loader.timeout or "DataLoader timed out" not in str(exc):
+            if not getattr(loader, "timeout", 0) or "DataLoader timed out" not in str(exc):
                 raise
-            reading = getattr(loader.dataset, "paths_being_read", list)()
+            reading = getattr(getattr(loader, "dataset", None), "paths_being_read", list)()
             where = (f"the workers were reading {reading}" if reading else
                      "no worker was inside a video (stuck starting up, or in the sampler or collate)")
             raise DataTimeoutError(

@@ -148,6 +148,8 @@ def load_tokenizer(path: str | Path) -> CaptionTokenizer:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataFileError(f"{path}:{exc.lineno}: not a tokenizer file (not JSON: {exc.msg}); {_FIX}") from None
+    except RecursionError:  # json decodes nested arrays and objects recursively
+        raise DataFileError(f"{path}: not a tokenizer file (JSON nested too deeply); {_FIX}") from None
     if not isinstance(data, dict):
         raise DataFileError(f"{path}: not a tokenizer file (it holds a JSON {type(data).__name__}, not an object); "
                             f"{_FIX}")

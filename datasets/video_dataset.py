@@ -15,6 +15,7 @@ import torch
 from util.errors import DataFileError, MissingFileError
 
 from .decode import (
+    MAX_DECODE_SHORT_SIDE,
     MAX_FRAME_PIXELS,
     MAX_VIDEO_FRAMES,
     FrameBuffer,
@@ -78,6 +79,9 @@ def read_list_file(list_file: str, data_root: str = "", num_classes: int | None 
         if m is None:
             raise DataFileError(f"{list_file}:{lineno}: expected 'path label' (space or comma separated, "
                              f"integer label), got {line.strip()[:200]!r}")
+        if len(m.group(2).lstrip("-").lstrip("0")) > 100:  # int() of over 4300 digits is a bare ValueError
+            raise DataFileError(f"{list_file}:{lineno}: label {m.group(2)[:30]}... ({len(m.group(2))} characters) "
+                                f"does not fit in 64 bits")
         label = int(m.group(2))
         if num_classes is not None and not 0 <= label < num_classes:
             raise DataFileError(f"{list_file}:{lineno}: label {m.group(2)[:30]} is outside [0, {num_classes}) "
@@ -161,7 +165,7 @@ class VideoDataset(torch.utils.data.Dataset):
                  mask_noise_tokens: int | None = None, decode_threads: int = 1,
                  clip_timespan: float | None = None, samples: list[tuple[str, int]] | None = None,
                  num_classes: int | None = None, max_frame_pixels: int = MAX_FRAME_PIXELS,
-                 max_video_frames: int = MAX_VIDEO_FRAMES):
+                 max_video_frames: int = MAX_VIDEO_FRAMES, max_decode_short_side: int = MAX_DECODE_SHORT_SIDE):
         # `samples` ((path, label) pairs) stands in for a list file, e.g. the videos of a caption list.
         # `num_classes`: labels of the list must index that many classes (checked when it is read).
         if mode not in MODES:
@@ -182,6 +186,8 @@ class VideoDataset(torch.utils.data.Dataset):
         # pretrain: the R clips start within this many seconds of each other (rho objectives); None: anywhere
         self.clip_timespan = clip_timespan
         self.bounds = {"max_pixels": max_frame_pixels, "max_frames": max_video_frames}  # checked before decoding
+        # training clips of larger sources are decoded scaled down to this short side (0: full size)
+        self.max_decode_short_side = max_decode_short_side or None
         # which video each data worker is on (shared memory, set up by datasets.loader.build_loader), so a
         # worker stuck in a read can be reported with its file; None: not tracked
         self.reading: torch.Tensor | None = None
@@ -286,7 +292,7 @@ class VideoDataset(torch.utils.data.Dataset):
                                    for s in starts])
 
         frames, _, _ = decode_frames(path, times, threads=self.decode_threads, buffer=self.frame_buffer,
-                                     **self.bounds)
+                                     max_short_side=self.max_decode_short_side, **self.bounds)
         frames = torch.from_numpy(frames)
         _, h, w, _ = frames.shape
         t, s = self.num_frames, self.crop_size

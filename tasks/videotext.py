@@ -160,7 +160,8 @@ class VideoTextTask(Task):
             num_frames=m.num_frames, sampling_rate=d.sampling_rate, crop_size=m.input_size, repeat_aug=d.repeat_aug,
             seed=ctx.cfg.loop.seed, mask_noise_tokens=self.model.video.patch_embed.num_patches,
             normalize=not ctx.normalize_on_device, hflip=self.cfg.videotext_hflip,
-            short_side_range=None if m.input_size < 160 else (256, 320))
+            short_side_range=None if m.input_size < 160 else (256, 320), max_frame_pixels=d.max_frame_pixels,
+            max_video_frames=d.max_video_frames, max_decode_short_side=d.max_decode_short_side)
 
     def mask_ratio(self, epoch: int) -> float:
         """0 in FLIP's unmasked tuning epochs (the last --unmasked_epochs), else --mask_ratio."""

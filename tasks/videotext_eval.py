@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from datasets import DistributedEvalSampler, VideoDataset, read_list_file
 from datasets.captions import CaptionList, read_caption_list
+from datasets.loader import batches
 from util.evaluate import confusion_matrix, save_confusion_matrix
 from util.task import RunContext
 from util.visualize import MEAN, STD
@@ -64,7 +65,7 @@ def embed_videos(encode_video: Encoder, loader: Iterable[dict], num_videos: int,
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         extra = int(most) - num_batches
     clips = None
-    for batch in loader:
+    for batch in batches(loader):  # a worker stuck in a read stops the test naming its file (--data_timeout)
         clips = prepare(batch)["clips"] if prepare else batch["clips"].to(device)
         with precision():
             emb = encode_video(clips).float().cpu().double()
@@ -256,7 +257,8 @@ def _test_videos(ctx: RunContext, cfg: VideoTextConfig, samples: list[tuple[str,
     ds = VideoDataset(list_file, samples=samples, mode="test", num_frames=m.num_frames,
                       sampling_rate=d.sampling_rate, crop_size=m.input_size,
                       num_temporal_views=cfg.eval_temporal_views, num_spatial_crops=cfg.eval_spatial_crops,
-                      seed=ctx.cfg.loop.seed, normalize=not ctx.normalize_on_device)
+                      seed=ctx.cfg.loop.seed, normalize=not ctx.normalize_on_device,
+                      max_frame_pixels=d.max_frame_pixels, max_video_frames=d.max_video_frames)
     loader = ctx.make_loader(ds, DistributedEvalSampler(len(ds), dist.world_size, dist.rank),
                                  ctx.cfg.loop.batch_size, train=False)
     return ds, loader

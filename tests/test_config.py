@@ -102,6 +102,12 @@ def test_yaml_aliases_are_refused_and_messages_stay_short(tmp_path: Path, capsys
     assert "cfg.yaml" in err and "batch_size" in err and len(err.splitlines()[-1]) < 500  # after the usage text
 
 
+def test_deeply_nested_yaml_names_the_file(tmp_path: Path, capsys) -> None:
+    """PyYAML composes nesting recursively: 20,000 brackets under a known key are refused, not a RecursionError."""
+    err = _error(tmp_path, "batch_size: " + "[" * 20_000 + "1" + "]" * 20_000 + "\n", capsys)
+    assert "cfg.yaml nests lists or mappings too deeply" in err
+
+
 def test_duplicate_keys_are_refused_naming_key_and_lines(tmp_path: Path, capsys) -> None:
     err = _error(tmp_path, "batch_size: 2\nepochs: 3\nbatch_size: 4\n", capsys)
     assert "cfg.yaml" in err and "'batch_size' appears twice (lines 1 and 3)" in err

@@ -16,10 +16,17 @@ from datasets import (
     collate_clips,
     normalize_clips,
 )
-from datasets.decode import MAX_FRAME_PIXELS, MAX_VIDEO_FRAMES, VideoTooLarge, decode_frames, probe
+from datasets.decode import (
+    MAX_DECODE_SHORT_SIDE,
+    MAX_FRAME_PIXELS,
+    MAX_VIDEO_FRAMES,
+    VideoTooLarge,
+    decode_frames,
+    probe,
+)
 from datasets.transforms import crop_resize
 from util.config import DataConfig
-from util.errors import MaeError
+from util.errors import DataFileError, MaeError
 
 
 def _list(tmp_path, rows, name="train.csv", sep=" "):
@@ -258,6 +265,11 @@ def test_list_labels_are_range_checked_when_read_naming_file_and_line(videos, tm
     # pretraining ignores labels but still refuses one no tensor can hold (an OverflowError in a worker)
     with pytest.raises(ValueError, match=r"train\.csv:2: label 12345678901234567890 does not fit"):
         VideoDataset(str(lst))
+    # past Python's 4300-digit int() limit: still the project's error naming file:line, with or without classes
+    lst.write_text(f"{good} 3\n{good} {'9' * 5000}\n")
+    for classes in (None, 400):
+        with pytest.raises(DataFileError, match=r"train\.csv:2: label 9{30}\.\.\. \(5000 characters\) does not fit"):
+            VideoDataset(str(lst), num_classes=classes)
     lst.write_text(f"{good} 0\n{good} 399\n")
     assert [label for _, label in VideoDataset(str(lst), num_classes=400).samples] == [0, 399]
 
@@ -306,6 +318,29 @@ def test_oversized_video_is_skipped_and_counted_before_any_frame_is_decoded(vide
     # the flag raises the bound: the same file then reads (scaled while converting, so memory stays small)
     frames, _, _ = decode_frames(oversized, [0.0, 0.1], short_side=16, max_pixels=8192 * 8192)
     assert frames.shape == (2, 16, 29, 3)
+
+
+def test_training_clips_of_a_large_source_are_decoded_at_the_short_side_limit(videos, oversized, tmp_path):
+    """--max_decode_short_side: a source over it is scaled while converting (the 7744x4320 file, admitted by a
+    raised --max_frame_pixels, decodes to 1936x1080 frames); a source at or under it decodes exactly as before."""
+    assert DataConfig().max_decode_short_side == MAX_DECODE_SHORT_SIDE == 1080
+    ds = VideoDataset(_list(tmp_path, [(oversized, 0)]), num_frames=2, crop_size=16, seed=3,
+                      max_frame_pixels=8192 * 8192)
+    item = ds[0]
+    assert item["failures"] == 0 and item["clips"].shape == (1, 3, 2, 16, 16)
+    assert ds.frame_buffer._memory.size == 2 * 1080 * 1936 * 3  # 12.5 MB, not 2 x 100 MB of RGB
+    land = str(videos / "land.mp4")  # 64x48
+    times = [0.0, 0.5, 1.0]
+    full, _, _ = decode_frames(land, times)
+    same, _, _ = decode_frames(land, times, max_short_side=48)
+    assert np.array_equal(same, full)  # normal data: nothing changes
+    small, _, _ = decode_frames(land, times, max_short_side=24)
+    assert small.shape == (3, 24, 32, 3)
+    limited = VideoDataset(_list(tmp_path, [(land, 0)]), num_frames=2, crop_size=16, max_decode_short_side=24)
+    assert limited[0]["clips"].shape == (1, 3, 2, 16, 16) and limited.frame_buffer._memory.size == 2 * 24 * 32 * 3
+    unlimited = VideoDataset(_list(tmp_path, [(land, 0)]), num_frames=2, crop_size=16, max_decode_short_side=0)
+    assert torch.equal(unlimited[0]["clips"], VideoDataset(_list(tmp_path, [(land, 0)]), num_frames=2,
+                                                           crop_size=16)[0]["clips"])
 
 
 def test_video_over_the_frame_count_bound_is_skipped_and_counted(videos, tmp_path):

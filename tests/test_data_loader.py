@@ -203,3 +203,28 @@ def test_worker_stuck_in_a_read_stops_the_run_naming_the_file(tmp_path: Path) ->
             os.close(os.open(tmp_path / "stalled.mp4", os.O_WRONLY | os.O_NONBLOCK))
         except OSError:  # no reader left: the loader already stopped its worker
             pass
+
+
+@pytest.mark.parametrize("what", ["classification", "video-text"])
+def test_worker_stuck_in_a_read_stops_a_test_naming_the_file(tmp_path: Path, what: str) -> None:
+    """The multi-view test loops (fine-tuning's and video-text retrieval's) stop like training does: the file named."""
+    import torch
+
+    from util.evaluate import evaluate
+    from util.videotext_eval import embed_videos
+
+    os.mkfifo(tmp_path / "stalled.mp4")
+    (tmp_path / "val.csv").write_text("stalled.mp4 0\n")
+    ds = StalledReadDataset(str(tmp_path / "val.csv"), str(tmp_path), mode="test", num_frames=2, crop_size=16)
+    loader = build_loader(ds, [0], 1, collate_clips, num_workers=1, mp_context="fork", timeout=5)
+    model = torch.nn.Flatten()
+    run = (lambda: evaluate(model, loader, 1, 3, torch.device("cpu"))) if what == "classification" else (
+        lambda: embed_videos(model, loader, 1, torch.device("cpu")))
+    try:
+        with pytest.raises(DataTimeoutError, match=r"--data_timeout 5 s: the workers were reading \[.*stalled\.mp4'\]"):
+            run()
+    finally:
+        try:
+            os.close(os.open(tmp_path / "stalled.mp4", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass

@@ -122,6 +122,8 @@ def test_caption_list_with_a_byte_order_mark_keeps_its_first_column(tmp_path: Pa
     (b"\x00\x01\xff\xfe binary", r"t\.json:1: not a tokenizer file \(bytes that are not UTF-8"),
     (b'{"model": {"type": "BPE", "vocab": 7}}', r"t\.json: not a tokenizer Hugging Face can read"),
     (b'{"version": "1.0"}', r"t\.json is neither a Hugging Face tokenizer\.json"),
+    pytest.param(b'{"model": ' + b"[" * 100_000, r"t\.json: not a tokenizer file \(JSON nested too deeply",
+                 id="nested-100000"),
 ])
 def test_hostile_tokenizer_file_names_the_file_and_the_fix(tmp_path: Path, content: bytes, message: str) -> None:
     """What resume reads as OUT/tokenizer.json: damage is a DataFileError naming the file, never a raw error later."""
@@ -354,6 +356,15 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     proc = run_main(*TINY_RUN, "--output_dir", str(out), cache=cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, cache
+
+
+def test_video_text_runs_apply_the_decode_bounds(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """--max_video_frames reaches the caption datasets: every generated video is over a bound of 2 frames."""
+    _, cache = tiny_run
+    proc = run_main(*TINY_RUN, "--output_dir", str(tmp_path / "vt"), "--max_video_frames", "2", "--max_steps", "1",
+                    cache=cache)
+    assert proc.returncode != 0
+    assert "frames exceed --max_video_frames 2" in proc.stderr and "videos in a row failed" in proc.stderr
 
 
 def test_tiny_run_writes_checkpoints_tokenizer_and_evaluations(tiny_run: tuple[Path, Path]) -> None:

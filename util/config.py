@@ -196,6 +196,9 @@ def read_config_file(path: str) -> dict[Any, Any]:
                           f"{exc.reason}); give the .yaml file, not a binary one") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not a valid config: {str(exc)[:500]}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"config file {path} nests lists or mappings too deeply to be a config; give a flat "
+                          f"mapping of flag names to values") from None
     if data is None:
         raise ConfigError(f"config file {path} is empty: give at least one flag (or leave out --config for the demo)")
     if not isinstance(data, dict):
@@ -332,6 +335,9 @@ class DataConfig:
                                  "height), checked before decoding", check=positive, rule="> 0")
     max_video_frames: int = flag(10_000_000, "skip (and count as bad) videos with more frames, checked before "
                                  "decoding", check=positive, rule="> 0")
+    max_decode_short_side: int = flag(1080, "decode training clips of sources whose short side is longer scaled "
+                                      "down to it (swscale, before the crop; 0: full size)", check=non_negative,
+                                      rule=">= 0")
 
 
 @dataclass

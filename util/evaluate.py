@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from datasets.loader import batches
+
 log = logging.getLogger("mae_st.evaluate")
 
 
@@ -73,7 +75,7 @@ def evaluate(
     else:
         extra = 0
     clips = None
-    for batch in loader:
+    for batch in batches(loader):  # a worker stuck in a read stops the test naming its file (--data_timeout)
         clips = prepare(batch)["clips"] if prepare else batch["clips"].to(device, non_blocking=True)
         with precision():
             logits = model(clips)

@@ -24,12 +24,14 @@ import socket
 import sys
 from pathlib import Path
 
+from util.errors import MaeError
+
 log = logging.getLogger("mae_st.run_lock")
 LOCK_FILE = "run.lock"
 JOB_ID_VARS = ("SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID")
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(MaeError, RuntimeError):
     """The output folder is in use by another run (named in the message)."""
 
 

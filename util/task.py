@@ -108,7 +108,7 @@ class RunContext:
             data_root=d.data_root or data_path, mode=mode, num_frames=m.num_frames, sampling_rate=d.sampling_rate,
             crop_size=m.input_size, seed=self.cfg.loop.seed, normalize=not self.normalize_on_device,
             short_side_range=None if m.input_size < 160 else (256, 320), max_frame_pixels=d.max_frame_pixels,
-            max_video_frames=d.max_video_frames)
+            max_video_frames=d.max_video_frames, max_decode_short_side=d.max_decode_short_side)
         if mode != "test":
             args["repeat_aug"] = d.repeat_aug
         return build_video_dataset(data_path, split, **{**args, **kw})
