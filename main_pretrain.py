@@ -153,9 +153,10 @@ class PretrainTask(Task):
             attention = clip_attention_weights(m.amt_attention[batch["index"]].float() / 255, batch["geometry"],
                                                m.grid_size, m.patch_embed.t_patch_size,
                                                self.dataset.sampling_rate / self.dataset.target_fps, m.num_frames)
-        loss = module(batch["clips"], self.cfg.mask_ratio, batch["noise"], attention=attention)[0]
-        # The adaptive sampler leaves its entropy and loss on the plain model (the same object when wrapped).
-        return (loss, self.model.sampler_metrics) if self.cfg.mask_type in ADAPTIVE_TYPES else loss
+        loss, _, _, aux = module(batch["clips"], self.cfg.mask_ratio, batch["noise"], attention=attention,
+                                 return_aux=True)
+        # The adaptive sampler's loss and entropy come back with the loss, to log.
+        return (loss, aux["metrics"]) if self.cfg.mask_type in ADAPTIVE_TYPES else loss
 
     def flops_per_clip(self, model: torch.nn.Module) -> float:
         return model.flops_per_clip(self.cfg.mask_ratio)["train_step"]
