@@ -67,7 +67,6 @@ from models.amt import AttentionMasking, amt_counts, normalize_cls_attention
 from models.flops import block_flops, masked_autoencoder_flops, with_train_step
 from models.masking import (
     DECODER_MASK_TYPES,
-    MASK_SAMPLERS,
     MASK_TYPES,
     Mask,
     MaskStrategy,
@@ -163,8 +162,7 @@ def build_mask_strategy(
         return detached_variant(embed_dim, num_tokens, num_heads, mlp_ratio, norm_layer, sampler_loss_weight)
     if mask_type == "amt":
         return AttentionMasking(throw_ratio, amt_num_videos)
-    assert mask_type in MASK_SAMPLERS
-    return SamplerMasking(mask_type)
+    return SamplerMasking(mask_type)  # random, tube, frame or cube
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -310,7 +308,8 @@ class MaskedAutoencoderViT(nn.Module):
         amt_num_videos: int = 0,
     ) -> MaskedAutoencoderViT:
         """Build from the flat keyword arguments that flags, factories and checkpoint options use."""
-        patch = PatchConfig(img_size, patch_size, in_chans, num_frames, t_patch_size)
+        patch = PatchConfig(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_frames=num_frames,
+                            t_patch_size=t_patch_size)
         t, h, w = patch.grid_size
         strategy = build_mask_strategy(
             mask_type, embed_dim=embed_dim, num_tokens=t * h * w, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -318,10 +317,13 @@ class MaskedAutoencoderViT(nn.Module):
             amt_num_videos=amt_num_videos)
         return cls(
             patch,
-            EncoderConfig(embed_dim, depth, num_heads, mlp_ratio, norm_layer, cls_embed, sep_pos_embed, init_values),
-            DecoderConfig(decoder_embed_dim, decoder_depth, decoder_num_heads, decoder_init_values, decoder_cls,
-                          decoder_sep_pos_embed, decoder_mask_ratio, decoder_mask_type),
-            TargetConfig(pred_t_dim, target_frames, norm_pix_loss),
+            EncoderConfig(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                          norm_layer=norm_layer, cls_embed=cls_embed, sep_pos_embed=sep_pos_embed,
+                          init_values=init_values),
+            DecoderConfig(embed_dim=decoder_embed_dim, depth=decoder_depth, num_heads=decoder_num_heads,
+                          init_values=decoder_init_values, cls=decoder_cls, sep_pos_embed=decoder_sep_pos_embed,
+                          mask_ratio=decoder_mask_ratio, mask_type=decoder_mask_type),
+            TargetConfig(pred_t_dim=pred_t_dim, frames=target_frames, norm_pix_loss=norm_pix_loss),
             strategy,
             trunc_init,
         )
