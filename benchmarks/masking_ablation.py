@@ -216,7 +216,7 @@ def visible_on_object(model: torch.nn.Module, videos: torch.Tensor, boxes: list,
     for _ in range(draws):
         starts = torch.randint(span, (len(videos),), generator=gen)
         noise = torch.rand(len(videos), model.patch_embed.num_patches, generator=gen)
-        mask = model.forward_encoder(clips_at(videos, starts, frames, stride), ratio, noise)[1]
+        mask = model.forward_encoder(clips_at(videos, starts, frames, stride), ratio, noise)[1].mask
         visible = mask == 0
         hits += int((token_box_overlap(boxes, starts, model, stride) & visible).sum())
         total += int(visible.sum())

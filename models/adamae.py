@@ -26,6 +26,9 @@ Design choices:
   random masking keeps for the same noise (the zero-initialised variant starts as random masking).
 - The block is a plain `models.video_vit.Block` listed by the MAE's `shard_units()`, so FSDP2 / ZeRO /
   activation checkpointing / compile wrap it like every other block, from outside.
+- The network is itself the mask strategy (`AdaptiveTokenSampler.sample -> Mask`, with the log-probs the
+  policy gradient needs), so the MAE holds it as a submodule under the name checkpoints use
+  (`adaptive_sampler.*`) and gets its loss term and metrics back from `extra_loss`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.masking import MaskOutput, masks_from_scores
+from models.masking import Grid, Mask, MaskOutput, MaskStrategy, masks_from_scores
 from models.video_vit import Block, run_blocks
 
 # Clamp the uniform noise away from 0 and 1: -log(-log(u)) is infinite at both ends.
@@ -62,15 +65,18 @@ def policy_gradient_loss(log_probs: torch.Tensor, token_error: torch.Tensor, wei
     return -(log_probs * reward).sum() / weight_mask.sum().clamp_min(1.0)
 
 
-class AdaptiveTokenSampler(nn.Module):
-    """Token-sampling network: patch embeddings [B, L, D] -> per-token logits [B, L].
+class AdaptiveTokenSampler(nn.Module, MaskStrategy):
+    """Token-sampling network and mask strategy: patch embeddings [B, L, D] -> per-token logits [B, L] -> Mask.
 
     The defaults build wgcban/adamae's `get_token_probs` (models/pretrain/vit.py): its own position
     table (zeros), one block of 8 heads without qkv bias, dropout 0.1 on the attention projection and
     MLP, torch's LayerNorm (eps 1e-5), a linear layer to one logit, no final norm; it reads the patch
     embeddings with their gradient, so the policy gradient also trains the patch embedding. The
-    `adaptive_detached` variant (`DETACHED_VARIANT`) differs in each of those: see docs/adamae.md.
+    `adaptive_detached` variant (`detached_variant`) differs in each of those: see docs/adamae.md.
+    `loss_weight` scales the policy-gradient term added to the reconstruction loss.
     """
+
+    needs_tokens = True
 
     def __init__(
         self,
@@ -83,10 +89,16 @@ class AdaptiveTokenSampler(nn.Module):
         dropout: float = 0.1,
         final_norm: bool = False,
         detach_input: bool = False,
+        zero_logits: bool = False,
+        target_norm: str = "channel",
+        loss_weight: float = 1.0e-4,
+        name: str = "adaptive",
     ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.LayerNorm
-        self.detach_input = detach_input
+        self.detach_input, self.zero_logits, self.loss_weight, self.name = detach_input, zero_logits, loss_weight, name
+        # AdaMAE's training loop normalises each patch's targets per colour channel (VideoMAE's rule).
+        self.target_norm = target_norm
         # Its own table (not the encoder's). Name contains "pos_embed" so the MAE's init and
         # no-weight-decay list find it.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
@@ -100,10 +112,12 @@ class AdaptiveTokenSampler(nn.Module):
         x = run_blocks(self.blocks, tokens + self.pos_embed)
         return self.head(self.norm(x)).squeeze(-1).float()
 
-    def sample(
-        self, tokens: torch.Tensor, ratio: float, noise: torch.Tensor | None = None
-    ) -> tuple[MaskOutput, torch.Tensor]:
-        """Draw the visible tokens: ((ids_keep, ids_restore, mask), log-probabilities [B, L] with grad)."""
+    def sample(self, batch: int, grid: Grid, ratio: float, noise: torch.Tensor | None = None, *,
+               tokens: torch.Tensor | None = None, attention: torch.Tensor | None = None,
+               device: torch.device | str | None = None) -> Mask:
+        """Draw the visible tokens from the embedded `tokens` [B, L, D]; the Mask carries log p [B, L] with grad."""
+        if tokens is None:
+            raise ValueError("the adaptive sampler reads every token's embedding: pass tokens=[B, L, D]")
         B, L = tokens.shape[:2]
         if noise is None:
             noise = torch.rand(B, L, device=tokens.device)
@@ -111,15 +125,34 @@ class AdaptiveTokenSampler(nn.Module):
             raise ValueError(f"mask noise must have shape [batch, tokens] = {(B, L)}, got {tuple(noise.shape)}")
         logits = self(tokens.detach() if self.detach_input else tokens)
         log_probs = torch.log_softmax(logits, dim=-1)
-        return gumbel_top_k(logits.detach(), noise, ratio), log_probs
+        return Mask(*gumbel_top_k(logits.detach(), noise, ratio), log_probs=log_probs)
+
+    def extra_loss(self, mask: Mask, token_errors: torch.Tensor, loss_mask: torch.Tensor
+                   ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """loss_weight x the policy-gradient loss over the tokens with a loss, and its logging scalars."""
+        sampler_loss = policy_gradient_loss(mask.log_probs, token_errors, loss_mask)
+        return self.loss_weight * sampler_loss, {"sampler_loss": sampler_loss.detach(), **sampler_stats(mask.log_probs)}
+
+    def finish_init(self) -> None:
+        """After the MAE's init: the published sampler's zero position table, or the variant's zero logits."""
+        if self.zero_logits:
+            # Zero logits at start: uniform sampling, i.e. exactly random masking for the same noise.
+            nn.init.zeros_(self.head.weight)
+        else:  # wgcban/adamae: a zero position table, xavier logit layer (as the MAE's init applied)
+            nn.init.zeros_(self.pos_embed)
+
+    def shard_units(self) -> list[nn.Module]:
+        """The sampler's block, wrapped from outside like the encoder's."""
+        return list(self.blocks)
 
 
 def detached_variant(embed_dim: int, num_tokens: int, num_heads: int, mlp_ratio: float,
-                     norm_layer: type[nn.Module]) -> AdaptiveTokenSampler:
+                     norm_layer: type[nn.Module], loss_weight: float = 1.0e-4) -> AdaptiveTokenSampler:
     """`--mask_type adaptive_detached`: the encoder's heads and norm, qkv bias, no dropout, a final norm,
-    a detached input (the policy gradient trains the sampler only)."""
+    a detached input (the policy gradient trains the sampler only), zero logits at start, MAE-ST's per-patch targets."""
     return AdaptiveTokenSampler(embed_dim, num_tokens, num_heads, mlp_ratio, norm_layer, qkv_bias=True, dropout=0.0,
-                                final_norm=True, detach_input=True)
+                                final_norm=True, detach_input=True, zero_logits=True, target_norm="patch",
+                                loss_weight=loss_weight, name="adaptive_detached")
 
 
 def sampler_stats(log_probs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -22,6 +22,9 @@ num_frames frames spread over its full duration, the full frame resized to the s
 training clip cut at any time, crop and flip reads its tokens' attention from the table through its
 geometry (`clip_attention_weights`), as the released image code crops and flips its stored map with
 the image. Where the table is refreshed and how it is gathered across ranks: `util/cross_rank.py`.
+
+`AttentionMasking` is the mask strategy the MAE is built with (`--mask_type amt`): its `Mask` names the
+masked tokens (`ids_masked`, the only ones decoded and in the loss) and the thrown ones (`thrown`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from models.adamae import gumbel_from_uniform
-from models.masking import num_visible
+from models.masking import Grid, Mask, MaskStrategy, num_visible
 
 # Geometry of a training clip, as the dataset reports it (datasets/video_dataset.py, `geometry`):
 # start (s), video duration (s, first to last frame), crop top, left, height, width (fractions of the
@@ -69,6 +72,41 @@ def amt_masking(weights: torch.Tensor, noise: torch.Tensor, mask_ratio: float, t
     ids_masked, ids_keep, ids_thrown = order[:, :masked], order[:, masked:masked + visible], order[:, masked + visible:]
     ids_restore = torch.cat([ids_keep, ids_masked, ids_thrown], dim=1).argsort(dim=1)
     return ids_keep, ids_restore, ids_masked, ids_thrown
+
+
+class AttentionMasking(MaskStrategy):
+    """AMT as a mask strategy: mask the attended tokens, throw `throw_ratio` of all tokens (the least attended).
+
+    `num_videos > 0`: the MAE keeps the per-video attention table (`amt_attention`, one row per training video).
+    """
+
+    name = "amt"
+
+    def __init__(self, throw_ratio: float = 0.0, num_videos: int = 0) -> None:
+        self.throw_ratio, self.num_videos = throw_ratio, num_videos
+
+    def sample(self, batch: int, grid: Grid, ratio: float, noise: torch.Tensor | None = None, *,
+               tokens: torch.Tensor | None = None, attention: torch.Tensor | None = None,
+               device: torch.device | str | None = None) -> Mask:
+        """Split by `attention` [B, L] (uniform when None: random masking and throwing) and the per-sample `noise`."""
+        L = grid[0] * grid[1] * grid[2]
+        noise = torch.rand(batch, L, device=device) if noise is None else noise
+        weights = torch.ones(batch, L, device=device) if attention is None else attention
+        ids_keep, ids_restore, ids_masked, ids_thrown = amt_masking(weights, noise, ratio, self.throw_ratio)
+        thrown = torch.zeros(batch, L, device=device).scatter(1, ids_thrown, 1.0)
+        mask = torch.ones(batch, L, device=device).scatter(1, ids_keep, 0.0)  # hidden from the encoder
+        return Mask(ids_keep, ids_restore, mask, ids_masked=ids_masked, thrown=thrown)
+
+    def check(self, num_tokens: int, cls_embed: bool, decoder_mask_ratio: float) -> None:
+        """AMT reads the [CLS] attention and decodes only its masked tokens; its counts must leave one to mask."""
+        if not cls_embed:
+            raise ValueError("mask_type='amt' reads the [CLS] token's attention: set cls_embed=True")
+        if decoder_mask_ratio > 0:
+            raise ValueError("mask_type='amt' already decodes only its masked tokens: use decoder_mask_ratio=0")
+        amt_counts(num_tokens, 0.5, self.throw_ratio)
+
+    def __repr__(self) -> str:
+        return f"AttentionMasking(throw_ratio={self.throw_ratio}, num_videos={self.num_videos})"
 
 
 def normalize_cls_attention(attn: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:

@@ -338,7 +338,7 @@ def release_options(canon: StateDict, fmt: str) -> tuple[dict, dict[str, str]]:
 
 
 def checkpoint_model_options(state_dict: StateDict) -> dict:
-    """Options for `MaskedAutoencoderViT` (or, encoder ones, `VisionTransformer`) that compute what the checkpoint computed.
+    """Options for `MaskedAutoencoderViT.from_kwargs` (or, encoder ones, `VisionTransformer`) that compute what the checkpoint computed.
 
     Read from the keys, and from the format's code where weights cannot tell (decoder heads, target
     frames). `init_values`/`decoder_init_values` are `LAYER_SCALE_ON` (any value > 0 would do: the

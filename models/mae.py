@@ -12,18 +12,32 @@ work with no measured loss in accuracy. Which frames is a convention (`target_fr
 - "linspace": `linspace(0, T - 1, pred_t_dim)` rounded down, [0, 2, ..., 12, 15] for 16 -> 8, as the
   mae_st repository's own pretraining code does (its last target is the clip's last frame).
 
-Options (constructor arguments, see models/adamae.py and models/masking.py for the why):
+Construction: `MaskedAutoencoderViT(patch, encoder, decoder, target, mask_strategy)` takes four small
+config dataclasses (`PatchConfig`, `EncoderConfig`, `DecoderConfig`, `TargetConfig`) and a mask strategy
+object (models/masking.py `MaskStrategy`); `build_mask_strategy(mask_type, ...)` builds one by its
+`--mask_type` name. The factories (`mae_vit_*`, `create_model("mae_vit_large_patch16", **kwargs)`) and
+`MaskedAutoencoderViT.from_kwargs` take the flat keyword arguments of flags and converted checkpoints.
+
+Forward: `forward_encoder` returns the latent and the `Mask` the strategy drew; `forward` hands that
+Mask on to the decoder and the loss, so no state of one forward is kept on the model (two forwards
+of different batches can interleave, and wrappers see no hidden attributes). `model(clips, ratio,
+noise)` returns (loss, pred, mask); `return_aux=True` adds a dict: "metrics" (detached scalars to
+log, e.g. AdaMAE's sampler loss and entropy), and where the strategy has them "sampler_probs" [B, L]
+(AdaMAE's per-token probabilities) and "thrown" [B, L] (AMT's thrown tokens).
+
+Options (flat keyword names as `from_kwargs` takes them; see models/adamae.py, models/amt.py and
+models/masking.py for the why):
 - `mask_type="amt"`: AMT's attention-driven masking and throwing (models/amt.py): `throw_ratio` of
   the tokens are thrown (in neither encoder, decoder nor loss); `forward(..., attention=w)` takes the
   per-token attention weights [B, L] of the batch (uniform when None), `forward(clips,
   return_cls_attention=True)` returns the last block's normalised [CLS] attention over all tokens
   [B, L], and `amt_num_videos > 0` registers the per-video table `amt_attention` [N, t, h, w]
   (uint8, 255 = 1.0) that the training task refreshes. Like decoder masking, the returned `mask` is
-  1 exactly where the loss is taken (the masked tokens); `amt_thrown` holds the last thrown ones.
+  1 exactly where the loss is taken (the masked tokens).
 - `mask_type="adaptive"`: AdaMAE's learned token sampler as published (`adaptive_detached`: the
   earlier variant, docs/adamae.md); the loss becomes
-  recon + sampler_loss_weight * policy-gradient loss, and `sampler_metrics` / `sampler_probs`
-  (detached) hold the last forward's sampler entropy, sampler loss and per-token probabilities.
+  recon + sampler_loss_weight * policy-gradient loss, and the aux metrics hold the sampler's
+  entropy and loss.
 - `init_values > 0`: layer scale (per-channel gains on each residual branch, VideoMAE/CaiT style) in
   the encoder blocks; `decoder_init_values` (default: the same) in the decoder blocks.
 - `decoder_cls="encoder"`: the decoder's class token is `decoder_embed` of the encoder's class-token
@@ -41,19 +55,23 @@ Options (constructor arguments, see models/adamae.py and models/masking.py for t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
-from models.adamae import AdaptiveTokenSampler, detached_variant, policy_gradient_loss, sampler_stats
-from models.amt import amt_counts, amt_masking, normalize_cls_attention
+from models.adamae import AdaptiveTokenSampler, detached_variant
+from models.amt import AttentionMasking, amt_counts, normalize_cls_attention
 from models.flops import block_flops, masked_autoencoder_flops, with_train_step
 from models.masking import (
-    ADAPTIVE_TYPES,
     DECODER_MASK_TYPES,
+    MASK_TYPES,
+    Mask,
+    MaskStrategy,
+    SamplerMasking,
     decoder_targets,
-    get_mask_sampler,
     num_visible,
     run_cell_hidden_per_cell,
     run_cell_targets,
@@ -74,11 +92,191 @@ TARGET_FRAMES = ("stride", "linspace")
 DECODER_CLS = ("learned", "encoder")
 
 
+@dataclass(frozen=True)
+class PatchConfig:
+    """How clips are cut into tokens: clip size and (t_patch_size x patch_size x patch_size) tubelets."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_frames: int = 16
+    t_patch_size: int = 2
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        """Token grid (T', H', W')."""
+        side = self.img_size // self.patch_size
+        return self.num_frames // self.t_patch_size, side, side
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The ViT encoder; `mlp_ratio` and `norm_layer` are the decoder's too."""
+
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    norm_layer: Callable[..., nn.Module] = LayerNorm6
+    cls_embed: bool = True
+    sep_pos_embed: bool = True
+    init_values: float = 0.0  # layer scale when > 0
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The light decoder (MAE-ST: 512-d, 4 blocks) and VideoMAE v2 decoder masking."""
+
+    embed_dim: int = 512
+    depth: int = 4
+    num_heads: int = 16
+    init_values: float | None = None  # None: the encoder's
+    cls: str = "learned"  # or "encoder" (PySlowFast), see DECODER_CLS
+    sep_pos_embed: bool | None = None  # None: the encoder's table form
+    mask_ratio: float = 0.0
+    mask_type: str = "run_cell"  # see DECODER_MASK_TYPES
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """What the decoder regresses: which frames (`pred_t_dim` of them, by the `frames` rule), normalised or not."""
+
+    pred_t_dim: int | None = None  # None: num_frames // 2
+    frames: str = "stride"  # see TARGET_FRAMES
+    norm_pix_loss: bool = True
+
+
+def build_mask_strategy(
+    mask_type: str = "random", *, embed_dim: int = 1024, num_tokens: int = 1568, num_heads: int = 16,
+    mlp_ratio: float = 4.0, norm_layer: Callable[..., nn.Module] = LayerNorm6, sampler_loss_weight: float = 1.0e-4,
+    throw_ratio: float = 0.0, amt_num_videos: int = 0,
+) -> MaskStrategy:
+    """The mask strategy of a `--mask_type` name; AdaMAE's network is sized by the encoder's arguments."""
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"unknown mask_type {mask_type!r}; choose one of {list(MASK_TYPES)}")
+    if throw_ratio and mask_type != "amt":
+        raise ValueError(f"throw_ratio is AMT's (mask_type='amt'), not {mask_type!r}'s")
+    if mask_type == "adaptive":  # wgcban/adamae's network (its own heads, norm, dropout, no qkv bias)
+        return AdaptiveTokenSampler(embed_dim, num_tokens, loss_weight=sampler_loss_weight)
+    if mask_type == "adaptive_detached":
+        return detached_variant(embed_dim, num_tokens, num_heads, mlp_ratio, norm_layer, sampler_loss_weight)
+    if mask_type == "amt":
+        return AttentionMasking(throw_ratio, amt_num_videos)
+    return SamplerMasking(mask_type)  # random, tube, frame or cube
+
+
 class MaskedAutoencoderViT(nn.Module):
     """Video MAE with a ViT encoder over visible tokens and a light ViT decoder."""
 
     def __init__(
         self,
+        patch: PatchConfig | None = None,
+        encoder: EncoderConfig | None = None,
+        decoder: DecoderConfig | None = None,
+        target: TargetConfig | None = None,
+        mask_strategy: MaskStrategy | None = None,
+        trunc_init: bool = False,
+    ) -> None:
+        super().__init__()
+        patch, enc = patch or PatchConfig(), encoder or EncoderConfig()
+        dec, target = decoder or DecoderConfig(), target or TargetConfig()
+        mask_strategy = mask_strategy or SamplerMasking("random")
+        num_frames, patch_size, in_chans, cls_embed = patch.num_frames, patch.patch_size, patch.in_chans, enc.cls_embed
+        pred_t_dim = num_frames // 2 if target.pred_t_dim is None else target.pred_t_dim
+        if target.frames not in TARGET_FRAMES:
+            raise ValueError(f"target_frames must be one of {TARGET_FRAMES}, got {target.frames!r}")
+        if dec.cls not in DECODER_CLS:
+            raise ValueError(f"decoder_cls must be one of {DECODER_CLS}, got {dec.cls!r}")
+        if dec.cls == "encoder" and not cls_embed:
+            raise ValueError("decoder_cls='encoder' takes the decoder's class token from the encoder's: set cls_embed=True")
+        decoder_init_values = enc.init_values if dec.init_values is None else dec.init_values
+        decoder_sep_pos_embed = enc.sep_pos_embed if dec.sep_pos_embed is None else dec.sep_pos_embed
+        self.patch_embed = PatchEmbed3D(patch.img_size, patch_size, in_chans, enc.embed_dim, num_frames,
+                                        patch.t_patch_size)
+        t, h, w = self.grid_size = self.patch_embed.grid_size
+        num_patches = t * h * w
+        if num_frames % pred_t_dim or pred_t_dim % t:
+            raise ValueError(
+                f"pred_t_dim {pred_t_dim} must divide num_frames {num_frames} and be a multiple of the "
+                f"{t} temporal token positions (num_frames / t_patch_size)"
+            )
+        self.in_chans, self.patch_size, self.num_frames = in_chans, patch_size, num_frames
+        self.pred_t_dim, self.target_frames_rule = pred_t_dim, target.frames
+        # Frame indices the decoder regresses, fixed by the convention (see the module docstring).
+        if target.frames == "stride":
+            ids = list(range(0, num_frames, num_frames // pred_t_dim))
+        else:
+            ids = torch.linspace(0, num_frames - 1, pred_t_dim).long().tolist()
+        self.target_frame_ids: tuple[int, ...] = tuple(ids)
+        self.t_pred_patch_size = pred_t_dim // t
+        self.norm_pix_loss, self.cls_embed, self.sep_pos_embed = target.norm_pix_loss, cls_embed, enc.sep_pos_embed
+        self.decoder_cls, self.decoder_sep_pos_embed = dec.cls, decoder_sep_pos_embed
+        self.decoder_num_heads = dec.num_heads
+        self.init_values, self.decoder_init_values = enc.init_values, decoder_init_values
+        mask_strategy.check(num_patches, cls_embed, dec.mask_ratio)
+        self.mask_type = mask_strategy.name
+        self.decoder_mask_ratio = dec.mask_ratio
+        if not 0.0 <= dec.mask_ratio < 1.0:
+            raise ValueError(f"decoder_mask_ratio must be in [0, 1), got {dec.mask_ratio}")
+        if dec.mask_type not in DECODER_MASK_TYPES:
+            raise ValueError(f"decoder_mask_type must be one of {DECODER_MASK_TYPES}, got {dec.mask_type!r}")
+        if dec.mask_ratio > 0 and dec.mask_type == "run_cell":
+            run_cell_hidden_per_cell(dec.mask_ratio)  # range check now, not at the first step
+        self.decoder_mask_type = dec.mask_type
+        embed_dim, mlp_ratio, norm_layer = enc.embed_dim, enc.mlp_ratio, enc.norm_layer
+        mlp = int(embed_dim * mlp_ratio)
+        # Sizes by name, for FLOP counts that must not read (possibly sharded, empty) parameters.
+        self.arch = dict(embed_dim=embed_dim, depth=enc.depth, mlp=mlp, decoder_embed_dim=dec.embed_dim,
+                         decoder_depth=dec.depth, decoder_mlp=int(dec.embed_dim * mlp_ratio),
+                         patch_dim=in_chans * patch.t_patch_size * patch_size**2,
+                         pred_dim=self.t_pred_patch_size * patch_size**2 * in_chans)
+
+        # Encoder
+        if cls_embed:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        add_pos_embed(self, "", self.grid_size, embed_dim, cls_embed, enc.sep_pos_embed)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, enc.num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                   init_values=enc.init_values)
+             for _ in range(enc.depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+        if isinstance(mask_strategy, nn.Module):
+            # A strategy with weights (AdaMAE's network) is a submodule under the name its checkpoints use,
+            # registered here so the parameter order (and so the seeded init) stays that of older versions.
+            self.adaptive_sampler = mask_strategy
+        else:
+            self._mask_strategy = mask_strategy
+        # How targets are normalised follows the strategy's recipe (AdaMAE's loop: per channel of each patch).
+        self.target_norm = mask_strategy.target_norm
+        if isinstance(mask_strategy, AttentionMasking) and mask_strategy.num_videos > 0:
+            # One byte per token and video (K400, ViT 16x224: 240k x 1568 = 376 MB), identical on every
+            # rank, saved with the model. 255 = 1.0: uniform until the first refresh (random masking
+            # and throwing). DDP would broadcast every buffer at every forward: it is told to skip it.
+            self.register_buffer("amt_attention",
+                                 torch.full((mask_strategy.num_videos, t, h, w), 255, dtype=torch.uint8))
+            self._ddp_params_and_buffers_to_ignore = ["amt_attention"]
+
+        # Decoder
+        self.decoder_embed = nn.Linear(embed_dim, dec.embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec.embed_dim))
+        if cls_embed and dec.cls == "learned":
+            self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, dec.embed_dim))
+        add_pos_embed(self, "decoder_", self.grid_size, dec.embed_dim, cls_embed, decoder_sep_pos_embed)
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(dec.embed_dim, dec.num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                      init_values=decoder_init_values)
+                for _ in range(dec.depth)
+            ]
+        )
+        self.decoder_norm = norm_layer(dec.embed_dim)
+        self.decoder_pred = nn.Linear(dec.embed_dim, self.t_pred_patch_size * patch_size**2 * in_chans)
+        self._init_weights(trunc_init)
+
+    @classmethod
+    def from_kwargs(
+        cls,
         img_size: int = 224,
         patch_size: int = 16,
         in_chans: int = 3,
@@ -89,7 +287,7 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_depth: int = 4,
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
-        norm_layer: type[nn.Module] = LayerNorm6,
+        norm_layer: Callable[..., nn.Module] = LayerNorm6,
         norm_pix_loss: bool = True,
         num_frames: int = 16,
         t_patch_size: int = 2,
@@ -108,105 +306,33 @@ class MaskedAutoencoderViT(nn.Module):
         target_frames: str = "stride",
         throw_ratio: float = 0.0,
         amt_num_videos: int = 0,
-    ) -> None:
-        super().__init__()
-        pred_t_dim = num_frames // 2 if pred_t_dim is None else pred_t_dim
-        if target_frames not in TARGET_FRAMES:
-            raise ValueError(f"target_frames must be one of {TARGET_FRAMES}, got {target_frames!r}")
-        if decoder_cls not in DECODER_CLS:
-            raise ValueError(f"decoder_cls must be one of {DECODER_CLS}, got {decoder_cls!r}")
-        if decoder_cls == "encoder" and not cls_embed:
-            raise ValueError("decoder_cls='encoder' takes the decoder's class token from the encoder's: set cls_embed=True")
-        decoder_init_values = init_values if decoder_init_values is None else decoder_init_values
-        decoder_sep_pos_embed = sep_pos_embed if decoder_sep_pos_embed is None else decoder_sep_pos_embed
-        self.patch_embed = PatchEmbed3D(img_size, patch_size, in_chans, embed_dim, num_frames, t_patch_size)
-        t, h, w = self.grid_size = self.patch_embed.grid_size
-        num_patches = t * h * w
-        if num_frames % pred_t_dim or pred_t_dim % t:
-            raise ValueError(
-                f"pred_t_dim {pred_t_dim} must divide num_frames {num_frames} and be a multiple of the "
-                f"{t} temporal token positions (num_frames / t_patch_size)"
-            )
-        self.in_chans, self.patch_size, self.num_frames = in_chans, patch_size, num_frames
-        self.pred_t_dim, self.target_frames_rule = pred_t_dim, target_frames
-        # Frame indices the decoder regresses, fixed by the convention (see the module docstring).
-        if target_frames == "stride":
-            ids = list(range(0, num_frames, num_frames // pred_t_dim))
-        else:
-            ids = torch.linspace(0, num_frames - 1, pred_t_dim).long().tolist()
-        self.target_frame_ids: tuple[int, ...] = tuple(ids)
-        self.t_pred_patch_size = pred_t_dim // t
-        self.norm_pix_loss, self.cls_embed, self.sep_pos_embed = norm_pix_loss, cls_embed, sep_pos_embed
-        self.decoder_cls, self.decoder_sep_pos_embed = decoder_cls, decoder_sep_pos_embed
-        self.decoder_num_heads = decoder_num_heads
-        self.init_values, self.decoder_init_values = init_values, decoder_init_values
-        self.mask_type = mask_type
-        self.mask_sampler = None if mask_type in (*ADAPTIVE_TYPES, "amt") else get_mask_sampler(mask_type)
-        if mask_type == "amt":
-            if not cls_embed:
-                raise ValueError("mask_type='amt' reads the [CLS] token's attention: set cls_embed=True")
-            if decoder_mask_ratio > 0:
-                raise ValueError("mask_type='amt' already decodes only its masked tokens: use decoder_mask_ratio=0")
-            amt_counts(num_patches, 0.5, throw_ratio)  # range check now, not at the first step
-        elif throw_ratio:
-            raise ValueError(f"throw_ratio is AMT's (mask_type='amt'), not {mask_type!r}'s")
-        self.throw_ratio = throw_ratio
-        self.amt_thrown: torch.Tensor | None = None
-        self.sampler_loss_weight, self.decoder_mask_ratio = sampler_loss_weight, decoder_mask_ratio
-        if not 0.0 <= decoder_mask_ratio < 1.0:
-            raise ValueError(f"decoder_mask_ratio must be in [0, 1), got {decoder_mask_ratio}")
-        if decoder_mask_type not in DECODER_MASK_TYPES:
-            raise ValueError(f"decoder_mask_type must be one of {DECODER_MASK_TYPES}, got {decoder_mask_type!r}")
-        if decoder_mask_ratio > 0 and decoder_mask_type == "run_cell":
-            run_cell_hidden_per_cell(decoder_mask_ratio)  # range check now, not at the first step
-        self.decoder_mask_type = decoder_mask_type
-        mlp = int(embed_dim * mlp_ratio)
-        # Sizes by name, for FLOP counts that must not read (possibly sharded, empty) parameters.
-        self.arch = dict(embed_dim=embed_dim, depth=depth, mlp=mlp, decoder_embed_dim=decoder_embed_dim,
-                         decoder_depth=decoder_depth, decoder_mlp=int(decoder_embed_dim * mlp_ratio),
-                         patch_dim=in_chans * t_patch_size * patch_size**2,
-                         pred_dim=self.t_pred_patch_size * patch_size**2 * in_chans)
-        self.sampler_metrics: dict[str, torch.Tensor] = {}
-        self.sampler_probs: torch.Tensor | None = None
-
-        # Encoder
-        if cls_embed:
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        add_pos_embed(self, "", self.grid_size, embed_dim, cls_embed, sep_pos_embed)
-        self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, init_values=init_values)
-             for _ in range(depth)]
+    ) -> MaskedAutoencoderViT:
+        """Build from the flat keyword arguments that flags, factories and checkpoint options use."""
+        patch = PatchConfig(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_frames=num_frames,
+                            t_patch_size=t_patch_size)
+        t, h, w = patch.grid_size
+        strategy = build_mask_strategy(
+            mask_type, embed_dim=embed_dim, num_tokens=t * h * w, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            norm_layer=norm_layer, sampler_loss_weight=sampler_loss_weight, throw_ratio=throw_ratio,
+            amt_num_videos=amt_num_videos)
+        return cls(
+            patch,
+            EncoderConfig(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                          norm_layer=norm_layer, cls_embed=cls_embed, sep_pos_embed=sep_pos_embed,
+                          init_values=init_values),
+            DecoderConfig(embed_dim=decoder_embed_dim, depth=decoder_depth, num_heads=decoder_num_heads,
+                          init_values=decoder_init_values, cls=decoder_cls, sep_pos_embed=decoder_sep_pos_embed,
+                          mask_ratio=decoder_mask_ratio, mask_type=decoder_mask_type),
+            TargetConfig(pred_t_dim=pred_t_dim, frames=target_frames, norm_pix_loss=norm_pix_loss),
+            strategy,
+            trunc_init,
         )
-        self.norm = norm_layer(embed_dim)
-        if mask_type == "adaptive":  # wgcban/adamae's network (its own heads, norm, dropout, no qkv bias)
-            self.adaptive_sampler = AdaptiveTokenSampler(embed_dim, num_patches)
-        elif mask_type == "adaptive_detached":
-            self.adaptive_sampler = detached_variant(embed_dim, num_patches, num_heads, mlp_ratio, norm_layer)
-        # AdaMAE's training loop normalises each patch's targets per colour channel (VideoMAE's rule).
-        self.target_norm = "channel" if mask_type == "adaptive" else "patch"
-        if mask_type == "amt" and amt_num_videos > 0:
-            # One byte per token and video (K400, ViT 16x224: 240k x 1568 = 376 MB), identical on every
-            # rank, saved with the model. 255 = 1.0: uniform until the first refresh (random masking
-            # and throwing). DDP would broadcast every buffer at every forward: it is told to skip it.
-            self.register_buffer("amt_attention", torch.full((amt_num_videos, t, h, w), 255, dtype=torch.uint8))
-            self._ddp_params_and_buffers_to_ignore = ["amt_attention"]
 
-        # Decoder
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        if cls_embed and decoder_cls == "learned":
-            self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        add_pos_embed(self, "decoder_", self.grid_size, decoder_embed_dim, cls_embed, decoder_sep_pos_embed)
-        self.decoder_blocks = nn.ModuleList(
-            [
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
-                      init_values=decoder_init_values)
-                for _ in range(decoder_depth)
-            ]
-        )
-        self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, self.t_pred_patch_size * patch_size**2 * in_chans)
-        self._init_weights(trunc_init)
+    @property
+    def mask_strategy(self) -> MaskStrategy:
+        """The strategy the model was built with (a submodule when it has weights)."""
+        strategy = self._modules.get("adaptive_sampler")
+        return strategy if strategy is not None else self._mask_strategy
 
     def _init_weights(self, trunc_init: bool) -> None:
         for name, p in self.named_parameters():
@@ -215,19 +341,12 @@ class MaskedAutoencoderViT(nn.Module):
             elif name.endswith(("cls_token", "mask_token")):
                 (nn.init.trunc_normal_ if trunc_init else nn.init.normal_)(p, std=0.02)
         self.apply(partial(init_weights, trunc_init=trunc_init))
-        if self.mask_type == "adaptive":  # AdaMAE: a zero position table, xavier logit layer (as applied above)
-            nn.init.zeros_(self.adaptive_sampler.pos_embed)
-        elif self.mask_type == "adaptive_detached":
-            # Zero logits at start: uniform sampling, i.e. exactly random masking for the same noise.
-            nn.init.zeros_(self.adaptive_sampler.head.weight)
+        self.mask_strategy.finish_init()
 
     # ----------------------------------------------------------------- helpers
     def shard_units(self) -> list[nn.Module]:
         """The units that parallelism wraps from outside (activation checkpointing, compile, FSDP2): every block."""
-        units = list(self.blocks) + list(self.decoder_blocks)
-        if self.mask_type in ADAPTIVE_TYPES:
-            units += list(self.adaptive_sampler.blocks)
-        return units
+        return list(self.blocks) + list(self.decoder_blocks) + self.mask_strategy.shard_units()
 
     def flops_per_clip(self, mask_ratio: float) -> dict[str, int]:
         """Analytic FLOPs per clip of a training step at `mask_ratio`, from the configuration.
@@ -243,11 +362,12 @@ class MaskedAutoencoderViT(nn.Module):
             decoder_patches = visible + num_patches * (4 - run_cell_hidden_per_cell(self.decoder_mask_ratio)) // 4
         elif self.decoder_mask_ratio > 0:
             decoder_patches = visible + max(1, int((num_patches - visible) * (1 - self.decoder_mask_ratio)))
-        adaptive = self.mask_type in ADAPTIVE_TYPES
+        strategy = self.mask_strategy
+        adaptive = strategy.needs_tokens
         pred_tokens = None
-        if self.mask_type == "amt":
+        if isinstance(strategy, AttentionMasking):
             # Thrown tokens cost nothing: the decoder sees the visible and the masked ones, the head only the masked.
-            visible, masked, _ = amt_counts(num_patches, mask_ratio, self.throw_ratio)
+            visible, masked, _ = amt_counts(num_patches, mask_ratio, strategy.throw_ratio)
             decoder_patches, pred_tokens = visible + masked, masked
         parts = masked_autoencoder_flops(
             num_patches=num_patches, num_visible=visible, num_decoder_patches=decoder_patches,
@@ -318,34 +438,26 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(
         self, clips: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None,
         attention: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embed, keep the visible tokens, encode: (latent [B, (1+)K, D], mask [B, L], ids_restore)."""
+    ) -> tuple[torch.Tensor, Mask]:
+        """Embed, keep the visible tokens, encode: (latent [B, (1+)K, D], the Mask the strategy drew)."""
         B = clips.shape[0]
-        if self.mask_type == "amt":
-            L = self.patch_embed.num_patches
-            noise = torch.rand(B, L, device=clips.device) if noise is None else noise
-            weights = torch.ones(B, L, device=clips.device) if attention is None else attention
-            ids_keep, ids_restore, ids_masked, ids_thrown = amt_masking(weights, noise, mask_ratio, self.throw_ratio)
-            self._amt_ids_masked = ids_masked  # for forward's decoder (popped there, like AdaMAE's log-probs)
-            self.amt_thrown = torch.zeros(B, L, device=clips.device).scatter(1, ids_thrown, 1.0)
-            mask = torch.ones(B, L, device=clips.device).scatter(1, ids_keep, 0.0)  # hidden from the encoder
-            x = self.patch_embed.embed(self.patch_embed.tubelets(clips, ids_keep))
-        elif self.mask_type in ADAPTIVE_TYPES:
+        strategy = self.mask_strategy
+        if strategy.needs_tokens:
             # The sampler reads every token's embedding; the encoder then takes its visible ones.
             tokens = self.patch_embed(clips)
-            (ids_keep, ids_restore, mask), self._sampler_log_probs = self.adaptive_sampler.sample(tokens, mask_ratio, noise)
-            x = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+            m = strategy.sample(B, self.grid_size, mask_ratio, noise, tokens=tokens, device=clips.device)
+            x = torch.gather(tokens, 1, m.ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         else:
-            ids_keep, ids_restore, mask = self.mask_sampler(B, self.grid_size, mask_ratio, noise=noise, device=clips.device)
+            m = strategy.sample(B, self.grid_size, mask_ratio, noise, attention=attention, device=clips.device)
             # Embedding is per token, so embed only the visible tubelets: 10x less work at 90% masking.
-            x = self.patch_embed.embed(self.patch_embed.tubelets(clips, ids_keep))
+            x = self.patch_embed.embed(self.patch_embed.tubelets(clips, m.ids_keep))
         pos, cls_pos = self._pos_table(decoder=False)
-        x = x + pos[0][ids_keep]
+        x = x + pos[0][m.ids_keep]
         if self.cls_embed:
             cls = self.cls_token + (cls_pos if cls_pos is not None else 0)
             x = torch.cat([cls.expand(B, -1, -1), x], dim=1)
         x = run_blocks(self.blocks, x)
-        return self.norm(x), mask, ids_restore
+        return self.norm(x), m
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Fill in mask tokens, un-shuffle, decode: predictions for every token [B, L, u*p*p*C]."""
@@ -413,49 +525,59 @@ class MaskedAutoencoderViT(nn.Module):
         x = run_blocks(self.blocks[:-1], x)
         return normalize_cls_attention(self.blocks[-1](x, cls_attention=True), int(self.cls_embed))
 
-    def forward(
-        self, clips: torch.Tensor, mask_ratio: float = 0.9, noise: torch.Tensor | None = None,
-        attention: torch.Tensor | None = None, return_cls_attention: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
-        """Masked reconstruction of clips [B, C, T, H, W]: (loss, pred [B, L, u*p*p*C], mask [B, L]).
-
-        `attention` [B, L]: AMT's per-token weights. `return_cls_attention`: only AMT's attention map
-        [B, L] (`cls_attention_map`), through `forward` so that sharded wrappers gather the parameters.
-        """
-        if return_cls_attention:
-            return self.cls_attention_map(clips)
-        latent, mask, ids_restore = self.forward_encoder(clips, mask_ratio, noise, attention)
-        if self.mask_type == "amt":
-            ids_masked = self.__dict__.pop("_amt_ids_masked")
-            pred = self.forward_decoder_subset(latent, ids_restore, ids_masked)
-            mask = torch.zeros_like(mask).scatter(1, ids_masked, 1.0)  # 1 where the loss is taken
-        elif self.decoder_mask_ratio > 0 and self.training and self.decoder_mask_type == "run_cell":
+    def decode(self, latent: torch.Tensor, m: Mask, noise: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode what the mask and the decoder masking ask for: (pred [B, L, P], loss mask [B, L], 1 = in the loss)."""
+        mask, ids_restore = m.mask, m.ids_restore
+        if m.ids_masked is not None:  # the strategy names the tokens to rebuild (AMT: its masked ones, not the thrown)
+            pred = self.forward_decoder_subset(latent, ids_restore, m.ids_masked)
+            return pred, torch.zeros_like(mask).scatter(1, m.ids_masked, 1.0)
+        if self.decoder_mask_ratio > 0 and self.training and self.decoder_mask_type == "run_cell":
             # VideoMAE v2: mask tokens at every running-cell position, visible ones included; the loss
             # counts the positions both decoded and hidden from the encoder.
             ids_target = run_cell_targets(mask.shape[0], self.grid_size, self.decoder_mask_ratio, noise, mask.device)
             pred = self.forward_decoder_subset(latent, ids_restore, ids_target)
-            mask = mask * torch.zeros_like(mask).scatter(1, ids_target, 1.0)
-        elif self.decoder_mask_ratio > 0 and self.training:
+            return pred, mask * torch.zeros_like(mask).scatter(1, ids_target, 1.0)
+        if self.decoder_mask_ratio > 0 and self.training:
             num_hidden = ids_restore.shape[1] - latent.shape[1] + int(self.cls_embed)
             ids_target = decoder_targets(mask, self.grid_size, self.decoder_mask_ratio, noise, num_hidden)
             pred = self.forward_decoder_subset(latent, ids_restore, ids_target)
-            mask = torch.zeros_like(mask).scatter(1, ids_target, 1.0)  # 1 where the loss is taken
-        else:
-            pred = self.forward_decoder(latent, ids_restore)
+            return pred, torch.zeros_like(mask).scatter(1, ids_target, 1.0)
+        return self.forward_decoder(latent, ids_restore), mask
+
+    def forward(
+        self, clips: torch.Tensor, mask_ratio: float = 0.9, noise: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None, return_cls_attention: bool = False, return_aux: bool = False,
+    ) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        """Masked reconstruction of clips [B, C, T, H, W]: (loss, pred [B, L, u*p*p*C], mask [B, L]).
+
+        `attention` [B, L]: AMT's per-token weights. `return_cls_attention`: only AMT's attention map
+        [B, L] (`cls_attention_map`), through `forward` so that sharded wrappers gather the parameters.
+        `return_aux`: (loss, pred, mask, aux) with aux "metrics" (detached scalars to log) and, where the
+        strategy has them, "sampler_probs" and "thrown" [B, L] (see the module docstring).
+        """
+        if return_cls_attention:
+            return self.cls_attention_map(clips)
+        latent, m = self.forward_encoder(clips, mask_ratio, noise, attention)
+        pred, mask = self.decode(latent, m, noise)
         errors = self.token_errors(clips, pred)
         loss = (errors * mask).sum() / mask.sum()
-        if self.mask_type in ADAPTIVE_TYPES:
-            log_probs = self.__dict__.pop("_sampler_log_probs")
-            sampler_loss = policy_gradient_loss(log_probs, errors, mask)
-            loss = loss + self.sampler_loss_weight * sampler_loss
-            self.sampler_metrics = {"sampler_loss": sampler_loss.detach(), **sampler_stats(log_probs)}
-            self.sampler_probs = log_probs.detach().exp()
+        extra, metrics = self.mask_strategy.extra_loss(m, errors, mask)
+        if extra is not None:
+            loss = loss + extra
         # `pred` is often a view (the class token sliced off, or autocast's linear over 3-D input): a wrapper
         # that hooks outputs for backward (FSDP2) loses its hook if a caller then edits a view in place. A copy
         # of the predictions costs far less than the step; the values are the same.
         if pred._base is not None:
             pred = pred.clone()
-        return loss, pred, mask
+        if not return_aux:
+            return loss, pred, mask
+        aux: dict = {"metrics": metrics}
+        if m.log_probs is not None:
+            aux["sampler_probs"] = m.log_probs.detach().exp()
+        if m.thrown is not None:
+            aux["thrown"] = m.thrown
+        return loss, pred, mask, aux
 
 
 # Encoder sizes: (embed_dim, depth, num_heads). Decoder defaults follow MAE-ST: 512-d, 4 blocks, 16 heads.
@@ -473,7 +595,7 @@ def _mae(size: str, patch_size: int, **kwargs) -> MaskedAutoencoderViT:
     dim, depth, heads = ENCODER_SIZES[size]
     cfg = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch_size)
     cfg.update(kwargs)
-    return MaskedAutoencoderViT(**cfg)
+    return MaskedAutoencoderViT.from_kwargs(**cfg)
 
 
 def mae_vit_micro_patch8(**kwargs) -> MaskedAutoencoderViT:

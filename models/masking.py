@@ -1,4 +1,10 @@
-"""Mask samplers: which spacetime tokens the encoder sees.
+"""Mask samplers and mask strategies: which spacetime tokens the encoder sees.
+
+A *mask strategy* is the object the MAE is built with (`MaskStrategy`): `strategy.sample(batch, grid,
+ratio, noise, ...) -> Mask`. The model calls it once per forward and hands the `Mask` on to its decoder
+and loss, so nothing about one forward is kept on the model. `SamplerMasking` wraps the plain samplers
+below; AdaMAE's learned sampler (models/adamae.py) and AMT (models/amt.py) are strategies too, and
+`models.mae.build_mask_strategy` builds any of them by its `--mask_type` name.
 
 Every sampler has one signature, `sampler(batch, grid, ratio, noise=None, generator=None)`, and
 returns `(ids_keep [B, K], ids_restore [B, L], mask [B, L])` with `mask == 1` for hidden tokens.
@@ -14,8 +20,10 @@ K is not a whole number of groups the last group is kept in part (ordered by the
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 Grid = tuple[int, int, int]
 MaskOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -119,6 +127,67 @@ MASK_SAMPLERS: dict[str, Callable[..., MaskOutput]] = {
     "frame": frame_masking,
     "cube": cube_masking,
 }
+
+
+@dataclass
+class Mask:
+    """One forward's mask: what the encoder keeps, and what the strategy's decoder or loss needs besides."""
+
+    ids_keep: torch.Tensor  # [B, K] tokens the encoder sees, in the order it sees them
+    ids_restore: torch.Tensor  # [B, L] un-shuffles [kept..., hidden...] back to token order
+    mask: torch.Tensor  # [B, L] 1 = hidden from the encoder
+    log_probs: torch.Tensor | None = None  # AdaMAE: log p of every token [B, L], with grad (its policy gradient)
+    ids_masked: torch.Tensor | None = None  # AMT: the hidden tokens to reconstruct [B, M] (the others are thrown)
+    thrown: torch.Tensor | None = None  # AMT: [B, L] 1 = thrown (in neither encoder, decoder nor loss)
+
+
+class MaskStrategy:
+    """Which tokens the encoder sees: `sample(...) -> Mask`; the defaults suit a strategy without weights or loss."""
+
+    name: str = ""
+    # True when `sample` reads the embedded tokens (AdaMAE): the model must then embed every tubelet, not
+    # only the visible ones.
+    needs_tokens: bool = False
+    # How a patch's pixel targets are normalised in the recipe the strategy comes from ("patch" or "channel").
+    target_norm: str = "patch"
+
+    def sample(self, batch: int, grid: Grid, ratio: float, noise: torch.Tensor | None = None, *,
+               tokens: torch.Tensor | None = None, attention: torch.Tensor | None = None,
+               device: torch.device | str | None = None) -> Mask:
+        """Draw the mask of `batch` samples over `grid`, keeping K = int(L * (1 - ratio)) tokens each."""
+        raise NotImplementedError
+
+    def extra_loss(self, mask: Mask, token_errors: torch.Tensor, loss_mask: torch.Tensor
+                   ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(term added to the reconstruction loss or None, detached scalars to log) for one forward."""
+        return None, {}
+
+    def check(self, num_tokens: int, cls_embed: bool, decoder_mask_ratio: float) -> None:
+        """Raise now, not at the first step, if this strategy cannot run on a model so configured."""
+
+    def finish_init(self) -> None:
+        """The strategy's own init of its weights, run after the model's blanket init (which covers them too)."""
+
+    def shard_units(self) -> list[nn.Module]:
+        """Blocks of the strategy's network that parallelism wraps like the model's own blocks."""
+        return []
+
+
+class SamplerMasking(MaskStrategy):
+    """A strategy from one of the plain samplers above: a function of (batch, grid, ratio, noise) only."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sampler = get_mask_sampler(name)
+
+    def sample(self, batch: int, grid: Grid, ratio: float, noise: torch.Tensor | None = None, *,
+               tokens: torch.Tensor | None = None, attention: torch.Tensor | None = None,
+               device: torch.device | str | None = None) -> Mask:
+        """The sampler's (ids_keep, ids_restore, mask) for the per-sample `noise` (random when None)."""
+        return Mask(*self.sampler(batch, grid, ratio, noise=noise, device=device))
+
+    def __repr__(self) -> str:
+        return f"SamplerMasking({self.name!r})"
 
 
 # Every --mask_type: the samplers above plus AdaMAE's learned one (a module, models/adamae.py, built

@@ -241,10 +241,11 @@ class VideoTextModel(nn.Module):
         """(encoder output, what the decoder gets, mask [B, L] 1 = hidden, ids_restore) for the visible tokens."""
         v = self.video
         if self.sparsify_keep >= 1.0:
-            latent, mask, ids_restore = v.forward_encoder(clips, mask_ratio, noise)
-            return latent, latent, mask, ids_restore
+            latent, m = v.forward_encoder(clips, mask_ratio, noise)
+            return latent, latent, m.mask, m.ids_restore
         B = clips.shape[0]
-        ids_keep, ids_restore, mask = v.mask_sampler(B, v.grid_size, mask_ratio, noise=noise, device=clips.device)
+        m = v.mask_strategy.sample(B, v.grid_size, mask_ratio, noise, device=clips.device)
+        ids_keep, mask = m.ids_keep, m.mask
         x = v.patch_embed.embed(v.patch_embed.tubelets(clips, ids_keep))
         pos, cls_pos = v._pos_table(decoder=False)
         x = x + pos[0][ids_keep]

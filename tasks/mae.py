@@ -19,7 +19,6 @@ from datasets.amt_views import CanonicalViews
 from datasets.image_folder import build_image_folder_dataset
 from models import create_model
 from models.amt import clip_attention_weights
-from models.masking import ADAPTIVE_TYPES
 from tasks.common import MaskingConfig, StartConfig, load_start_weights
 from util.config import ConfigError, flag, non_negative, positive, section
 from util.cross_rank import all_gather_cat
@@ -119,10 +118,9 @@ class MAETask(Task):
             attention = clip_attention_weights(m.amt_attention[batch["index"]].float() / 255, batch["geometry"],
                                                m.grid_size, m.patch_embed.t_patch_size,
                                                self.dataset.sampling_rate / self.dataset.target_fps, m.num_frames)
-        loss = module(batch["clips"], self.masking.mask_ratio, batch["noise"], attention=attention)[0]
-        # The adaptive sampler leaves its entropy and loss on the plain model (the same object when wrapped).
-        extra = self.model.sampler_metrics if self.masking.mask_type in ADAPTIVE_TYPES else {}
-        return {"loss": loss, **extra}
+        loss, _, _, aux = module(batch["clips"], self.masking.mask_ratio, batch["noise"], attention=attention,
+                                 return_aux=True)
+        return {"loss": loss, **aux["metrics"]}  # the adaptive sampler's loss and entropy, to log
 
     def flops_per_clip(self, model: nn.Module) -> float:
         return model.flops_per_clip(self.masking.mask_ratio)["train_step"]

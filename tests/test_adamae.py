@@ -49,13 +49,13 @@ def test_model_mask_contract_and_metrics_at_95_percent() -> None:
     model = adaptive_mae()
     random_head(model)
     clips, noise = torch.randn(3, 3, 4, 32, 32), torch.rand(3, 32)
-    loss, pred, mask = model(clips, 0.95, noise)
+    loss, pred, mask, aux = model(clips, 0.95, noise, return_aux=True)
     assert pred.shape == (3, 32, 8 * 8 * 3)
     assert torch.equal((mask == 0).sum(1), torch.full((3,), num_visible(32, 0.95)))
-    m = model.sampler_metrics
+    m, probs = aux["metrics"], aux["sampler_probs"]
     assert set(m) >= {"sampler_entropy", "sampler_loss"} and all(not v.requires_grad for v in m.values())
     assert 0 < float(m["sampler_entropy"]) <= math.log(32) + 1e-5
-    assert model.sampler_probs.shape == (3, 32) and torch.allclose(model.sampler_probs.sum(1), torch.ones(3))
+    assert probs.shape == (3, 32) and torch.allclose(probs.sum(1), torch.ones(3))
     assert torch.isfinite(loss)
 
 
@@ -118,8 +118,8 @@ def test_policy_gradient_raises_probability_of_high_error_tokens() -> None:
     before = mass_on_hot()
     gen = torch.Generator().manual_seed(2)
     for _ in range(10):
-        (_, _, mask), log_probs = sampler.sample(tokens, ratio, torch.rand(B, L, generator=gen))
-        loss = policy_gradient_loss(log_probs, error, mask)
+        drawn = sampler.sample(B, (2, 4, 4), ratio, torch.rand(B, L, generator=gen), tokens=tokens)
+        loss = policy_gradient_loss(drawn.log_probs, error, drawn.mask)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -25,7 +25,6 @@ from common import (  # noqa: E402,E501
     lr_at,
     make_backend,
     micro_indices,
-    micro_step,
 )
 
 SCENARIOS = {"fsdp": {"dist": "fsdp"}, "fsdp_ckpt": {"dist": "fsdp", "grad_ckpt": True},
@@ -46,6 +45,15 @@ def make_adaptive() -> torch.nn.Module:
                         decoder_mask_ratio=0.5, decoder_mask_type="rotating_hidden")
 
 
+def micro_step_with_metrics(backend, clips: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """common.micro_step, keeping the model's aux metrics (the sampler's entropy) for the comparison."""
+    with backend.microstep(True):
+        with backend.precision():
+            loss, _, _, aux = backend.module(clips, MASK_RATIO, noise, return_aux=True)
+        backend.backward(loss)
+    return loss, aux["metrics"]
+
+
 def reference() -> tuple[list[float], list[float]]:
     """Plain single process on the global batch: (losses, sampler entropies)."""
     from util.optim import build_adamw, param_groups
@@ -57,13 +65,13 @@ def reference() -> tuple[list[float], list[float]]:
         for g in opt.param_groups:
             g["lr"] = lr_at(s) * g["lr_scale"]
         clips, noise = batch(list(range(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)))
-        loss = model(clips, MASK_RATIO, noise)[0]
+        loss, _, _, aux = model(clips, MASK_RATIO, noise, return_aux=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad()
         losses.append(float(loss))
-        entropies.append(float(model.sampler_metrics["sampler_entropy"]))
+        entropies.append(float(aux["metrics"]["sampler_entropy"]))
     return losses, entropies
 
 
@@ -81,10 +89,10 @@ def worker(out: Path) -> None:
             for g in backend.param_groups:
                 g["lr"] = lr_at(s) * g["lr_scale"]
             clips, noise = batch(micro_indices(s, info.rank, info.world_size, 1, 0))
-            loss = micro_step(backend, clips, noise)
+            loss, metrics = micro_step_with_metrics(backend, clips, noise)
             backend.step()
             losses.append(float(du.all_reduce_mean(loss.detach())))
-            entropies.append(float(du.all_reduce_mean(backend.unwrapped.sampler_metrics["sampler_entropy"])))
+            entropies.append(float(du.all_reduce_mean(metrics["sampler_entropy"])))
         head = backend.full_model_state_dict().get("adaptive_sampler.head.weight")
         results[name] = {"losses": losses, "entropies": entropies,
                          "head_moved": None if head is None else float(head.abs().max())}

@@ -76,11 +76,11 @@ def test_thrown_tokens_reach_neither_encoder_nor_decoder_nor_loss() -> None:
     seen = {}
     model.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("encoder", a[0].shape[1]))
     model.decoder_blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("decoder", a[0].shape[1]))
-    loss, pred, mask = model(clips, 0.75, noise, attention=weights)
+    loss, pred, mask, aux = model(clips, 0.75, noise, attention=weights, return_aux=True)
     loss.backward()
     visible, masked, thrown = amt_counts(32, 0.75, 0.3)
     assert seen == {"encoder": 1 + visible, "decoder": 1 + visible + masked}  # + the class token
-    thrown_mask = model.amt_thrown.bool()
+    thrown_mask = aux["thrown"].bool()
     assert (thrown_mask.sum(1) == thrown).all() and (mask.sum(1) == masked).all()
     assert not (thrown_mask & mask.bool()).any()
     # Gradient of the loss per input tubelet: none for thrown ones, some for every visible and masked one.
@@ -182,10 +182,11 @@ def test_reconstruction_image_shows_thrown_tokens_as_black() -> None:
     model = tiny_amt().eval()
     clips = torch.rand(1, 3, 4, 32, 32) * 2 - 1  # shown as 0.225 ... 0.675: no pixel is black by itself
     with torch.no_grad():
-        _, pred, mask = model(clips, 0.75, torch.rand(1, 32, generator=torch.Generator().manual_seed(7)))
+        _, pred, mask, aux = model(clips, 0.75, torch.rand(1, 32, generator=torch.Generator().manual_seed(7)),
+                                   return_aux=True)
     plain = reconstruction_grid(model, clips, pred, mask)
-    marked = reconstruction_grid(model, clips, pred, mask, thrown=model.amt_thrown)
-    thrown = int(model.amt_thrown.sum())
+    marked = reconstruction_grid(model, clips, pred, mask, thrown=aux["thrown"])
+    thrown = int(aux["thrown"].sum())
     # Each thrown token covers t_pred_patch_size frames of 8 x 8 pixels in 3 channels of the reconstruction row;
     # the grid enlarges frames under MIN_SIDE pixel for pixel, so each side of a patch is `scale` times longer.
     scale = math.ceil(MIN_SIDE / 32)

@@ -225,7 +225,7 @@ def test_head_of_other_size_skipped_and_missing_encoder_keys_refused(caplog: pyt
 def test_interpolate_8_to_16_frames_and_112_to_224_px(sep: bool) -> None:
     big = dict(patch_size=16, embed_dim=32, num_heads=2, depth=1, sep_pos_embed=sep)
     torch.manual_seed(0)
-    src = randomize(MaskedAutoencoderViT(img_size=112, num_frames=8, **big, **DEC))
+    src = randomize(MaskedAutoencoderViT.from_kwargs(img_size=112, num_frames=8, **big, **DEC))
     dst = VisionTransformer(img_size=224, num_frames=16, num_classes=3, cls_embed=True, **big).eval()
     report = load_pretrained(dst, src.state_dict())
     assert not report.missing_encoder and not report.skipped and report.notes
@@ -274,7 +274,7 @@ def to_pyslowfast(sd: dict, split: bool) -> dict:
 def pyslowfast_checkpoint(sep_decoder: bool = False, split: bool = False) -> dict:
     """A PySlowFast MAE checkpoint: no learned decoder class token, joint (or dec_) decoder table, random weights."""
     torch.manual_seed(0)
-    src = perturb(MaskedAutoencoderViT(**PYSF, decoder_num_heads=128 // 64, decoder_cls="encoder",
+    src = perturb(MaskedAutoencoderViT.from_kwargs(**PYSF, decoder_num_heads=128 // 64, decoder_cls="encoder",
                                        decoder_sep_pos_embed=sep_decoder))
     pyth = to_pyslowfast(src.state_dict(), split)
     assert not any("cls_token" in k for k in pyth if k.startswith(("decoder", "pred_head")))
@@ -330,7 +330,7 @@ def test_pyslowfast_mae_imports_exactly_into_a_model_built_its_way(decoder_table
     assert options["decoder_cls"] == "encoder" and options["decoder_num_heads"] == 2  # 128 // 64
     assert options["decoder_sep_pos_embed"] is (decoder_table == "separable") and options["target_frames"] == "stride"
     torch.manual_seed(5)
-    model = MaskedAutoencoderViT(**{**PYSF, **options}).eval()
+    model = MaskedAutoencoderViT.from_kwargs(**{**PYSF, **options}).eval()
     report = load_pretrained(model, sd)
     assert report.source_format == "pyslowfast" and not report.missing and not report.unexpected
     assert any("decoder_embed_dim // 64" in n for n in report.notes)  # heads: the format's, and said so
@@ -344,7 +344,7 @@ def test_pyslowfast_mae_imports_exactly_into_a_model_built_its_way(decoder_table
 def test_pyslowfast_decoder_into_a_decoder_built_otherwise_is_refused_or_left_out_on_request() -> None:
     sd = pyslowfast_checkpoint()
     torch.manual_seed(5)
-    ours = MaskedAutoencoderViT(**PYSF, decoder_num_heads=4).eval()  # learned class token, separable table
+    ours = MaskedAutoencoderViT.from_kwargs(**PYSF, decoder_num_heads=4).eval()  # learned class token, separable table
     with pytest.raises(ValueError) as refused:
         load_pretrained(ours, sd, source="k400.pyth")
     for words in ("k400.pyth", "decoder_cls", "decoder_num_heads", "decoder_embed_dim // 64 = 2", "decoder_sep_pos_embed",
@@ -473,7 +473,7 @@ def test_videomae_pretraining_checkpoint_with_layer_scale_reconstructs_exactly()
     # VideoMAE's pretrain_videomae_small: a 192-d decoder with 3 heads; tubelets regress both frames.
     kw = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2, num_heads=2, pred_t_dim=4)
     torch.manual_seed(0)
-    src = perturb(MaskedAutoencoderViT(**kw, cls_embed=False, sep_pos_embed=False, init_values=0.1,
+    src = perturb(MaskedAutoencoderViT.from_kwargs(**kw, cls_embed=False, sep_pos_embed=False, init_values=0.1,
                                        decoder_embed_dim=192, decoder_depth=1, decoder_num_heads=3))
     with torch.no_grad():
         src.decoder_embed.bias.zero_()
@@ -485,7 +485,7 @@ def test_videomae_pretraining_checkpoint_with_layer_scale_reconstructs_exactly()
     options = checkpoint_model_options(ckpt)
     assert options["decoder_num_heads"] == 3 and options["decoder_init_values"] > 0 and not options["cls_embed"]
     torch.manual_seed(9)
-    model = MaskedAutoencoderViT(**kw, **options).eval()
+    model = MaskedAutoencoderViT.from_kwargs(**kw, **options).eval()
     report = load_pretrained(model, ckpt)
     assert not report.missing and not report.unexpected
     x, noise = clips(), torch.rand(2, 32, generator=torch.Generator().manual_seed(4))
@@ -496,7 +496,7 @@ def test_videomae_pretraining_checkpoint_with_layer_scale_reconstructs_exactly()
     assert rel_diff(pred[hidden].view(expected.shape), expected) < 1e-5
 
     # The decoder's gammas with no place in a decoder without layer scale: the decoder is refused.
-    no_decoder_scale = MaskedAutoencoderViT(**{**kw, **options, "decoder_init_values": 0.0})
+    no_decoder_scale = MaskedAutoencoderViT.from_kwargs(**{**kw, **options, "decoder_init_values": 0.0})
     with pytest.raises(ValueError, match=r"decoder_blocks\.0\.gamma_1.*decoder_init_values=0\.1.*load_decoder=False"):
         load_pretrained(no_decoder_scale, ckpt)
 

@@ -275,7 +275,8 @@ def test_decoder_class_token_from_the_encoder() -> None:
     assert "pos_embed_spatial" in model.state_dict()  # the encoder keeps its own table form
     clips, noise = torch.randn(2, 3, 4, 32, 32), torch.rand(2, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        latent, mask, ids_restore = model.forward_encoder(clips, 0.75, noise)
+        latent, drawn = model.forward_encoder(clips, 0.75, noise)
+        mask, ids_restore = drawn.mask, drawn.ids_restore
         full = model.forward_decoder(latent, ids_restore)
         hidden = mask.nonzero()[:, 1].view(2, -1)
         subset = model.forward_decoder_subset(latent, ids_restore, hidden)  # the decoder-masking path

@@ -80,12 +80,10 @@ def save_reconstruction(
     was_training = module.training
     module.eval()
     with autocast():
-        _, pred, mask = module(clips, mask_ratio, noise)
+        _, pred, mask, aux = module(clips, mask_ratio, noise, return_aux=True)
     module.train(was_training)
-    # The adaptive sampler leaves its last probabilities on the plain model (None for other samplers).
-    probs = getattr(plain_model, "sampler_probs", None)
-    thrown = getattr(plain_model, "amt_thrown", None)  # AMT leaves its last thrown tokens there too
-    grid = reconstruction_grid(plain_model, clips, pred, mask, probs, thrown)
+    # The adaptive sampler's probabilities and AMT's thrown tokens, where the model's strategy has them.
+    grid = reconstruction_grid(plain_model, clips, pred, mask, aux.get("sampler_probs"), aux.get("thrown"))
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, str(path))
