@@ -35,11 +35,10 @@ from benchmarks import common  # noqa: E402
 NUM_VIDEOS, SIZE, NUM_CLASSES, VIDEOS_PER_STEP = 1200, 32, 8, 16
 CLIP = ["--input_size", str(SIZE), "--num_frames", "8", "--sampling_rate", "2", "--t_patch_size", "2",
         "--num_workers", "1", "--precision", "fp32", "--seed", "0", "--log_every", "10"]
-COMMON = ["--model", "mae_vit_micro_patch8", "--batch_size", str(VIDEOS_PER_STEP), "--save_every", "0",
-          "--vis_every", "0"]
+COMMON = ["--model", "mae_vit_micro_patch8", "--batch_size", str(VIDEOS_PER_STEP), "--save_every", "0"]
 # MAE-ST at 90% (pixel targets: on a one-colour background a flat patch normalised by its own variance
 # is amplified codec noise); AMT at the same 90% hidden from the encoder, 40% of the tokens thrown.
-MAE = ["--repeat_aug", "2", "--mask_ratio", "0.9", "--no-norm_pix_loss", "--pred_t_dim", "8",
+MAE = ["--vis_every", "0", "--repeat_aug", "2", "--mask_ratio", "0.9", "--no-norm_pix_loss", "--pred_t_dim", "8",
        "--decoder_embed_dim", "128", "--decoder_depth", "2", "--decoder_num_heads", "4", "--blr", "1.2e-2",
        "--clip_grad", "0"]
 AMT = ["--mask_type", "amt", "--throw_ratio", "0.4"]
