@@ -236,8 +236,8 @@ class Checkpointer:
         try:
             future = backend.save(tmp / STATE_DIR, async_save=self.async_save)
             entries = {key: obj.state_dict() for key, obj in states.items()}
+            state = trainer_state_file(entries, backend.name, du.get_world_size(), name)  # every rank: a clash raises
             if du.is_main_process():
-                state = trainer_state_file(entries, backend.name, du.get_world_size(), name)
                 torch.save(state, tmp / TRAINER_STATE)
                 if isinstance(state.get("config"), dict):
                     import yaml
