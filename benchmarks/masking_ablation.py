@@ -51,7 +51,8 @@ from datasets import normalize_clips, read_list_file  # noqa: E402
 from datasets.synthetic import CLASS_NAMES, ensure_synthetic_dataset  # noqa: E402
 from models import create_model  # noqa: E402
 from models.convert import load_pretrained  # noqa: E402
-from util.checkpoint import find_latest, read_trainer_state, read_weights  # noqa: E402
+from util.checkpoint import find_latest, read_trainer_state  # noqa: E402
+from util.weights import read_weights  # noqa: E402
 
 MASK_TYPES = ("random", "tube", "frame", "cube", "adaptive", "adaptive_detached")
 RATIOS = (0.75, 0.9, 0.95)

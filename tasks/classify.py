@@ -20,10 +20,10 @@ from datasets import DistributedEvalSampler, VideoMixup
 from models import create_model
 from models.convert import load_pretrained
 from models.vit import to_linear_probe
-from util.checkpoint import read_weights
 from util.config import flag, non_negative, positive, section
 from util.evaluate import test_and_report
 from util.task import RunContext, Task
+from util.weights import read_weights
 
 unit = {"check": lambda x: 0 <= x <= 1, "rule": "in [0, 1]"}
 

@@ -14,8 +14,8 @@ from torch import nn
 from models.convert import LoadReport, load_pretrained
 from models.masking import MASK_TYPES
 from tasks import PRETRAIN
-from util.checkpoint import read_weights
 from util.config import flag, positive
+from util.weights import read_weights
 
 
 @dataclass

@@ -27,11 +27,11 @@ from models.masking import ADAPTIVE_TYPES
 from models.videotext import videotext_loss, videotext_model
 from tasks.common import MaskingConfig, StartConfig, load_start_weights
 from tasks.videotext_eval import caption_list, evaluate
-from util.checkpoint import read_weights
 from util.config import ConfigError, RunConfig, flag, non_negative, positive, section
 from util.distributed import barrier
 from util.gather import RankGather
 from util.task import RunContext, Task
+from util.weights import read_weights
 
 log = logging.getLogger("mae_st.videotext")
 DEMO_CONFIG = "videotext_demo.yaml"

@@ -19,18 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 from common import batch, make_backend, make_model, micro_step  # noqa: E402
 from dist_launch import REPO, run  # noqa: E402
 
-from util.checkpoint import (  # noqa: E402
-    complete_checkpoints,
-    describe,
-    find_latest,
-    load_checkpoint,
-    load_weights_file,
-    save_checkpoint,
-)
+from util.checkpoint import complete_checkpoints, find_latest, load_checkpoint, save_checkpoint  # noqa: E402
+from util.checkpoint_cli import describe  # noqa: E402
 from util.config import OptimConfig, ParallelConfig  # noqa: E402
 from util.distributed import DistInfo, first_slurm_host  # noqa: E402
 from util.optim import param_groups  # noqa: E402
 from util.parallel import apply_checkpointing, deepspeed_config  # noqa: E402
+from util.safe_load import load_weights_file  # noqa: E402
 
 ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
 

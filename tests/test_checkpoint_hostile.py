@@ -22,18 +22,17 @@ from common import make_backend, make_model  # noqa: E402
 from dist_launch import REPO  # noqa: E402
 
 from util.checkpoint import (  # noqa: E402
-    describe,
-    export_weights,
     find_latest,
     find_resumable,
     load_checkpoint,
     read_trainer_state,
-    read_weights,
     save_checkpoint,
 )
+from util.checkpoint_cli import describe  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
 from util.errors import CheckpointError, MaeError, UnsafeCheckpointError  # noqa: E402
 from util.safe_load import verify_checkpoint_dir  # noqa: E402
+from util.weights import export_weights, read_weights  # noqa: E402
 
 ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
 

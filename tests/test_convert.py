@@ -16,7 +16,7 @@ from models.convert import checkpoint_model_options, detect_format, load_pretrai
 from models.mae import MaskedAutoencoderViT
 from models.video_vit import resize_spatial_pos_embed, resize_temporal_pos_embed, separable_pos_table
 from models.vit import VisionTransformer
-from util.checkpoint import read_weights
+from util.weights import read_weights
 
 DEC = dict(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2)
 SMALL = dict(img_size=32, num_frames=4, depth=2, embed_dim=32, num_heads=2)

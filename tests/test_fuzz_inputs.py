@@ -30,11 +30,12 @@ from common import make_backend, make_model  # noqa: E402
 from datasets.captions import read_caption_list, write_caption_list  # noqa: E402
 from datasets.text_tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from main_pretrain import get_args_parser  # noqa: E402
-from util.checkpoint import find_resumable, read_trainer_state, read_weights, save_checkpoint  # noqa: E402
+from util.checkpoint import find_resumable, read_trainer_state, save_checkpoint  # noqa: E402
 from util.config import parse_args  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
 from util.errors import MaeError  # noqa: E402
 from util.safe_load import verify_checkpoint_dir  # noqa: E402
+from util.weights import read_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)

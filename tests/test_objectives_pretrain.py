@@ -76,7 +76,7 @@ def test_amt_attention_pass_on_two_ranks_matches_one_rank(tmp_path: Path) -> Non
         proc = subprocess.run(command(out, nproc, [*args, *extra]), cwd=ROOT, env=env(), capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        from util.checkpoint import read_weights
+        from util.weights import read_weights
 
         tables.append(read_weights(out)["amt_attention"].int())
     one, two = tables

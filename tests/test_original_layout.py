@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from models import create_model
-from util.checkpoint import read_weights
 from util.safe_load import UnsafeCheckpointError, load_weights_file
+from util.weights import read_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--synthetic_videos", "16", "--input_size", "32", "--num_frames", "4", "--batch_size", "2",

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 from common import make_model  # noqa: E402
 from dist_launch import python, run, torchrun  # noqa: E402
 
-from util.checkpoint import export_weights, load_weights_file  # noqa: E402
+from util.safe_load import load_weights_file  # noqa: E402
+from util.weights import export_weights  # noqa: E402
 
 PARITY = ["ddp", "ddp:accum=2", "fsdp", "fsdp:accum=2", "zero1", "zero2", "zero2:accum=2", "zero3"]
 HALF = ["ddp:bf16", "ddp:fp16", "fsdp:bf16", "zero2:bf16"]

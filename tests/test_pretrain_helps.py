@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import pretrain_helps  # noqa: E402
 from datasets import read_list_file  # noqa: E402
-from util.checkpoint import read_weights  # noqa: E402
+from util.weights import read_weights  # noqa: E402
 
 
 def test_make_data_keeps_n_labels_per_class_and_a_disjoint_test_set(tmp_path):

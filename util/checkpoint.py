@@ -1,38 +1,42 @@
 """Crash-safe checkpoints: OUT/checkpoints/<name>/ plus an atomically replaced `latest` symlink.
 
+A checkpoint holds the backend's model and optimizer and a dict of stateful objects, each with
+`state_dict()` / `load_state_dict()` (torchtitan's CheckpointManager shape). The Trainer's are
+"train" (util/engine.TrainState), "sampler" (its position), "rng" (util/rng_state.RankRngState),
+"config" (a `Value`) and "task" (a task's own extras, when it defines them).
+
 Layout of one checkpoint directory:
-    trainer_state.pt   epoch, step, sampler, lr position, RNG states, backend, world size, config
+    trainer_state.pt   the "train" entry's keys at the top (epoch, step_in_epoch, global_step, consumed:
+                       what `info` and tools read), every other entry under its key (sampler, rng,
+                       config, task), then backend, world size and name
     config.yaml        the resolved config (for humans)
     state/             the backend's own files: model.pt (DDP), DCP shards (FSDP2), zero/ (DeepSpeed)
-CLI (offline, no process group):
+
+Weight import and export live in util/weights.py, RNG state in util/rng_state.py, and the offline
+command line in util/checkpoint_cli.py, which this module runs as a script:
     python -m util.checkpoint export OUT/checkpoints/latest weights.pth
     python -m util.checkpoint info OUT/checkpoints/latest
-
-File reading for imported weights lives here too (`read_weights`: our folders, our exports, official
-releases; weights-only); mapping their keys onto a model is `models/convert.py`'s job.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
+import importlib
 import logging
 import os
-import random
 import shutil
 import sys
-import tempfile
+from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 
 from util import distributed as du
-from util.errors import CheckpointError, MaeError, MissingFileError, UnsafeCheckpointError
-from util.optim import clean_name
-from util.safe_load import detect_format, forced_weights_only, load_weights_file, verify_checkpoint_dir
+from util.errors import CheckpointError, MaeError, UnsafeCheckpointError
+from util.rng_state import RankRngState
+from util.safe_load import forced_weights_only, load_weights_file, verify_checkpoint_dir
 
 if TYPE_CHECKING:
     from util.parallel import Backend
@@ -40,34 +44,47 @@ if TYPE_CHECKING:
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
+TRAIN = "train"  # the entry whose keys sit at the top of trainer_state.pt
+META_KEYS = ("backend", "world_size", "name")  # what every save adds
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- RNG state
-def rng_state() -> dict:
-    """This process's python / numpy / torch / cuda RNG states, as weights_only-loadable values."""
-    py = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# ----------------------------------------------------------------------------- stateful objects
+@runtime_checkable
+class Stateful(Protocol):
+    """What a checkpoint entry is: its state as plain, weights_only-loadable values, and back."""
+
+    def state_dict(self) -> Any:
+        """The object's state (tensors, numbers, strings, lists, dicts)."""
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore what `state_dict` returned."""
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() returned."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class Value:
+    """A plain value as a checkpoint entry (e.g. the run's config); `value` holds what was loaded."""
+
+    def __init__(self, value: Any = None) -> None:
+        self.value = value
+
+    def state_dict(self) -> Any:
+        """The value itself."""
+        return self.value
+
+    def load_state_dict(self, state: Any) -> None:
+        """Keep the saved value."""
+        self.value = state
+
+
+def trainer_state_file(entries: Mapping[str, Any], backend_name: str, world_size: int, name: str) -> dict:
+    """What trainer_state.pt holds: the "train" entry flat, the others under their keys, then backend, world size, name."""
+    top = dict(entries.get(TRAIN) or {})
+    others = {k: v for k, v in entries.items() if k != TRAIN}
+    clash = sorted((set(top) & set(others)) | ((set(top) | set(others)) & set(META_KEYS)))
+    if clash:
+        raise ValueError(f"checkpoint entries clash on {clash}: each name may be used once, and not as one of "
+                         f"{META_KEYS}")
+    return {**top, **others, "backend": backend_name, "world_size": world_size, "name": name}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -196,8 +213,11 @@ class Checkpointer:
         return CheckpointWriteError(f"writing checkpoint {tmp} failed ({exc}); the partial folder was removed "
                                     f"and `latest` still names {latest.name if latest else 'nothing'}")
 
-    def save(self, backend: Backend, name: str, trainer_state: dict) -> Path:
-        """Collective save into OUT/checkpoints/<name>/ via <name>.tmp/; `latest` moves only once it is complete.
+    def save(self, backend: Backend, name: str, states: Mapping[str, Stateful]) -> Path:
+        """Collective save of the backend and `states` into OUT/checkpoints/<name>/; `latest` moves once complete.
+
+        Every rank calls each object's `state_dict()` (some gather, e.g. the RNG entry); rank 0 writes
+        them to trainer_state.pt (the layout above). The files go to <name>.tmp/ first.
 
         With `async_save` (FSDP2) the shards are written in the background and the checkpoint is
         finished by `finish_pending` (the loop polls it every step and waits at the end). A failed
@@ -215,10 +235,9 @@ class Checkpointer:
         future, error = None, None
         try:
             future = backend.save(tmp / STATE_DIR, async_save=self.async_save)
-            rngs = du.all_gather_object(rng_state())
+            entries = {key: obj.state_dict() for key, obj in states.items()}
+            state = trainer_state_file(entries, backend.name, du.get_world_size(), name)  # every rank: a clash raises
             if du.is_main_process():
-                state = dict(trainer_state)
-                state.update(rng=rngs, backend=backend.name, world_size=du.get_world_size(), name=name)
                 torch.save(state, tmp / TRAINER_STATE)
                 if isinstance(state.get("config"), dict):
                     import yaml
@@ -239,8 +258,9 @@ class Checkpointer:
 
 def save_checkpoint(backend: Backend, output_dir: str | Path, name: str, trainer_state: dict,
                     keep_last: int = 3) -> Path:
-    """One synchronous collective save (see `Checkpointer.save`)."""
-    return Checkpointer(output_dir, keep_last).save(backend, name, trainer_state)
+    """One synchronous collective save of the backend, a plain `trainer_state` dict (top level) and the RNG."""
+    states = {TRAIN: Value(trainer_state), "rng": RankRngState()}
+    return Checkpointer(output_dir, keep_last).save(backend, name, states)
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
@@ -305,8 +325,22 @@ def read_trainer_state(path: str | Path) -> dict:
     return state
 
 
-def load_checkpoint(backend: Backend, path: str | Path) -> dict:
-    """Collective: restore model + optimizer into backend and this rank's RNG; returns the trainer state."""
+def _refuse_resume(path: Path, key: str, why: str) -> CheckpointError:
+    """Why `path` cannot resume, and the command that starts a new run from its weights instead."""
+    return CheckpointError(
+        f"{path} cannot be resumed by this code: its {key!r} state {why}. Start a new run from its weights in a new "
+        f"--output_dir with --init_from {path} (pretraining) or --finetune {path} (fine-tuning): weights only, a "
+        "fresh optimizer and schedule")
+
+
+def load_checkpoint(backend: Backend, path: str | Path, states: Mapping[str, Stateful] | None = None) -> dict:
+    """Collective: restore model + optimizer into backend and each of `states` (default: the RNG only).
+
+    Returns the whole trainer state as saved. A checkpoint without an entry that `states` asks for is
+    refused before anything is loaded, one whose entry an object cannot take when it is restored; both
+    messages name the `--init_from` command that starts a new run from its weights.
+    """
+    states = {"rng": RankRngState()} if states is None else states
     path = Path(os.path.realpath(path))  # never raises on a symlink loop; the checks below name it
     if not path.exists():
         raise CheckpointError(f"--resume {path}: no such checkpoint folder (a dangling or looping symlink?)")
@@ -328,153 +362,33 @@ def load_checkpoint(backend: Backend, path: str | Path) -> dict:
             f"or export its weights (python -m util.checkpoint export {path} w.pth) and start a new run in a new "
             f"--output_dir with --init_from w.pth (weights only: a fresh optimizer and schedule)"
         )
+    for key in states:
+        if key != TRAIN and key not in state:
+            raise _refuse_resume(path, key, "is missing (saved by another version of this code)")
     with forced_weights_only(deepspeed=backend.name == "deepspeed"):  # the libraries' own loads too
         backend.load(path / STATE_DIR)
-    rngs = state.get("rng") or []
-    rank = du.get_rank()
-    if rank < len(rngs) and len(rngs) == du.get_world_size():
-        set_rng_state(rngs[rank])  # same layout: continue each rank's own stream exactly
-    elif rngs:
-        set_rng_state(rngs[0])  # new world size: per-rank streams cannot carry over; data randomness is per sample
+    for key, obj in states.items():
+        try:
+            obj.load_state_dict(state if key == TRAIN else state[key])
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise _refuse_resume(path, key, f"does not fit ({type(exc).__name__}: {exc})") from exc
     return state
 
 
-CONTAINER_KEYS = ("model", "model_state", "module", "state_dict")
+# Moved to their own modules; still importable from here (the mains and older scripts do).
+_MOVED = {"read_weights": "util.weights", "export_weights": "util.weights", "check_destination": "util.weights",
+          "CONTAINER_KEYS": "util.weights", "describe": "util.checkpoint_cli", "rng_state": "util.rng_state",
+          "set_rng_state": "util.rng_state"}
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} from a weights file or one of our checkpoint/output folders, weights-only.
-
-    Files: our exports `{"model": sd}`, the official MAE-ST release (`model`), PySlowFast `.pyth`
-    (`model_state`), VideoMAE (`module`/`model`) or a bare state dict. Folders: our checkpoint folder,
-    or an output folder (its `latest`), consolidated from any backend. Wrapper prefixes (DDP's
-    `module.`, checkpoint and compile wrappers) are stripped, so the names are plain-model names.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path} does not exist")
-    if path.is_dir():
-        # lexists: a FIFO or dangling trainer_state.pt still marks a checkpoint folder, which the check then names
-        ckpt = path if os.path.lexists(path / TRAINER_STATE) else find_latest(path)
-        if ckpt is None:
-            raise MissingFileError(f"{path} is neither a checkpoint folder nor an output folder with checkpoints")
-        with tempfile.TemporaryDirectory() as td:
-            obj = {"model": export_weights(ckpt, Path(td) / "weights.pth")}
-    else:
-        obj = load_weights_file(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights (a state dict, or a dict "
-                              f"with one of the keys {CONTAINER_KEYS})")
-    for key in CONTAINER_KEYS:
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    bad = [k for k, v in obj.items() if torch.is_tensor(v) and not isinstance(k, str)]
-    if bad:
-        raise CheckpointError(f"{path}: weight names must be strings, but {len(bad)} are not (e.g. {bad[0]!r:.60}, a "
-                              f"{type(bad[0]).__name__}); it is not a state dict: export it again")
-    sd = {clean_name(k): v for k, v in obj.items() if torch.is_tensor(v)}
-    if not sd:
-        raise CheckpointError(f"{path}: no tensors found (top-level keys: {sorted(map(str, obj))[:10]})")
-    return sd
+def __getattr__(name: str) -> Any:
+    """Lazy re-exports of the names that moved (importing them eagerly would be an import cycle)."""
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# ----------------------------------------------------------------------------- offline export
-def check_destination(out: str | Path, overwrite: bool = False) -> Path:
-    """Where an export may write: never inside a checkpoint folder, an existing file only with `overwrite`."""
-    dest = Path(os.path.realpath(out))  # a symlinked destination counts where it leads
-    for folder in dest.parents:
-        if os.path.lexists(folder / TRAINER_STATE):
-            raise CheckpointError(f"refusing to write {out}: it is inside the checkpoint folder {folder}, whose "
-                                  "files it could overwrite; write the export elsewhere (e.g. OUT/weights.pth)")
-    if dest.is_dir():
-        raise CheckpointError(f"refusing to write {out}: it is a folder; give a file name (e.g. {out}/weights.pth)")
-    if os.path.lexists(out) and not overwrite:
-        raise CheckpointError(f"refusing to write {out}: the file exists; pass --overwrite to replace it")
-    return dest
+if __name__ == "__main__":  # python -m util.checkpoint export|info ...
+    from util.checkpoint_cli import main
 
-
-def _model_of(obj: object, source: Path) -> dict:
-    """The 'model' state dict of a backend's saved state, or a CheckpointError naming `source`."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
-        what = type(obj).__name__ if not isinstance(obj, dict) else f"dict without a 'model' dict ({sorted(map(str, obj))[:5]})"
-        raise CheckpointError(f"{source} holds a {what}, not the saved model state; the checkpoint is damaged: resume "
-                              "or export another one")
-    return obj["model"]
-
-
-def export_weights(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> dict:
-    """Write {'model': consolidated fp32 state dict with plain names} from any backend's checkpoint, atomically."""
-    dest = check_destination(out, overwrite)  # before the (possibly long) consolidation
-    state_dir = Path(os.path.realpath(ckpt)) / STATE_DIR
-    fmt = verify_checkpoint_dir(ckpt)  # nothing in the folder may run code
-    if fmt == "ddp":
-        sd = _model_of(load_weights_file(state_dir / "model.pt"), state_dir / "model.pt")
-    elif fmt == "dcp":
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as td:
-            with forced_weights_only():
-                dcp_to_torch_save(state_dir, Path(td) / "full.pt")
-            sd = _model_of(load_weights_file(Path(td) / "full.pt"), state_dir)
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with forced_weights_only(deepspeed=True):
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag="zero")
-    bad = [k for k, v in sd.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-    if bad:
-        raise CheckpointError(f"{state_dir}: the model state holds {len(bad)} entries that are not name -> tensor "
-                              f"(e.g. {str(bad[0])[:60]!r}); the checkpoint is damaged: resume or export another one")
-    sd = {clean_name(k): v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in sd.items()}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.partial"  # the old file stays whole until the rename
-    try:
-        torch.save({"model": sd}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return sd
-
-
-def describe(ckpt: str | Path) -> str:
-    """One-paragraph summary of a checkpoint directory."""
-    path = Path(os.path.realpath(ckpt))
-    if not os.path.lexists(path / TRAINER_STATE):
-        raise CheckpointError(f"{ckpt} is not a checkpoint folder (no {TRAINER_STATE} in it); give "
-                              "OUT/checkpoints/step-N or OUT/checkpoints/latest")
-    s = read_trainer_state(path)
-    keys = ("name", "global_step", "epoch", "step_in_epoch", "backend", "world_size")
-    lines = [f"checkpoint: {path}"] + [f"  {k}: {s.get(k)}" for k in keys]
-    lines.append(f"  format: {detect_format(path / STATE_DIR)}")
-    lines.append(f"  other keys: {sorted(k for k in s if k not in keys and k != 'rng')}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: `export CKPT OUT.pth` or `info CKPT`."""
-    parser = argparse.ArgumentParser(prog="python -m util.checkpoint", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    exp = sub.add_parser("export", help="write one consolidated weights file {'model': state_dict}")
-    exp.add_argument("checkpoint")
-    exp.add_argument("output")
-    exp.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    info = sub.add_parser("info", help="print what a checkpoint holds")
-    info.add_argument("checkpoint")
-    args = parser.parse_args(argv)
-    try:
-        if args.cmd == "export":
-            sd = export_weights(args.checkpoint, args.output, overwrite=args.overwrite)
-            print(f"wrote {args.output}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values")
-        else:
-            print(describe(args.checkpoint))
-    except MaeError as exc:  # a refusal is a message, not a traceback
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

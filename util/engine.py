@@ -46,10 +46,30 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from a checkpoint's dict (`sampler.consumed` is the authority for the position)."""
+        """Restore from a checkpoint's dict (its other keys are other entries; `SamplerPosition` sets `consumed`)."""
         self.epoch, self.step_in_epoch, self.global_step = (int(state[k]) for k in ("epoch", "step_in_epoch",
                                                                                    "global_step"))
-        self.consumed = int(state.get("sampler", {}).get("consumed", state.get("consumed", 0)))
+        self.consumed = int(state.get("consumed", 0))
+
+
+class SamplerPosition:
+    """The sampler's position in a checkpoint, read from and restored into the `TrainState`.
+
+    The loop, not the sampler, advances the position (the sampler is only told it when an epoch
+    starts), so this view of the train state is what a save must record. On load it is the authority
+    for `consumed`: samples of the epoch already used over all ranks, the same on any world size.
+    """
+
+    def __init__(self, state: TrainState) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, int]:
+        """{"epoch", "consumed"}, as `ResumableDistributedSampler.state_dict` names them."""
+        return {"epoch": self.state.epoch, "consumed": self.state.consumed}
+
+    def load_state_dict(self, position: dict[str, Any]) -> None:
+        """Continue after the saved samples."""
+        self.state.consumed = int(position["consumed"])
 
 
 def step_seed(seed: int, global_step: int, rank: int) -> int:

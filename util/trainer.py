@@ -27,15 +27,25 @@ import torch
 
 from datasets import FailureTracker, ResumableDistributedSampler
 from datasets.loader import batches
-from util.checkpoint import Checkpointer, find_latest, find_resumable, load_checkpoint, read_trainer_state
+from util.checkpoint import (
+    TRAIN,
+    Checkpointer,
+    Stateful,
+    Value,
+    find_latest,
+    find_resumable,
+    load_checkpoint,
+    read_trainer_state,
+)
 from util.config import ConfigError, RunConfig, save_config
 from util.distributed import DistInfo, all_agree, cleanup, init_distributed, set_cpu_threads
-from util.engine import StepWindow, TrainState, step_seed, steps_in_epoch, train_step
+from util.engine import SamplerPosition, StepWindow, TrainState, step_seed, steps_in_epoch, train_step
 from util.flops import device_peak_flops
 from util.logger import TrainLogger, peak_memory_gb
 from util.lr_sched import apply_lr, effective_lr, lr_at, schedule_line
 from util.parallel import Backend, setup_parallel
 from util.preemption import PreemptionWatcher
+from util.rng_state import RankRngState
 from util.run_lock import RunLock, RunLockedError, acquire_run_lock
 from util.task import RunContext, Task
 
@@ -123,8 +133,7 @@ class Trainer:
         self.backend = ctx.backend = setup_parallel(model, cfg.parallel, cfg.optim, self.lr, self.dist,
                                                     loop.accum_iter, loop.batch_size)
         if self.resume is not None:
-            saved = load_checkpoint(self.backend, self.resume)
-            self.state.load_state_dict(saved)
+            load_checkpoint(self.backend, self.resume, self._checkpoint_states())
             self.state.step_in_epoch = self.state.consumed // self.videos_per_step
             log.info("resumed from %s at epoch %d, %d videos into it (global step %d)", self.resume, self.state.epoch,
                      self.state.consumed, self.state.global_step)
@@ -322,7 +331,13 @@ class Trainer:
         if st.global_step == self.last_saved:
             return
         self.window.check(self.backend.module, epoch=st.epoch)
-        trainer_state = {**st.state_dict(), "sampler": {"epoch": st.epoch, "consumed": st.consumed},
-                         "config": self.config_values}
-        self.checkpointer.save(self.backend, f"step-{st.global_step}", trainer_state)
+        states = {**self._checkpoint_states(), "config": Value(self.config_values)}
+        self.checkpointer.save(self.backend, f"step-{st.global_step}", states)
         self.last_saved = st.global_step
+
+    def _checkpoint_states(self) -> dict[str, Stateful]:
+        """What a checkpoint restores besides the backend's model and optimizer (layout: util/checkpoint.py)."""
+        states: dict[str, Stateful] = {TRAIN: self.state, "sampler": SamplerPosition(self.state), "rng": RankRngState()}
+        if isinstance(self.task, Stateful):  # a task's own state outside the model, when it has any
+            states["task"] = self.task
+        return states

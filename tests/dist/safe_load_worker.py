@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import batch, make_backend, make_model, micro_step  # noqa: E402
 
 from util import distributed as du  # noqa: E402
-from util.checkpoint import Checkpointer  # noqa: E402
+from util.checkpoint import TRAIN, Checkpointer, Value  # noqa: E402
 from util.safe_load import forced_weights_only, verify_checkpoint_dir  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def save_and_reload(out: Path, kind: str) -> dict:
     backend.step()
     saved = backend.full_model_state_dict()
     checkpointer = Checkpointer(out / kind, async_save=kind == "fsdp_async")
-    final = checkpointer.save(backend, "step-1", {"global_step": 1})
+    final = checkpointer.save(backend, "step-1", {TRAIN: Value({"global_step": 1})})
     checkpointer.finish_pending(wait=True)
     fmt = verify_checkpoint_dir(final)
     fresh = build(kind)
