@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import tasks
 from util.config import flag_values, run_config
 from util.task import Task
-from util.trainer import Trainer
+from util.trainer import Trainer, apply_overrides
 
 DEMO_CONFIG = tasks.default_config("pretrain", [])
 
@@ -30,8 +30,10 @@ def get_args_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def build_task(args: argparse.Namespace) -> Task:
-    """The task of --objective, from its flags (refusals of the task's own flag combinations happen here)."""
-    return tasks.task_module(args.objective).make_task(args)
+    """The task of --objective, from its flags; what it cannot train is refused here, before any work."""
+    task = tasks.task_module(args.objective).make_task(args)
+    task.check_run(apply_overrides(run_config(args), task.run_overrides(), {}))
+    return task
 
 
 def main(args: argparse.Namespace) -> dict:
