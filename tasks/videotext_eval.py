@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from datasets import DistributedEvalSampler, VideoDataset, read_list_file
 from datasets.captions import CaptionList, read_caption_list
 from datasets.loader import batches
+from util.errors import ConfigError, read_json_object
 from util.evaluate import confusion_matrix, save_confusion_matrix
 from util.task import RunContext
 from util.visualize import MEAN, STD
@@ -158,9 +159,9 @@ def read_class_prompts(path: str | Path, class_names: Sequence[str] | None) -> t
     if not path.is_file():
         raise FileNotFoundError(f"no class prompts at {path}: a JSON object {{class name: [prompt, ...]}} "
                                 f"(the generated demo set writes class_prompts.json); set --class_prompts")
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected a JSON object mapping each class name to a list of prompts")
+    data = read_json_object(path, "--class_prompts")
+    if not data:
+        raise ConfigError(f"{path}: expected a JSON object mapping each class name to a list of prompts")
     names = list(class_names) if class_names else list(data)
     missing = [n for n in names if n not in data]
     if missing:

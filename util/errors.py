@@ -6,7 +6,9 @@ They subclass the built-in types earlier code raised (ValueError, FileNotFoundEr
 
 from __future__ import annotations
 
+import json
 import reprlib
+from pathlib import Path
 
 
 class MaeError(Exception):
@@ -49,3 +51,17 @@ def short_repr(value: object) -> str:
     text = _SHORT.repr(value)  # reprlib never formats the parts it leaves out
     return text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "..."
 
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """The JSON object in the file `what` names; ConfigError naming the file if it is not readable JSON or no object."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(64 * 1024 * 1024).decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{what} {path} is not a JSON file this can read ({short_repr(str(exc))}); give a "
+                          "UTF-8 JSON object") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} holds a JSON {type(data).__name__}, not an object ({{...}})")
+    return data

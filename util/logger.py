@@ -33,15 +33,20 @@ def truncate_log(path: str, last_step: int) -> None:
     """Keep only the records of steps <= last_step in a JSON-lines log (atomically); no-op without a file."""
     if not os.path.isfile(path):
         return
-    kept = []
-    with open(path) as f:
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:  # a damaged byte makes its line unreadable, no more
         for line in f:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: drop it
-                continue
-            if int(record.get("step", 0)) <= last_step:
+                step = int(record.get("step", 0)) if isinstance(record, dict) else None
+            except (json.JSONDecodeError, TypeError, ValueError, OverflowError):
+                step = None
+            if step is None:  # a line cut by a kill, or not one of our records: drop it
+                dropped += int(bool(line.strip()))
+            elif step <= last_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        log.warning("%s: dropped %d line(s) that are not step records (cut by a kill, or damaged)", path, dropped)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(kept)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
-import json
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -45,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from util.config import OptimConfig, ParallelConfig
 from util.distributed import DistInfo, ensure_process_group
+from util.errors import read_json_object
 from util.optim import build_optimizer, clean_name
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ def deepspeed_config(cfg: ParallelConfig, optim: OptimConfig, accum_iter: int, m
     }
     if not cfg.deepspeed_config:
         return generated
-    user = json.loads(Path(cfg.deepspeed_config).read_text())
+    user = read_json_object(cfg.deepspeed_config, "--deepspeed_config")
     merged = _merge(generated, user)
     checks = [
         ("gradient_accumulation_steps", "--accum_iter", accum_iter, merged["gradient_accumulation_steps"]),
