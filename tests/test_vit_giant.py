@@ -151,3 +151,27 @@ def test_videomae_v2_checkpoint_is_refused_when_the_model_would_compute_somethin
     model = VisionTransformer(**MICRO_MODEL, num_classes=7, sep_pos_embed=False, mlp_ratio=48 / 11)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.scale.*cosine attention \(--cos_attn\)"):
         load_pretrained(model, cos)
+
+
+def test_vit_g_recipe_is_videomae_v2s_pretraining_script() -> None:
+    """configs/pretrain/vit_g_hybrid.yaml against scripts/pretrain/vit_g_hybrid_pt.sh (OpenGVLab/VideoMAEv2)."""
+    from test_recipes import ROOT, resolved
+
+    from util.lr_sched import effective_lr
+
+    path = ROOT / "configs" / "pretrain" / "vit_g_hybrid.yaml"
+    a = resolved(path)
+    assert a["model"] == "mae_vit_giant_patch14" and a["dist"] == "fsdp" and a["grad_ckpt"]
+    assert (a["mask_type"], a["mask_ratio"], a["decoder_mask_type"], a["decoder_mask_ratio"]) == ("tube", 0.9, "run_cell", 0.5)
+    assert (a["decoder_embed_dim"], a["decoder_depth"], a["decoder_num_heads"], a["pred_t_dim"]) == (512, 4, 8, 16)
+    assert not a["cls_embed"] and not a["sep_pos_embed"] and a["norm_pix_loss"]
+    assert a["epochs"] * a["repeat_aug"] == 1200 and a["warmup_epochs"] == 30  # "vit_g_hybrid_pt_1200e"
+    assert a["opt_betas"] == [0.9, 0.95] and a["clip_grad"] == 0.02 and a["weight_decay"] == 0.05
+    # 64 GPUs x 32 videos: lr = 6e-4 x 2048 / 256, min_lr = 1e-5 x 2048 / 256 (their run_mae_pretraining.py)
+    assert effective_lr(a["blr"], a["batch_size"], a["repeat_aug"], a["accum_iter"], 64, a["lr_scale_by"]) == pytest.approx(4.8e-3)
+    assert a["min_lr"] == pytest.approx(1e-5 * 2048 / 256)
+    with torch.device("meta"):  # the recipe's architecture builds: VideoMAE v2's layout, ~1B parameters
+        model = create_model(a["model"], img_size=a["input_size"], num_frames=a["num_frames"], pred_t_dim=a["pred_t_dim"],
+                             cls_embed=a["cls_embed"], sep_pos_embed=a["sep_pos_embed"],
+                             decoder_mask_ratio=a["decoder_mask_ratio"], mask_type=a["mask_type"])
+    assert 1.0e9 < params(model) < 1.05e9 and model.decoder_pred.out_features == 1176
