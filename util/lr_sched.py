@@ -8,8 +8,8 @@ function serves every parallel backend through plain `param_group["lr"]` writes.
 
 WSD decay shapes (`progress` p runs 0 -> 1 over the decay): `linear` 1 - p (V-JEPA 2's cooldown, and
 Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"), `sqrt`
-1 - sqrt(p) (Hagele et al.'s best cooldown), `cosine` (1 + cos(pi p)) / 2 (a cosine tail, as in Hu et al.
-2024's MiniCPM ablations). A constant phase leaves a checkpoint from which a longer run, or a cooldown
+1 - sqrt(p) (Hagele et al.'s best cooldown), `cosine` (1 + cos(pi p)) / 2 (a cosine tail, one
+of the cooldown forms Hagele et al. compare). A constant phase leaves a checkpoint from which a longer run, or a cooldown
 at another clip size, can branch without re-warming.
 """
 
