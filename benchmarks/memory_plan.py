@@ -4,6 +4,7 @@
         --precision bf16 --world_size 64            # every backend, with and without checkpointing
     python benchmarks/memory_plan.py --calibrate     # check the activation formula against autograd (CPU)
     python benchmarks/memory_plan.py --model mae_vit_large_patch16 --fit_gib 68   # largest per-GPU batch that fits
+    python benchmarks/memory_plan.py --model mae_vit_giant_patch14 --batch_size 32 --world_size 64   # ViT-g (docs/scale.md)
 
 "computed" figures are analytic. Activations count the tensors autograd saves per transformer
 Block (ours: pre-norm, fused qkv, SDPA, timm Mlp with GELU) at the encoder's visible token count
@@ -39,6 +40,19 @@ BACKENDS = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 # fp32: 16 x 4 B. bf16 autocast (DDP): the residual stream and LayerNorm inputs stay fp32 (2 x 4 B), the rest
 # is bf16 (14 x 2 B). bf16 parameters (FSDP2 MixedPrecisionPolicy, DeepSpeed bf16): all 16 x 2 B.
 BYTES_PER_TOKEN_DIM = {"fp32": 64, "bf16_autocast": 36, "bf16_params": 32}
+# The same per token, split by width: 8 tensors of the model dim and 2 of the MLP's hidden width (GELU in, fc2 in),
+# which is 4 x dim for ViT-B/L/H and 48/11 x dim for ViT-g. bf16 autocast keeps 2 of the 8 (residual, LN in) fp32.
+
+
+def block_token_bytes(dim: int, hidden: int, kind: str) -> int:
+    """Bytes autograd saves per token in one Block of width `dim` and MLP width `hidden` (the table above)."""
+    if kind == "fp32":
+        return (8 * dim + 2 * hidden) * 4
+    if kind == "bf16_params":
+        return (8 * dim + 2 * hidden) * 2
+    if kind == "bf16_autocast":
+        return 2 * dim * 4 + (6 * dim + 2 * hidden) * 2
+    raise ValueError(f"unknown activation kind {kind!r}; choose one of {list(BYTES_PER_TOKEN_DIM)}")
 
 
 def activation_kind(precision: str, backend: str) -> str:
@@ -48,11 +62,14 @@ def activation_kind(precision: str, backend: str) -> str:
     return "bf16_autocast" if backend == "ddp" else "bf16_params"
 
 
-def block_bytes(batch: int, tokens: int, dim: int, heads: int, kind: str) -> int:
-    """Bytes autograd saves in one Block's forward (plus LayerNorm statistics and the SDPA log-sum-exp)."""
-    per = BYTES_PER_TOKEN_DIM[kind]
+def block_bytes(batch: int, tokens: int, dim: int, heads: int, kind: str, mlp_hidden: int | None = None) -> int:
+    """Bytes autograd saves in one Block's forward (plus LayerNorm statistics and the SDPA log-sum-exp).
+
+    `mlp_hidden` defaults to 4 x dim (ViT-B/L/H); ViT-g's is 6144 = 1408 x 48 / 11.
+    """
+    per = block_token_bytes(dim, 4 * dim if mlp_hidden is None else mlp_hidden, kind)
     stats = batch * tokens * (2 * 2 * 4 + heads * 4)  # mean+rstd of 2 LayerNorms, logsumexp per head (fp32)
-    return batch * tokens * dim * per + stats
+    return batch * tokens * per + stats
 
 
 def model_shape(model_name: str, num_frames: int, input_size: int) -> dict:
@@ -64,6 +81,7 @@ def model_shape(model_name: str, num_frames: int, input_size: int) -> dict:
         params=sum(p.numel() for p in m.parameters()),
         block_params=enc_block,
         dim=m.blocks[0].norm1.normalized_shape[0], heads=m.blocks[0].attn.num_heads, depth=len(m.blocks),
+        mlp=m.blocks[0].mlp.fc1.out_features, dec_mlp=m.decoder_blocks[0].mlp.fc1.out_features,
         dec_dim=m.decoder_blocks[0].norm1.normalized_shape[0], dec_heads=m.decoder_blocks[0].attn.num_heads,
         dec_depth=len(m.decoder_blocks), tokens=m.patch_embed.num_patches, cls=int(m.cls_embed),
         pred_dim=m.decoder_pred.out_features, clip_values=3 * num_frames * input_size * input_size,
@@ -75,8 +93,8 @@ def activations(shape: dict, batch: int, mask_ratio: float, kind: str, checkpoin
     L = shape["tokens"]
     n_enc = int(L * (1 - mask_ratio)) + shape["cls"]
     n_dec = L + shape["cls"]
-    enc = block_bytes(batch, n_enc, shape["dim"], shape["heads"], kind)
-    dec = block_bytes(batch, n_dec, shape["dec_dim"], shape["dec_heads"], kind)
+    enc = block_bytes(batch, n_enc, shape["dim"], shape["heads"], kind, shape["mlp"])
+    dec = block_bytes(batch, n_dec, shape["dec_dim"], shape["dec_heads"], kind, shape["dec_mlp"])
     # Outside the blocks: the clip, the prediction and the fp32 loss target (+ its normalised copy).
     head = batch * (shape["clip_values"] * 4 + n_dec * shape["pred_dim"] * (2 + 3 * 4))
     if not checkpointing:
@@ -162,6 +180,9 @@ def calibrate(batch: int = 2, tokens: int = 197, dim: int = 128, heads: int = 4)
     half = Block(dim, heads, 4.0, qkv_bias=True).bfloat16()
     out.append(("bf16_params", saved_bytes(half, xb, exclude=tuple(half.parameters())),
                 block_bytes(batch, tokens, dim, heads, "bf16_params")))
+    giant = Block(dim, heads, 48 / 11, qkv_bias=True)  # ViT-g's MLP ratio: hidden = int(dim x 48 / 11)
+    out.append(("fp32, MLP 48/11", saved_bytes(giant, x, exclude=tuple(giant.parameters())),
+                block_bytes(batch, tokens, dim, heads, "fp32", giant.mlp.fc1.out_features)))
     return out
 
 

@@ -13,7 +13,11 @@ Formats (detected from the keys):
   joint `decoder_pos_embed`.
 - videomae: `encoder.`/`decoder.` prefixes, fused qkv with `q_bias`/`v_bias` (k has no bias) and a
   fixed 1-D sin-cos table that is not stored: it is regenerated for the target's token count. Load
-  it into a model built with `sep_pos_embed=False, cls_embed=False` for an exact import.
+  it into a model built with `sep_pos_embed=False, cls_embed=False` for an exact import. VideoMAE v2
+  (OpenGVLab/VideoMAEv2, ViT-g/14 included) keeps v1's key layout, so both read as this format; its
+  decoder shares the encoder's MLP ratio (48/11 for ViT-g), read off `mlp.fc1` as `mlp_ratio`. v2's
+  optional cosine attention (`--cos_attn`: a learned `attn.scale` per block) is not implemented here:
+  such a checkpoint is refused.
 Layer scale (`gamma_1`/`gamma_2`, VideoMAE `init_values`, PySlowFast `LAYER_SCALE_INIT_VALUE`) loads
 by name into blocks built with `init_values > 0`.
 
@@ -303,6 +307,9 @@ def release_options(canon: StateDict, fmt: str) -> tuple[dict, dict[str, str]]:
     """
     opts: dict = {"cls_embed": "cls_token" in canon, "init_values": LAYER_SCALE_ON if _layer_scale(canon, False) else 0.0}
     why: dict[str, str] = {}
+    if "blocks.0.mlp.fc1.weight" in canon:  # hidden / width: 4 for ViT-B/L/H, 48/11 for ViT-g
+        hidden, width = canon["blocks.0.mlp.fc1.weight"].shape
+        opts["mlp_ratio"] = hidden / width
     if fmt == "videomae":
         opts["sep_pos_embed"] = False  # its fixed 1-D sin-cos table is joint
     elif "pos_embed_spatial" in canon or "pos_embed" in canon:
@@ -457,6 +464,9 @@ def _unexpected_hints(keys: list[str], suggested: dict) -> str:
                      "init_values > 0 (--init_values; any value, the gammas are loaded)")
     if any(k in ("cls_token", "pos_embed_class") for k in keys):
         hints.append("the checkpoint has a class token: build the model with cls_embed=True (--cls_embed)")
+    if any(k.endswith("attn.scale") for k in keys):
+        hints.append("attn.scale is VideoMAE v2's cosine attention (--cos_attn), which this project does not "
+                     "implement: no model here computes what that checkpoint computes")
     return ("; ".join(hints) + ". ") if hints else ""
 
 
@@ -485,8 +495,11 @@ def load_pretrained(model: nn.Module, state_dict: StateDict, *, source: str = "s
     report.log()
     bad_shape = [s for s in report.skipped if not s.startswith(NON_ENCODER_PREFIXES)]
     if strict_encoder and (report.missing_encoder or bad_shape):
+        ratio = report.suggested.get("mlp_ratio")
+        hint = (f" The checkpoint's MLP ratio is {ratio:.6g} (fc1 width / embed dim; VideoMAE v2 ViT-g: 48/11): "
+                f"build the model with mlp_ratio={ratio!r}." if any(".mlp.fc" in s for s in bad_shape) else "")
         raise ValueError(f"{name}: cannot fill the encoder ({report.summary()}); missing: "
-                         f"{report.missing_encoder}; wrong shape: {bad_shape}; unexpected: {report.unexpected}")
+                         f"{report.missing_encoder}; wrong shape: {bad_shape}; unexpected: {report.unexpected}.{hint}")
     if report.unexpected_encoder and not allow_unexpected:
         keys = report.unexpected_encoder
         raise ValueError(

@@ -517,7 +517,10 @@ ENCODER_SIZES = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
+    "giant": (1408, 40, 16),  # VideoMAE v2 / "Scaling Vision Transformers" ViT-g: with MLP ratio 48/11
 }
+# ViT-g's MLP is 6144 wide (1408 x 48 / 11); VideoMAE v2 gives its decoder blocks the same ratio.
+GIANT_MLP_RATIO = 48 / 11
 
 
 def _mae(size: str, patch_size: int, **kwargs) -> MaskedAutoencoderViT:
@@ -561,3 +564,13 @@ def mae_vit_huge_patch16(**kwargs) -> MaskedAutoencoderViT:
 def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
     """ViT-H/14 encoder (1280-d, 32 blocks), the image-MAE patch size."""
     return _mae("huge", 14, **kwargs)
+
+
+def mae_vit_giant_patch14(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-g/14 encoder (1408-d, 40 blocks, MLP 48/11) with VideoMAE v2's decoder (512-d, 4 blocks, 8 heads).
+
+    VideoMAE v2's `pretrain_videomae_giant_patch14_224`; its exact layout (fixed joint sin-cos table, no
+    class token, both frames of a tubelet regressed) is `cls_embed=False, sep_pos_embed=False, pred_t_dim=16`.
+    """
+    kwargs = {"mlp_ratio": GIANT_MLP_RATIO, "decoder_num_heads": 8, **kwargs}
+    return _mae("giant", 14, **kwargs)

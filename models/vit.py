@@ -180,3 +180,8 @@ def vit_huge_patch16(**kwargs) -> VisionTransformer:
 def vit_huge_patch14(**kwargs) -> VisionTransformer:
     """ViT-H/14 video classifier."""
     return _vit((1280, 32, 16), 14, **kwargs)
+
+
+def vit_giant_patch14(**kwargs) -> VisionTransformer:
+    """ViT-g/14 video classifier (1408-d, 40 blocks, 16 heads, MLP ratio 48/11): VideoMAE v2's `vit_giant_patch14_224`."""
+    return _vit((1408, 40, 16), 14, **{"mlp_ratio": 48 / 11, **kwargs})

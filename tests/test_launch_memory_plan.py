@@ -48,3 +48,15 @@ def test_one_process_ddp_has_no_gradient_bucket_copy() -> None:
     """One process trains the plain module (util.parallel.DDPBackend): grads once; with 2 ranks DDP's buckets double them."""
     one, two = (memory_plan.plan("mae_vit_base_patch16", 8, 0.9, "bf16", w, ("ddp",))[0] for w in (1, 2))
     assert one["grads"] == pytest.approx(one["params"]) and two["grads"] == pytest.approx(2 * two["params"])
+
+
+def test_vit_g_rows_count_its_wider_mlp_and_the_recipe_fits_80gb_with_fsdp_and_checkpointing() -> None:
+    """ViT-g's MLP is 48/11 x dim, not 4 x: the Block formula follows fc1's width; configs/pretrain/vit_g_hybrid.yaml
+    (32 videos x 4 clips per GPU, 64 GPUs, FSDP + checkpointing, bf16) fits an 80 GB GPU by the computed total."""
+    shape = memory_plan.model_shape("mae_vit_giant_patch14", 16, 224)
+    assert (shape["dim"], shape["mlp"], shape["depth"], shape["dec_mlp"]) == (1408, 6144, 40, 2234)
+    assert 1.0e9 < shape["params"] < 1.1e9
+    wide = memory_plan.block_bytes(1, 100, 1408, 16, "fp32", 6144)
+    assert wide - memory_plan.block_bytes(1, 100, 1408, 16, "fp32") == 100 * 2 * (6144 - 4 * 1408) * 4
+    rows = {r["backend"]: r for r in memory_plan.plan("mae_vit_giant_patch14", 128, 0.9, "bf16", 64, ("ddp", "fsdp"))}
+    assert rows["fsdp"]["total_ckpt"] < 80 < rows["ddp"]["total"]

@@ -364,9 +364,17 @@ class OptimConfig:
     lr_scale_by: str = flag("clips", "what the lr scales with: clips per step (batch x repeat_aug x ranks x accum; "
                             "mae_st fine-tuning) or videos per step (repeats not counted; mae_st pretraining)",
                             choices=("clips", "videos"))
-    min_lr: float = flag(0.0, "floor of the cosine schedule", check=non_negative, rule=">= 0")
+    min_lr: float = flag(0.0, "floor of the cosine schedule (and where the wsd decay ends)", check=non_negative,
+                         rule=">= 0")
     warmup_epochs: float = flag(40.0, "linear warm-up length in epochs (data passes, as --epochs)",
                                 check=non_negative, rule=">= 0")
+    lr_schedule: str = flag("cosine", "after the warm-up: cosine (half-cycle to --min_lr, MAE) or wsd (constant, "
+                            "then a --decay_shape decay over the last --decay_fraction of training)",
+                            choices=("cosine", "wsd"))
+    decay_fraction: float = flag(0.2, "wsd: share of --epochs the final decay takes (it never starts inside the "
+                                 "warm-up)", check=lambda f: 0 < f <= 1, rule="in (0, 1]")
+    decay_shape: str = flag("linear", "wsd decay: linear (V-JEPA 2's cooldown), sqrt (1 - sqrt, Hagele et al. 2024) "
+                            "or cosine", choices=("linear", "cosine", "sqrt"))
     weight_decay: float = flag(0.05, "AdamW weight decay", check=non_negative, rule=">= 0")
     wd_skip: str = flag("1d", "tensors without weight decay: 1d (biases and norms: every tensor of >= 2 dims "
                         "decays, as mae_st pretraining and PySlowFast's MAE configs) or tokens (also positional "

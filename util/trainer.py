@@ -159,7 +159,8 @@ class Trainer:
                  threads, f"{self.flops / 1e9:.2f} GFLOP per clip (fwd+bwd), MFU against "
                  f"{self.peak / 1e12:.1f} TFLOP/s ({peak_source})" if self.flops else "no FLOP count")
         log.info(schedule_line(loop.epochs, cfg.optim.warmup_epochs, cfg.data.repeat_aug, self.lr, cfg.optim.lr,
-                               cfg.optim.blr, cfg.optim.lr_scale_by, self.videos_per_step))
+                               cfg.optim.blr, cfg.optim.lr_scale_by, self.videos_per_step, cfg.optim.lr_schedule,
+                               cfg.optim.decay_fraction, cfg.optim.decay_shape))
 
     def _lock_output(self) -> None:
         """Rank 0 locks OUT for the run's lifetime (util/run_lock.py); every rank stops if it cannot."""
@@ -282,7 +283,8 @@ class Trainer:
                 return "stopped"
             step_start = time.perf_counter()
             lr = lr_at(st.epoch + st.consumed / self.ctx.samples_per_epoch, self.lr, cfg.optim.min_lr,
-                       cfg.optim.warmup_epochs, loop.epochs)
+                       cfg.optim.warmup_epochs, loop.epochs, cfg.optim.lr_schedule, cfg.optim.decay_fraction,
+                       cfg.optim.decay_shape)
             apply_lr(self.backend.param_groups, lr)
             torch.manual_seed(step_seed(loop.seed, st.global_step, self.dist.rank))
             micro = self.micro_batches(raw, timer)
