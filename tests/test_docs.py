@@ -59,7 +59,8 @@ def test_readme_keeps_the_two_quick_start_commands_and_what_they_end_with() -> N
 # ---------------------------------------------------------------- (b) every named path exists
 
 TOP = ("benchmarks", "configs", "datasets", "docs", "launchers", "models", "tasks", "tests", "util", ".ci")
-PATH_RX = re.compile(r"(?<![\w./-])((?:%s)/[\w./{},*-]*[\w/}*])" % "|".join(re.escape(t) for t in TOP))
+_TOPS = "|".join(re.escape(t) for t in TOP)
+PATH_RX = re.compile(r"(?<![\w./-])((?:" + _TOPS + r")/[\w./{},*-]*[\w/}*])")
 TOP_FILE_RX = re.compile(r"(?<![\w./-])((?:main_pretrain|main_finetune)\.py|requirements(?:-bench)?\.txt|pyproject\.toml)\b")
 MODULE_RX = re.compile(r"python -m ((?:datasets|util|benchmarks|launchers|models|tasks)(?:\.\w+)+)")
 LINK_RX = re.compile(r"\]\(([^)\s]+)\)")

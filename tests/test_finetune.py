@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from main_finetune import get_args_parser
-from tasks.classify import AugmentConfig, FinetuneConfig, build_loss
 from models import create_model
 from models.vit import to_linear_probe
+from tasks.classify import AugmentConfig, FinetuneConfig, build_loss
 from tests.dist.common import make_backend
 from tests.dist.dist_launch import torchrun
 from util.checkpoint import save_checkpoint

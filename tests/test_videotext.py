@@ -28,8 +28,8 @@ from datasets.captions import (
 from datasets.synthetic import CLASS_NAMES
 from datasets.text_tokenizer import EOT, PAD, SOT, load_tokenizer, train_tokenizer
 from models.videotext import contrastive_loss, videotext_loss, videotext_model
-from util.errors import DataFileError, MissingFileError
 from tasks.videotext_eval import read_class_prompts, retrieval_metrics, zero_shot
+from util.errors import DataFileError, MissingFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ["A red square moves right, spinning clockwise", "A blue star slides to the left while turning counterclockwise",
