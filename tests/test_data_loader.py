@@ -209,8 +209,8 @@ def test_worker_stuck_in_a_read_stops_the_run_naming_the_file(tmp_path: Path) ->
 def test_worker_stuck_in_a_read_stops_a_test_naming_the_file(tmp_path: Path, what: str) -> None:
     """The multi-view test loops (fine-tuning's and video-text retrieval's) stop like training does: the file named."""
     import torch
-    from util.videotext_eval import embed_videos
 
+    from tasks.videotext_eval import embed_videos
     from util.evaluate import evaluate
 
     os.mkfifo(tmp_path / "stalled.mp4")
