@@ -27,6 +27,7 @@ from .decode import (
     random_clip_start,
     uniform_clip_start,
 )
+from .sampling import FRAME_SAMPLINGS, segment_times
 from .transforms import (
     build_rand_augment,
     build_random_erasing,
@@ -165,11 +166,17 @@ class VideoDataset(torch.utils.data.Dataset):
                  mask_noise_tokens: int | None = None, decode_threads: int = 1,
                  clip_timespan: float | None = None, samples: list[tuple[str, int]] | None = None,
                  num_classes: int | None = None, max_frame_pixels: int = MAX_FRAME_PIXELS,
-                 max_video_frames: int = MAX_VIDEO_FRAMES, max_decode_short_side: int = MAX_DECODE_SHORT_SIDE):
+                 max_video_frames: int = MAX_VIDEO_FRAMES, max_decode_short_side: int = MAX_DECODE_SHORT_SIDE,
+                 frame_sampling: str = "stride"):
         # `samples` ((path, label) pairs) stands in for a list file, e.g. the videos of a caption list.
         # `num_classes`: labels of the list must index that many classes (checked when it is read).
+        # `frame_sampling`: "stride" (num_frames frames sampling_rate apart at target_fps, MAE-ST) or "segment"
+        # (one frame per equal segment of the whole video, SSv2's protocol: datasets/sampling.py)
         if mode not in MODES:
             raise DataFileError(f"mode must be one of {MODES}, got {mode!r}")
+        if frame_sampling not in FRAME_SAMPLINGS:
+            raise DataFileError(f"frame_sampling must be one of {FRAME_SAMPLINGS}, got {frame_sampling!r}")
+        self.frame_sampling = frame_sampling
         if reprob > 0 and not normalize:
             raise DataFileError("reprob > 0 erases with normal noise in normalised space: needs normalize=True")
         self.samples = samples if samples is not None else read_list_file(list_file, data_root, num_classes)
@@ -269,6 +276,8 @@ class VideoDataset(torch.utils.data.Dataset):
             t_view, s_view = divmod(view, self.num_spatial_crops)
 
             def times(info: VideoInfo) -> np.ndarray:
+                if self.frame_sampling == "segment":
+                    return segment_times(info, self.num_frames, view=t_view, num_views=self.num_temporal_views)
                 start = uniform_clip_start(info.duration, span, t_view, self.num_temporal_views)
                 return clip_times(start, self.num_frames, self.sampling_rate, self.target_fps)
 
@@ -283,6 +292,10 @@ class VideoDataset(torch.utils.data.Dataset):
         placed = {}
 
         def times(info: VideoInfo) -> np.ndarray:
+            if self.frame_sampling == "segment":  # each repeat draws its own frame in every segment
+                clips = [segment_times(info, self.num_frames, rng) for _ in range(self.repeat_aug)]
+                placed.update(starts=[float(c[0]) for c in clips], duration=info.duration)
+                return np.concatenate(clips)
             if self.clip_timespan is None:
                 starts = [random_clip_start(info.duration, span, rng) for _ in range(self.repeat_aug)]
             else:

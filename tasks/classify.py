@@ -17,6 +17,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from datasets import DistributedEvalSampler, VideoMixup
+from datasets.sampling import FRAME_SAMPLINGS
 from models import create_model
 from models.convert import load_pretrained
 from models.vit import to_linear_probe
@@ -40,6 +41,10 @@ class FinetuneConfig:
     dropout: float = flag(0.5, "dropout before the classifier", **unit)
     global_pool: bool = flag(True, "mean-pool patch tokens (else class token)")
     linprobe: bool = flag(False, "freeze the encoder; train BatchNorm1d(affine=False) + linear head (as MAE)")
+    frame_sampling: str = flag("stride", "frames of a clip: stride (--num_frames frames --sampling_rate apart at 30 "
+                               "fps, MAE-ST/Kinetics) or segment (one per equal segment of the whole video, random "
+                               "in training, fixed offsets at test: SSv2, docs/downstream.md)",
+                               choices=FRAME_SAMPLINGS)
     eval: bool = flag(False, "only test the weights (--resume, latest or --finetune)")
     dist_eval: bool = flag(True, "shard test videos over ranks (else all on each)")
     eval_split: str = flag("val", "list file to test on (K400 reports on val)")
@@ -117,7 +122,7 @@ class FinetuneTask(Task):
         a = self.aug  # random erasing draws normal noise in normalised space: the workers normalise
         return ctx.video_dataset(self.data_path, "train", "finetune", rand_aug=a.rand_aug or None,
                                      reprob=a.reprob, hflip=a.hflip, scale=(a.min_crop_scale, 1.0), normalize=True,
-                                     num_classes=self.cfg.num_classes)
+                                     num_classes=self.cfg.num_classes, frame_sampling=self.cfg.frame_sampling)
 
     def loss(self, module: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         clips, target = batch["clips"], batch["label"]
@@ -138,13 +143,15 @@ class FinetuneTask(Task):
             ds = self.test_set = ctx.video_dataset(self.data_path, c.eval_split, "test",
                                                        num_temporal_views=c.test_num_temporal_views,
                                                        num_spatial_crops=c.test_num_spatial_crops,
-                                                       num_classes=c.num_classes)
+                                                       num_classes=c.num_classes,
+                                                       frame_sampling=c.frame_sampling)
             # With --no-dist_eval every rank tests everything and only rank 0's scores count.
             world, rank = (ctx.dist.world_size, ctx.dist.rank) if c.dist_eval else (1, 0)
             batch = ctx.cfg.loop.batch_size * ctx.cfg.data.repeat_aug
             self.test_loader = ctx.make_loader(ds, DistributedEvalSampler(len(ds), world, rank), batch, train=False)
         names = Path(self.data_path, "classes.txt")
-        names = names.read_text().split() if names.is_file() else None
+        # one name per line: SSv2's class names are sentences ("Pushing something from left to right")
+        names = [n.strip() for n in names.read_text().splitlines() if n.strip()] if names.is_file() else None
         metrics = test_and_report(
             ctx.backend.module, self.test_loader, len(self.test_set.samples), c.num_classes, ctx.dist.device,
             ctx.dist.is_main, ctx.out, c.eval_split, tag, c.test_num_temporal_views * c.test_num_spatial_crops,
