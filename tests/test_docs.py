@@ -69,7 +69,7 @@ LINK_RX = re.compile(r"\]\(([^)\s]+)\)")
 # tests/test_tasks.py writes into a temporary copy.
 EXTERNAL_PATHS = {"models/pretrain/vit.py", "models/modeling_pretrain.py", "util/misc.py", "util/kinetics.py",
                   "tasks/frame_mae.py"}
-EXTERNAL_PREFIXES = ("configs/masked_ssl",)
+EXTERNAL_PREFIXES = ("configs/masked_ssl", "configs/SSv2")  # PySlowFast's config folders
 
 
 def _named_paths(text: str) -> set[str]:
@@ -107,9 +107,10 @@ def test_every_result_file_is_named_benchmark_hardware_day() -> None:
 
 FLAG_RX = re.compile(r"(?<![\w-])(--[a-zA-Z][\w-]*)(?![\w*-])")  # not `--synthetic_*`
 # Flags of other tools that the docs show: torchrun's, docker's, tensorboard's, and mae_st's
-# `--bias_wd`, cited as the source of a recipe value in docs/recipes.md.
+# `--bias_wd`, cited as the source of a recipe value in docs/recipes.md; VideoMAE's test-view flags, cited
+# as the source of the SSv2 test views in docs/downstream.md.
 EXTERNAL_FLAGS = {"--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id",
-                  "--standalone", "--shm-size", "--logdir", "--bias_wd"}
+                  "--standalone", "--shm-size", "--logdir", "--bias_wd", "--test_num_segment", "--test_num_crop"}
 SCRIPT_DIRS = ("benchmarks/*.py", "datasets/*.py", "util/checkpoint*.py")
 ADD_ARGUMENT_RX = re.compile(r"add_argument\(\s*((?:[\"']-[^\"']*[\"']\s*,\s*)*[\"']-[^\"']*[\"'])")
 
