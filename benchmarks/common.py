@@ -311,6 +311,11 @@ def hardware_name(device: str | torch.device = "cpu") -> str:
     return f"cpu{os.cpu_count()}core"
 
 
+def training_device() -> str:
+    """Where main_pretrain.py's runs train (util.distributed): 'cuda' when a GPU is visible, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _git(*args: str) -> str:
     """Output of a git command in the repository root ('' when git or the repository is missing)."""
     try:
