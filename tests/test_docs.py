@@ -59,7 +59,7 @@ def test_readme_keeps_the_two_quick_start_commands_and_what_they_end_with() -> N
 # ---------------------------------------------------------------- (b) every named path exists
 
 TOP = ("benchmarks", "configs", "datasets", "docs", "launchers", "models", "tasks", "tests", "util", ".ci")
-PATH_RX = re.compile(r"(?<![\w./-])((?:%s)/[\w./{},*-]*[\w/}*])" % "|".join(re.escape(t) for t in TOP))
+PATH_RX = re.compile(r"(?<![\w./-])((?:" + "|".join(re.escape(t) for t in TOP) + r")/[\w./{},*-]*[\w/}*])")
 TOP_FILE_RX = re.compile(r"(?<![\w./-])((?:main_pretrain|main_finetune)\.py|requirements(?:-bench)?\.txt|pyproject\.toml)\b")
 MODULE_RX = re.compile(r"python -m ((?:datasets|util|benchmarks|launchers|models|tasks)(?:\.\w+)+)")
 LINK_RX = re.compile(r"\]\(([^)\s]+)\)")
@@ -160,6 +160,8 @@ RUN_ELSEWHERE = {
         "tests/test_gpu_report.py::test_quick_cpu_smoke_run_measures_every_row",
     r"python benchmarks/pretrain_helps\.py --quick":
         "tests/test_pretrain_helps.py::test_quick_run_pairs_seeds_and_reuses_finished_runs",
+    r"python benchmarks/memory_plan\.py --model \w+ --fit_gib \d+ --results benchmarks/results":
+        "tests/test_bench_results.py::test_memory_plan_results_flag_writes_what_the_script_returns",
 }
 
 # Commands no test runs: pattern -> why.
