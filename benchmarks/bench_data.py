@@ -6,6 +6,8 @@
     python benchmarks/bench_data.py --gop-sweep    # datasets.resize settings: file size vs decode time
     python benchmarks/bench_data.py --decoder-sweep  # whole-file decode time: every frame, references only, ...
 
+`--results DIR` also writes a result file (`benchmarks/common.py`, `write_result_file`).
+
 Sources, generated once into --cache (default ~/.cache/mae_st_scale/bench_data):
   568x320               10 s H.264 at 30 fps, x264 veryfast crf 18, a keyframe every 250 frames and
                         x264's B-pyramid: Kinetics-style, the worst common case for seeking
@@ -36,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import moving_texture_video  # noqa: E402
+from benchmarks.common import add_results_flag, moving_texture_video, recording  # noqa: E402
 from datasets.decode import clip_span, clip_times, decode_frames, probe, random_clip_start  # noqa: E402
 from datasets.resize import resize_video  # noqa: E402
 from datasets.transforms import crop_resize, normalize_clips, random_resized_box  # noqa: E402
@@ -127,8 +129,8 @@ def dataset(path: str, repeat: int, normalize: bool, tmp: str) -> VideoDataset:
                         normalize=normalize)
 
 
-def profile(path: str, repeat: int, normalize: bool, items: int, tmp: str) -> None:
-    """Print the share of one worker's CPU time per stage (cProfile, process time)."""
+def profile(path: str, repeat: int, normalize: bool, items: int, tmp: str) -> dict:
+    """Print the share of one worker's CPU time per stage (cProfile, process time); returns the figures."""
     ds = dataset(path, repeat, normalize, tmp)
     ds[(10_000, 0)]
     prof = cProfile.Profile(time.process_time)
@@ -152,9 +154,13 @@ def profile(path: str, repeat: int, normalize: bool, items: int, tmp: str) -> No
     ffmpeg = spent[STAGES[0][0]]
     print(f"FFmpeg alone caps this worker at {repeat * items / ffmpeg:.1f} clips per CPU-second: the rate if all "
           f"else ({1e3 * (total - ffmpeg) / items:.1f} ms per item) cost nothing")
+    return {"source": os.path.basename(path), "repeat": repeat, "output": "float" if normalize else "uint8",
+            "items": items, "cpu_ms_per_item": 1e3 * total / items,
+            "stage_ms_per_item": {name: 1e3 * sec / items for name, sec in spent.items()},
+            "ffmpeg_cap_clips_per_cpu_s": repeat * items / ffmpeg}
 
 
-def decoder_sweep(path: str, rounds: int = 3) -> None:
+def decoder_sweep(path: str, rounds: int = 3) -> list[dict]:
     """CPU ms for one pass over the whole file per FFmpeg setting: the decoding left and what approximations buy."""
     import av
 
@@ -173,11 +179,14 @@ def decoder_sweep(path: str, rounds: int = 3) -> None:
     print(f"\n{os.path.basename(path)}: one pass over the whole file, best of {rounds} interleaved rounds")
     print("| frames decoded | count | CPU ms | ms per frame |")
     print("| --- | ---: | ---: | ---: |")
+    rows = []
     for (label, _, _), sec, n in zip(settings, best, count, strict=True):
         print(f"| {label} | {n} | {1e3 * sec:.1f} | {1e3 * sec / n:.2f} |")
+        rows.append({"source": os.path.basename(path), "setting": label, "frames": n, "cpu_ms": 1e3 * sec})
+    return rows
 
 
-def gop_sweep(cache: str, items: int) -> None:
+def gop_sweep(cache: str, items: int) -> list[dict]:
     """File size and decode time (decode only, best of 5) of `datasets.resize` copies per GOP setting."""
     src = source_path(cache, "568x320")
     duration = probe(src).duration
@@ -188,6 +197,7 @@ def gop_sweep(cache: str, items: int) -> None:
                 ("2 s (default)", 2, False), ("1 s", 1, False), ("0.5 s", 0.5, False)]
     print("| keyframe every | B-pyramid | MB | decode ms/item R=1 | decode ms/item R=4 |")
     print("| --- | --- | --- | --- | --- |")
+    rows = []
     for label, gop, pyramid in settings:
         path = os.path.join(cache, f"sweep_gop{gop}_{'pyr' if pyramid else 'nopyr'}.mp4")
         resize_video(src, path, short_side=320, gop_seconds=gop, b_pyramid=pyramid)
@@ -202,10 +212,13 @@ def gop_sweep(cache: str, items: int) -> None:
             ms[r] = 1e3 * best
         print(f"| {label} | {'yes' if pyramid else 'no'} | {os.path.getsize(path) / 1e6:.2f} | {ms[1]:.1f} | {ms[4]:.1f} |",
               flush=True)
+        rows.append({"keyframe_every": label, "b_pyramid": pyramid, "mb": os.path.getsize(path) / 1e6,
+                     "decode_ms_per_item": {str(r): v for r, v in ms.items()}})
+    return rows
 
 
-def main() -> None:
-    """Run the benchmark and print a markdown table."""
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark and print a markdown table; returns the figures."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "mae_st_scale", "bench_data"))
     p.add_argument("--items", type=int, default=24, help="items (decodes) timed per row")
@@ -220,36 +233,41 @@ def main() -> None:
     p.add_argument("--gop-sweep", action="store_true", help="file size and decode time per datasets.resize GOP")
     p.add_argument("--decoder-sweep", action="store_true",
                    help="whole-file decode time per FFmpeg setting (every frame, references only, no deblocking)")
-    a = p.parse_args()
+    add_results_flag(p)
+    a = p.parse_args(argv)
     if a.quick:
         a.items, a.sources, a.repeats, a.outputs, a.rounds = 8, "568x320", "1,4", "uint8", 1
+    mode = next((m for m in ("profile", "gop_sweep", "decoder_sweep") if getattr(a, m)), "")
+    with recording(a.results, "bench_data" + (f"-{mode.replace('_', '-')}" if mode else ""), __file__, argv) as rec:
+        rec.data = {"args": vars(a), **run_benchmark(a)}
+    return rec.data
+
+
+def run_benchmark(a: argparse.Namespace) -> dict:
+    """Time what the flags ask for and print the table; returns the figures."""
     os.sched_setaffinity(0, {a.core})  # one DataLoader worker = one process on one core
     torch.set_num_threads(1)  # as in DataLoader workers
     os.makedirs(a.cache, exist_ok=True)
     if a.gop_sweep:
-        gop_sweep(a.cache, max(4, a.items // 3))
-        return
+        return {"gop_sweep": gop_sweep(a.cache, max(4, a.items // 3))}
     names = a.sources.split(",")
     paths = {name: source_path(a.cache, name) for name in names}
     if a.decoder_sweep:
-        for name in names:
-            decoder_sweep(paths[name], a.rounds)
-        return
+        return {"decoder_sweep": [row for name in names for row in decoder_sweep(paths[name], a.rounds)]}
     repeats = [int(x) for x in a.repeats.split(",")]
     outputs = a.outputs.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         if a.profile:
-            for name in names:
-                for r in repeats:
-                    for out in outputs:
-                        profile(paths[name], r, out == "float", a.items, tmp)
-            return
+            return {"profile": [profile(paths[name], r, out == "float", a.items, tmp)
+                                for name in names for r in repeats for out in outputs]}
         print(f"one process pinned to core {a.core}; 16 frames x stride 4 -> 224x224; {a.items} decodes per row, "
               f"best of {a.rounds} interleaved rounds")
-        print(f"load average before: {os.getloadavg()[0]:.1f} (CPU-s rate = clips/s with the core to itself)")
+        load_before = os.getloadavg()[0]
+        print(f"load average before: {load_before:.1f} (CPU-s rate = clips/s with the core to itself)")
         print("| source | MB | R | output | ours clips/s | ours clips/CPU-s | baseline clips/s | baseline clips/CPU-s "
               "| speed-up (CPU) |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        rows = []
         for name in names:
             src, mb = paths[name], os.path.getsize(paths[name]) / 1e6
             for r in repeats:
@@ -262,12 +280,17 @@ def main() -> None:
                     rates = best_of(a.rounds, ours_fn, *([] if a.no_baseline else [base_fn]))
                     ours = [r * x for x in rates[0]]
                     row = f"| {name} | {mb:.2f} | {r} | {out} | {ours[0]:.1f} | {ours[1]:.1f} |"
+                    rows.append({"source": name, "mb": mb, "repeat": r, "output": out, "ours_clips_per_s": ours[0],
+                                 "ours_clips_per_cpu_s": ours[1]})
                     if a.no_baseline:
                         print(row + " - | - | - |", flush=True)
                         continue
                     base = [r * x for x in rates[1]]
+                    rows[-1].update(baseline_clips_per_s=base[0], baseline_clips_per_cpu_s=base[1])
                     print(row + f" {base[0]:.1f} | {base[1]:.1f} | {ours[1] / base[1]:.1f}x |", flush=True)
-        print(f"load average after: {os.getloadavg()[0]:.1f}")
+        load_after = os.getloadavg()[0]
+        print(f"load average after: {load_after:.1f}")
+    return {"rows": rows, "load_before": load_before, "load_after": load_after}
 
 
 if __name__ == "__main__":

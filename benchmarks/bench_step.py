@@ -16,7 +16,8 @@ util/flops.py; on the CPU against a large `torch.mm` timed in the same run), pea
 times Hugging Face `VideoMAEForPreTraining` at the same shapes with the same optimizer and prints HF
 step time / ours (>= 1 means ours is at least as fast). `--profile` adds, per model, the dispatched
 ATen ops and kernel launches of one step (the host's work: what compile removes) and the top ops.
-`--json PATH` writes every figure for scripts (benchmarks/gpu_report.py).
+`--json PATH` writes every figure for scripts (benchmarks/gpu_report.py); `--results DIR` also writes a result
+file (`benchmarks/common.py`, `write_result_file`).
 
 Benchmark-only dependencies (transformers) live in `requirements-bench.txt`.
 """
@@ -97,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mm-size", type=int, default=4096, help="side of the square fp32 matmul timed as peak")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mask-sweep", default="", help="e.g. 0,0.75,0.9,0.95: step time against the FLOP ratio")
+    common.add_results_flag(p)
     args = p.parse_args(argv)
     args.compile_modes = [m for m in args.compile.split(",") if m]
     bad = [m for m in args.compile_modes if m not in COMPILE_MODES]
@@ -360,9 +362,19 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark and print the table."""
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark and print the table; returns the figures (--json, --results)."""
     args = parse_args(argv)
+    name = "bench_step-mask-sweep" if args.mask_sweep else "bench_step-hf" if args.peer == "hf" else "bench_step"
+    with common.recording(args.results, name, __file__, argv, device=args.device) as rec:
+        rec.data = measure(args)
+    if args.json:
+        write_json(args.json, rec.data)
+    return rec.data
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Time the steps the flags ask for and print the tables; returns every figure."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     mm_peak = matmul_peak_gflops(device, args.mm_size) * 1e9
@@ -377,9 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mask_sweep:
         table, rows = mask_sweep(args, device, clips, noise)
         print(table)
-        if args.json:
-            write_json(args.json, {**payload, "mask_sweep": rows})
-        return
+        return {**payload, "mask_sweep": rows}
     benches = [bench_ours(args, device, clips, noise, mode) for mode in args.compile_modes]
     if args.peer == "hf":
         gc.collect()
@@ -407,9 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         if r.profile:
             print(f"\n### profile: {r.name} (one step, top ops by self time)\n{r.profile}")
-    if args.json:
-        write_json(args.json, {**payload, "peak_flops": peak, "peak_source": peak_source,
-                               "tokens": L, "visible": K, "results": [result_dict(r, args, peak) for r in results]})
+    return {**payload, "peak_flops": peak, "peak_source": peak_source, "tokens": L, "visible": K,
+            "results": [result_dict(r, args, peak) for r in results]}
 
 
 if __name__ == "__main__":

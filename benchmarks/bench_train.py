@@ -14,7 +14,8 @@ and prints clips/s, data-wait share, MFU and peak memory. Overlap is good when e
         --repeat_aug 2 --num_workers 1 --synthetic_size 128
     python benchmarks/bench_train.py --nproc 8 --config configs/pretrain/vit_l_k400.yaml --data_path K400 \\
         --num_workers 14 --batch_size 8 --repeat_aug 1                # one 8-GPU node
-Flags other than the benchmark's own (--steps, --modes, --nproc, --out, --json) are main_pretrain.py flags.
+Flags other than the benchmark's own (--steps, --modes, --nproc, --out, --json, --results) are main_pretrain.py
+flags. `--results DIR` also writes a result file (`benchmarks/common.py`, `write_result_file`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import launch, script_env  # noqa: E402
+from benchmarks.common import add_results_flag, hardware_name, launch, recording, script_env  # noqa: E402
 
 
 def bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -40,6 +41,7 @@ def bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--nproc", type=int, default=1, help="ranks (torchrun --nproc_per_node)")
     p.add_argument("--out", default="", help="output folder of the measured run (default: a temporary one)")
     p.add_argument("--json", default="", help="also write the measured dict (OUT/bench.json) to this file")
+    add_results_flag(p)
     return p.parse_known_args(argv)
 
 
@@ -79,11 +81,16 @@ def table(res: dict, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Measure and print the table; returns the measured dict."""
     bargs, rest = bench_args(sys.argv[1:] if argv is None else argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        res = run(rest, bargs.steps, bargs.modes, bargs.nproc, bargs.out or tmp)
-    print(table(res, rest))
+    with recording(bargs.results, "bench_train", __file__, argv) as rec:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = run(rest, bargs.steps, bargs.modes, bargs.nproc, bargs.out or tmp)
+        print(table(res, rest))
+        rec.data = {**res, "argv": rest}
+        if not res["device"].startswith("CPU"):  # the GPUs it ran on: h200, or 8xh200 for 8 ranks
+            rec.device = "cuda"
+            rec.hardware = f"{res['world_size']}x{hardware_name('cuda')}" if res["world_size"] > 1 else ""
     if bargs.json:
-        Path(bargs.json).write_text(json.dumps({**res, "argv": rest}, indent=1))
+        Path(bargs.json).write_text(json.dumps(rec.data, indent=1))
     return res
 
 

@@ -9,20 +9,27 @@
 - Task losses: the one place a benchmark takes a task's loss from (see the marked section below).
 - Generated videos: `moving_texture_video` (one real-format H.264 file) and `motion_pool` (the generated motion
   videos with a few labelled per class).
+- Result files: `write_result_file` writes `<benchmark>_<hardware>_<yyyymmdd>.md` (command, environment, the output
+  as printed, the raw JSON); `recording` is how a script's `--results DIR` flag (`add_results_flag`) uses it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import gc
+import json
 import math
 import os
+import platform
+import re
 import resource
+import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,3 +278,207 @@ def motion_pool(out: Path, num_videos: int, labels_per_class: int, size: int = 3
     (lists / "train.csv").write_text("".join(r + "\n" for r in keep))
     (lists / "test.csv").write_text((pool / "val.csv").read_text() + (pool / "test.csv").read_text())
     return pool, lists
+
+
+# ============================================================================ result files
+# One measurement, one file: benchmarks/results/<benchmark>_<hardware>_<yyyymmdd>.md, written by the script itself.
+RESULTS_HELP = ("also write a result file DIR/<benchmark>_<hardware>_<yyyymmdd>.md: the command, the environment, "
+                "the output as printed and the raw JSON (never overwrites: a second one that day gets -2, -3, ...)")
+_GPU_VENDOR_WORDS = {"nvidia", "geforce", "tesla", "quadro", "amd", "radeon", "instinct", "intel"}
+
+
+def add_results_flag(parser: argparse.ArgumentParser) -> None:
+    """Add `--results DIR` (default off) to a benchmark's parser."""
+    parser.add_argument("--results", default="", metavar="DIR", help=RESULTS_HELP)
+
+
+def _slug(text: str) -> str:
+    """Lower-case letters and digits only."""
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def hardware_name(device: str | torch.device = "cpu") -> str:
+    """The file name's hardware: 'cpu<N>core' for the CPU, the GPU's model slugged for CUDA ('NVIDIA H200' -> 'h200')."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        words = [w for w in torch.cuda.get_device_name(dev).split() if w.lower() not in _GPU_VENDOR_WORDS]
+        model = []
+        for word in words:  # up to the first word with a digit: 'RTX 4090' -> rtx4090, 'A100-SXM4-80GB' -> a100
+            model.append(word.split("-")[0])
+            if any(c.isdigit() for c in word):
+                break
+        return _slug("".join(model)) or "gpu"
+    return f"cpu{os.cpu_count()}core"
+
+
+def training_device() -> str:
+    """Where main_pretrain.py's runs train (util.distributed): 'cuda' when a GPU is visible, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _git(*args: str) -> str:
+    """Output of a git command in the repository root ('' when git or the repository is missing)."""
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _load() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return os.getloadavg()[0]
+    return None
+
+
+def environment(device: str | torch.device = "cpu", load_start: float | None = None) -> dict[str, Any]:
+    """What a result depends on: device, cores, Python, torch, PyAV, FFmpeg, git commit and state, load average."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    dev = torch.device(device)
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    if dev.type == "cuda" and torch.cuda.is_available():
+        name = f"{torch.cuda.get_device_name(dev)} ({torch.cuda.device_count()} visible), CUDA {torch.version.cuda}"
+    else:
+        name = f"CPU: {_cpu_model()}"
+    try:
+        pyav = version("av")
+    except PackageNotFoundError:
+        pyav = "not installed"
+    ffmpeg = "unknown"
+    with contextlib.suppress(ImportError, AttributeError):
+        import av
+
+        info = getattr(av, "ffmpeg_version_info", None)
+        codec = av.library_versions.get("libavcodec")
+        ffmpeg = info or ("libavcodec " + ".".join(map(str, codec)) if codec else "unknown")
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    return {"device": name, "cores": cores, "cores_usable": usable, "python": platform.python_version(),
+            "torch": torch.__version__, "pyav": pyav, "ffmpeg": ffmpeg, "platform": platform.platform(),
+            "git_commit": commit or "unknown", "git_dirty": dirty, "load_start": load_start, "load_end": _load()}
+
+
+def _fenced(text: str, lang: str) -> str:
+    """`text` in a fenced block whose fence is longer than any backtick run inside it."""
+    runs = [len(m) for m in re.findall(r"`{3,}", text)]
+    fence = "`" * max(3, max(runs, default=0) + 1)
+    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
+
+
+def _claim(path: Path, text: str) -> Path:
+    """Write `text` to `path` or, when taken, to the first free `<stem>-2`, `-3`, ...; never overwrites."""
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        try:
+            with open(candidate, "x", encoding="utf-8") as f:  # exclusive create: no race, no overwrite
+                f.write(text)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for {path}")
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """`python SCRIPT ARGS` as typed in the repository root (argv: the script's arguments; None: sys.argv[1:])."""
+    path = Path(script).resolve()
+    shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    return shlex.join(["python", shown, *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_result_file(results_dir: str | Path, benchmark: str, output: str, data: Any, command: str,
+                      device: str | torch.device = "cpu", *, hardware: str = "", load_start: float | None = None,
+                      day: str = "") -> Path:
+    """Write `<benchmark>_<hardware>_<yyyymmdd>.md` into `results_dir` (a free name: never overwrites); returns it."""
+    hardware = hardware or hardware_name(device)
+    day = day or time.strftime("%Y%m%d")
+    if not re.fullmatch(r"[a-z0-9_-]+", benchmark) or not re.fullmatch(r"[a-z0-9]+", hardware) \
+            or not re.fullmatch(r"\d{8}", day):
+        raise ValueError(f"bad result file name parts: {benchmark!r}, {hardware!r}, {day!r}")
+    env = environment(device, load_start)
+    git = env["git_commit"] + {True: " (dirty: tracked files modified)", False: " (clean)", None: ""}[env["git_dirty"]]
+    load = ", ".join(f"{when} {v:.2f}" for when, v in (("at start", env["load_start"]), ("at end", env["load_end"]))
+                     if v is not None) or "not available"
+    text = "\n\n".join([
+        f"# {benchmark} ({hardware}), {day[:4]}-{day[4:6]}-{day[6:]}",
+        "Written by the benchmark's `--results` flag (`benchmarks/common.py`, `write_result_file`); not edited by hand.",
+        "## Command", _fenced(command, "bash"),
+        "## Environment",
+        "\n".join([f"- Device: {env['device']}",
+                   f"- Cores: {env['cores']} ({env['cores_usable']} usable by the process at the end)",
+                   f"- Python {env['python']}, torch {env['torch']}, PyAV {env['pyav']}, FFmpeg {env['ffmpeg']}",
+                   f"- Platform: {env['platform']}",
+                   f"- Git commit: {git}",
+                   f"- Load average (1 min): {load}",
+                   f"- Written: {time.strftime('%Y-%m-%d %H:%M:%S %z')}"]),
+        "## Output (as printed)", _fenced(output, "text"),
+        "## Raw JSON", _fenced(json.dumps(data, indent=1, default=str), "json"),
+    ]) + "\n"
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _claim(out / f"{benchmark}_{hardware}_{day}.md", text)
+
+
+def read_result_json(path: str | Path) -> Any:
+    """The raw JSON of a result file written by write_result_file."""
+    text = Path(path).read_text(encoding="utf-8")
+    m = re.search(r"^## Raw JSON\n\n(`{3,})json\n(.*?)\n\1$", text, re.S | re.M)
+    if m is None:
+        raise ValueError(f"{path} has no raw JSON block")
+    return json.loads(m.group(2))
+
+
+class _Tee:
+    """A text stream that writes to `stream` and keeps a copy."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.parts = stream, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@dataclass
+class Recording:
+    """What a `recording` block writes at its end: set `data` (and `benchmark`, `device`, `hardware` if they change)."""
+
+    benchmark: str
+    command: str
+    device: str | torch.device = "cpu"
+    hardware: str = ""
+    data: Any = None
+    path: Path | None = None
+
+
+@contextlib.contextmanager
+def recording(results_dir: str | Path | None, benchmark: str, script: str, argv: list[str] | None = None,
+              device: str | torch.device = "cpu", hardware: str = "") -> Iterator[Recording]:
+    """Keep what the block prints; at its end (no exception) write it with `rec.data` to a result file in
+    `results_dir` (None or '': nothing is kept or written). `script`, `argv`: the command line to record."""
+    rec = Recording(benchmark, command_line(script, argv), device, hardware)
+    if not results_dir:
+        yield rec
+        return
+    load_start, stdout = _load(), sys.stdout
+    tee = sys.stdout = _Tee(stdout)
+    try:
+        yield rec
+    finally:
+        sys.stdout = stdout
+    rec.path = write_result_file(results_dir, rec.benchmark, "".join(tee.parts), rec.data, rec.command, rec.device,
+                                 hardware=rec.hardware, load_start=load_start)
+    print(f"result file: {rec.path}", flush=True)

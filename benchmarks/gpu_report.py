@@ -20,7 +20,8 @@ writes JSON (`--json`), so nothing here times code of its own:
   9  memory of ViT-L at 8 clips, measured (`memory_plan.py --measure`) against computed;
 then the issue's targets with PASS or MISS. Rows run in that order of cost-benefit; a row that fails
 or times out says so in its cell and the others still run; rows that would start after `--budget_s`
-are listed as not run. The table, the JSON of every row and each script's log go to `--out`.
+are listed as not run. The table, the JSON of every row and each script's log go to `--out`;
+`--results DIR` also writes them as one result file (`benchmarks/common.py`, `write_result_file`).
 `--quick` shrinks every size (micro model, 4x32 clips, two short 96x54 videos, 1 worker) and
 compiles one model only (the whole model at the small batch: inductor's C++ builds cost about a
 minute of CPU per model), so a 2-core CPU runs it in about 3 minutes; its figures check the code,
@@ -43,7 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import launch, log_tail, moving_texture_video, script_env  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_results_flag,
+    launch,
+    log_tail,
+    moving_texture_video,
+    recording,
+    script_env,
+)
 from datasets.synthetic import cached_build  # noqa: E402
 
 COMPILED = ("blocks", "model")
@@ -333,12 +341,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start no row after this many seconds (default 450, --quick 170)")
     p.add_argument("--compile", choices=["all", "none"], default="all",
                    help="none: eager rows only (skips every torch.compile build; a fast smoke run)")
+    add_results_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> str:
     """Run every row, print the table (also OUT/report.md, OUT/report.json); returns the table."""
     args = parse_args(argv)
+    name = "gpu_report-quick" if args.quick else "gpu_report"
+    with recording(args.results, name, __file__, argv, device=args.device) as rec:
+        report, rec.data = measure(args)
+    return report
+
+
+def measure(args: argparse.Namespace) -> tuple[str, dict]:
+    """Run every row and print the table; returns it and report.json's dict."""
     start = time.time()
     sizes = QUICK if args.quick else FULL
     budget = args.budget_s or (170.0 if args.quick else 450.0)
@@ -372,9 +389,9 @@ def main(argv: list[str] | None = None) -> str:
     report += f"\n\nTotal {time.time() - start:.0f} s. Logs and JSON: {out}/"
     print("\n" + report)
     (out / "report.md").write_text(report + "\n")
-    (out / "report.json").write_text(json.dumps({k: {"data": r.data, "error": r.error, "seconds": r.seconds,
-                                                     "command": r.command} for k, r in runs.items()}, indent=1))
-    return report
+    data = {k: {"data": r.data, "error": r.error, "seconds": r.seconds, "command": r.command} for k, r in runs.items()}
+    (out / "report.json").write_text(json.dumps(data, indent=1))
+    return report, data
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ accuracy and step time; where AdaMAE looks; what the sampler and decoder masking
 
 Every run prints its command line (rerun one by hand with it); a finished run is reused when its
 folder holds its result (delete the folder to rerun it).
+`--results DIR` also writes a result file (`benchmarks/common.py`, `write_result_file`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import build_backend, mae_loss, run_script, time_in_turn, train_step_fn  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_results_flag,
+    build_backend,
+    mae_loss,
+    recording,
+    run_script,
+    time_in_turn,
+    train_step_fn,
+    training_device,
+)
 from datasets import normalize_clips, read_list_file  # noqa: E402
 from datasets.synthetic import CLASS_NAMES, ensure_synthetic_dataset  # noqa: E402
 from models import create_model  # noqa: E402
@@ -318,8 +328,8 @@ def print_table(rows: list[dict], mask_types: list[str], ratios: list[float]) ->
               " / ".join(f"{sel[r]['step_ms']:.0f}" for r in ratios) + " |")
 
 
-def main() -> None:
-    """Run the three parts and print their tables."""
+def main(argv: list[str] | None = None) -> dict:
+    """Run the three parts and print their tables; returns results.json's dict."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short runs (the README states how long)")
     p.add_argument("--steps", type=int, default=None, help="pretraining steps per cell (120; quick 40)")
@@ -342,7 +352,16 @@ def main() -> None:
     p.add_argument("--vitb_device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--skip", nargs="*", default=[], choices=["ablation", "motion", "vitb"])
     p.add_argument("--out", default=None, help="runs/masking_ablation (quick: runs/masking_ablation_quick)")
-    args = p.parse_args()
+    add_results_flag(p)
+    args = p.parse_args(argv)
+    with recording(args.results, "masking_ablation" + ("-quick" if args.quick else ""), __file__, argv,
+                   device=training_device()) as rec:
+        rec.data = run_benchmark(args)
+    return rec.data
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """The three parts the flags ask for, their tables printed; returns the results."""
     if args.where_only:
         args.skip = sorted(set(args.skip) | {"ablation", "vitb"})
     args.steps = args.steps or (40 if args.quick else 120)
@@ -385,6 +404,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\ndone in {results['minutes']:.1f} min (load average at the end {results['load_average'][0]:.1f}); "
           f"{out / 'results.json'}")
+    return results
 
 
 if __name__ == "__main__":

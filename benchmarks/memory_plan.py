@@ -15,7 +15,8 @@ CPU it runs the same step and reports the process's resident-memory growth (a sm
 a GPU figure). `--fit_gib G` finds, per backend, the largest power-of-two per-GPU batch (videos) whose
 computed total fits in G GiB when the GPUs (or accumulation steps) make up `--clips_per_step` (512).
 Not counted: the CUDA context and allocator caching (~1-3 GB), NCCL buffers, DataLoader memory.
-`--json PATH` writes every figure for scripts (benchmarks/gpu_report.py).
+`--json PATH` writes every figure for scripts (benchmarks/gpu_report.py); `--results DIR` writes a result file
+(memory_plan_computed_<yyyymmdd>.md, or the measuring device's name with --measure).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import add_results_flag, recording  # noqa: E402
 from models import create_model  # noqa: E402
 
 GiB = 2**30
@@ -233,8 +235,8 @@ def measure(model: str, batch: int, mask_ratio: float, precision: str, checkpoin
                 method="CPU resident-memory growth (not a GPU figure)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: print the computed table (and calibration / GPU measurement when asked)."""
+def main(argv: list[str] | None = None) -> dict:
+    """CLI: print the computed table (and calibration / GPU measurement when asked); returns every figure."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="mae_vit_large_patch16")
     p.add_argument("--batch_size", type=int, default=2, help="videos per GPU per micro-step")
@@ -253,7 +255,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="largest power-of-two per-GPU batch whose computed total fits in this many GiB")
     p.add_argument("--clips_per_step", type=int, default=512, help="clips per optimiser step for --fit_gib")
     p.add_argument("--json", default="", help="also write every figure to this JSON file")
+    add_results_flag(p)
     a = p.parse_args(argv)
+    with recording(a.results, "memory_plan", __file__, argv, hardware="computed") as rec:
+        rec.data = report(a)
+        if rec.data["measured"]:  # a measurement is named by the device that made it
+            rec.device, rec.hardware = a.device, ""
+    if a.json:
+        Path(a.json).write_text(json.dumps(rec.data, indent=1))
+    return rec.data
+
+
+def report(a: argparse.Namespace) -> dict:
+    """Print the tables the flags ask for; returns every figure."""
     clips = a.batch_size * a.repeat_aug
     backends = BACKENDS if a.backend == "all" else (a.backend,)
     rows = plan(a.model, clips, a.mask_ratio, a.precision, a.world_size, backends, a.num_frames, a.input_size)
@@ -293,8 +307,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"measured (1 {a.device.upper() if a.device == 'cpu' else 'GPU'}, ddp layout, ckpt={ckpt}): "
                       f"states {m['states']:.2f} GiB, activations {m['act']:.2f} GiB, peak {m['peak']:.2f} GiB "
                       f"(computed {computed:.2f})  [{m['method']}]")
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1))
+    return out
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ init, and the probe of a random encoder. Before that, one train step of random m
 at the same mask ratio are timed in turn in this process (the same batch, alternating), which is the
 per-step speed comparison the shared CPU allows. Every run is a plain main_pretrain.py /
 main_finetune.py command, printed at the end; a finished run is reused (delete its folder to rerun).
+`--results DIR` also writes a result file (`benchmarks/common.py`, `write_result_file`).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def top1(path: Path) -> float:
     return json.loads((path / "eval_test.json").read_text())["top1"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     """Time random vs AMT steps, run the five pretrainings, their probes and fine-tunings; print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/objectives_bench")
@@ -114,7 +115,15 @@ def main() -> None:
     p.add_argument("--finetune_steps", type=int, default=150)
     p.add_argument("--probe_steps", type=int, default=150)
     p.add_argument("--speed_steps", type=int, default=10, help="timed steps per arm of the interleaved speed test")
-    a = p.parse_args()
+    common.add_results_flag(p)
+    a = p.parse_args(argv)
+    with common.recording(a.results, "objectives_bench", __file__, argv, device=common.training_device()) as rec:
+        rec.data = run_benchmark(a)
+    return rec.data
+
+
+def run_benchmark(a: argparse.Namespace) -> dict:
+    """Everything main does after parsing; returns the figures it prints."""
     start = time.time()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +185,10 @@ def main() -> None:
     print(f"total {(time.time() - start) / 60:.1f} minutes, {common.children_cpu_seconds() / 60:.1f} CPU minutes in the runs\n\ncommands:")
     for label, cmd in commands:
         print(f"# {label}\n{cmd}")
+    keys = ("label", "probe_top1", "finetune_top1", "pretrain_minutes", "cpu_minutes", "clips_per_s")
+    return {"args": vars(a), "speed": speed, "rows": [dict(zip(keys, row, strict=True)) for row in rows],
+            "commands": [{"label": label, "command": cmd} for label, cmd in commands],
+            "minutes": (time.time() - start) / 60, "load_average": os.getloadavg()[0]}
 
 
 if __name__ == "__main__":

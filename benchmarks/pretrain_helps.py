@@ -25,6 +25,7 @@ results and commands are also written to OUT/results.json. A finished step is re
 folder holds a result (delete the folder to rerun it); folders are named by every knob that changes it.
 Determinism: same data bytes everywhere; with the same torch build, CPU kind and `--threads`, a rerun
 gives the same numbers; another thread count or CPU changes float rounding and so single runs a little.
+`--results DIR` also writes a result file (`benchmarks/common.py`, `write_result_file`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import motion_pool, run_script  # noqa: E402
+from benchmarks.common import add_results_flag, motion_pool, recording, run_script, training_device  # noqa: E402
 from datasets.synthetic import OBJECT_TEXTURES, dataset_fingerprint  # noqa: E402
 
 NUM_VIDEOS, SIZE, NUM_CLASSES = 3600, 32, 8
@@ -161,12 +162,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune_steps", type=int, default=600)
     p.add_argument("--probe_steps", type=int, default=400)
     p.add_argument("--quick", action="store_true", help="smoke test: tiny pool and budgets (numbers mean nothing)")
+    add_results_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every pretraining, fine-tuning and probe; print the table, the statistics and the commands."""
     a = get_args_parser().parse_args(argv)
+    name = "pretrain_helps" + ("-quick" if a.quick else "")
+    with recording(a.results, name, __file__, argv, device=training_device()) as rec:
+        rec.data = run_benchmark(a)
+    return rec.data
+
+
+def run_benchmark(a: argparse.Namespace) -> dict:
+    """Everything main does after parsing; returns the report (OUT/results.json)."""
     if a.quick:
         for k, v in QUICK.items():
             setattr(a, k, v)

@@ -19,6 +19,7 @@ reused: delete its folder to rerun it).
    video-text run again from those weights, with the same steps as the masked run from random init.
 Every video-text run ends with retrieval on the held-out test captions and zero-shot classification of
 the val + test videos (`eval_retrieval.json`, `eval_zeroshot.json`, `retrieval_examples.png`).
+`--results DIR` also writes a result file (`benchmarks/common.py`, `write_result_file`).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def results(folder: Path) -> dict:
     return {"zeroshot": zs["top1"], "steps": max(steps), **{k: rt[k] for k in rt if k.startswith(("t2v", "v2t"))}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     """Time the masked and unmasked steps, run the four pretrainings and print the table and the checks."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "runs" / "videotext_bench"))
@@ -117,7 +118,15 @@ def main() -> None:
     p.add_argument("--mae_epochs", type=int, default=30, help="MAE-ST pretraining epochs (26 steps of 64 clips each)")
     p.add_argument("--threads", type=int, default=2, help="compute threads per run")
     p.add_argument("--speed_rounds", type=int, default=20)
-    a = p.parse_args()
+    common.add_results_flag(p)
+    a = p.parse_args(argv)
+    with common.recording(a.results, "videotext_bench", __file__, argv, device=common.training_device()) as rec:
+        rec.data = run_benchmark(a)
+    return rec.data
+
+
+def run_benchmark(a: argparse.Namespace) -> dict:
+    """Everything main does after parsing; returns summary.json's dict (with the checks and settings)."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -177,6 +186,9 @@ def main() -> None:
               f"{0 if need == 1e-9 else need:g})")
     print(f"\ntotal {(time.time() - start) / 60:.1f} min; outputs in {out}")
     (out / "summary.json").write_text(json.dumps({"speed": speed, "results": res, "timing": timing}, indent=1))
+    return {"args": vars(a), "speed": speed, "results": res, "timing": timing, "mae_steps": mae_steps,
+            "checks": [{"check": what, "value": value, "target": need, "pass": value >= need}
+                       for what, value, need in checks], "load_average_start": load}
 
 
 if __name__ == "__main__":

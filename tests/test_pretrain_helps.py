@@ -14,6 +14,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import pretrain_helps  # noqa: E402
+from benchmarks.common import read_result_json  # noqa: E402
 from datasets import read_list_file  # noqa: E402
 from util.weights import read_weights  # noqa: E402
 
@@ -81,7 +82,9 @@ def test_quick_run_pairs_seeds_and_reuses_finished_runs(tmp_path, finetune_seeds
     # the default suite runs 2 pretraining seeds x 1 fine-tuning seed (10 runs), the slow one 2 x 2 (14 runs)
     m = finetune_seeds
     args = ["--quick", "--seeds", "2", "--finetune_seeds", str(m), "--out", str(tmp_path)]
-    report = pretrain_helps.main(args)
+    report = pretrain_helps.main([*args, "--results", str(tmp_path / "results")])
+    written = list((tmp_path / "results").glob("pretrain_helps-quick_*.md"))
+    assert len(written) == 1 and json.dumps(read_result_json(written[0])) == json.dumps(report, default=str)
     runs = report["runs"]
     by_arm = {arm: [r for r in runs if r["arm"] == arm] for arm in
               ("pretrain", "scratch", "finetuned", "probe_random", "probe_pretrained")}
@@ -112,6 +115,7 @@ def test_quick_run_pairs_seeds_and_reuses_finished_runs(tmp_path, finetune_seeds
     assert saved["gain"] == pytest.approx(report["gain"], nan_ok=True)
     assert len(saved["data_fingerprint"]) == 16
     # a second call reuses every finished run and reports the same numbers
-    again = pretrain_helps.main(args)
+    again = pretrain_helps.main(args)  # (without --results: nothing more is written)
+    assert len(list((tmp_path / "results").iterdir())) == 1
     assert all(r["minutes"] != r["minutes"] for r in again["runs"])  # nan: reused
     assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in runs]
