@@ -186,6 +186,12 @@ def test_main_finetune_attentive_probe_grid_end_to_end(tmp_path: Path) -> None:
     assert final["videos"] > 0 and final["views"] == 2 * final["videos"]
     config = yaml.safe_load((out / "config.yaml").read_text())  # the task's overrides are recorded
     assert config["clip_grad"] == 0.0 and config["lr"] == pytest.approx(1e-3)
+    again = subprocess.run(command(out, 1, "--max_steps", "2", "--epochs", "1", "--eval"), cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=600)  # re-tests the run's latest checkpoint
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    retest = json.loads((out / "eval_test.json").read_text())
+    assert (retest["top1"], retest["top5"]) == (final["top1"], final["top5"])
+    assert json.loads((out / "probe_grid.json").read_text())["probes"] == grid["probes"]
 
 
 @pytest.mark.slow
