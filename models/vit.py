@@ -107,15 +107,24 @@ class VisionTransformer(nn.Module):
         """Number of layer ids (embeddings + blocks + head)."""
         return len(self.blocks) + 2
 
-    def forward_features(self, clips: torch.Tensor) -> torch.Tensor:
-        """Pooled clip embedding [B, D]."""
+    def forward_blocks(self, clips: torch.Tensor) -> torch.Tensor:
+        """The last block's tokens [B, (1 +) N, D] (the class token first when there is one), before any norm."""
         x = self.patch_embed(clips)
         B = x.shape[0]
         pos, cls_pos = pos_tables(self, "", self.cls_embed, self.sep_pos_embed)
         x = x + pos
         if self.cls_embed:
             x = torch.cat([(self.cls_token + cls_pos).expand(B, -1, -1), x], dim=1)
-        x = run_blocks(self.blocks, x)
+        return run_blocks(self.blocks, x)
+
+    def forward_tokens(self, clips: torch.Tensor) -> torch.Tensor:
+        """The last block's patch tokens [B, N, D] (no class token, no norm): what a frozen-feature probe reads."""
+        x = self.forward_blocks(clips)
+        return x[:, 1:] if self.cls_embed else x
+
+    def forward_features(self, clips: torch.Tensor) -> torch.Tensor:
+        """Pooled clip embedding [B, D]."""
+        x = self.forward_blocks(clips)
         if self.global_pool:
             # Only drop the first token when it is a class token: all others are real patches.
             tokens = x[:, 1:] if self.cls_embed else x

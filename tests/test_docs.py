@@ -152,6 +152,8 @@ RUN_ELSEWHERE = {
         "tests/test_videotext.py::test_tiny_run_eval_commands_repeat_its_numbers_and_refuse_an_untrained_folder",
     r"python main_finetune\.py --finetune runs/demo|python main_finetune\.py --config \S+ --output_dir OUT --eval":
         "tests/test_finetune.py::test_finetune_from_pretraining_folder_then_eval_reproduces_accuracy",
+    r"python main_finetune\.py --probe attentive .*":
+        "tests/test_probe.py::test_main_finetune_attentive_probe_grid_end_to_end",
     r"python -m util\.checkpoint (export|info) .*":
         "tests/test_checkpoint.py::test_export_and_info_cli_on_a_ddp_checkpoint",
     r"python -m datasets\.synthetic .*": "tests/test_data_synthetic.py::test_cli_writes_decodable_videos_and_lists",

@@ -47,6 +47,7 @@ def evaluate(
     expected_views: int | None = None,
     sharded: bool = True,
     prepare: Callable[[dict], dict] | None = None,
+    heads: int = 1,
 ) -> dict:
     """Top-1/top-5 (%) over videos from view-averaged softmax scores, summed over all ranks.
 
@@ -59,10 +60,14 @@ def evaluate(
     Collective when distributed: every rank must call it. Ranks run the same number of forwards
     (the shorter shards repeat a batch whose scores are discarded) because FSDP and ZeRO-3 gather
     parameters inside forward.
+
+    `heads > 1`: the model returns logits [B, heads, C] (a grid of probes on one forward pass); the
+    result then also has `heads`, one dict of top1/top5/scores per head, each scored as above.
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(num_videos, num_classes, dtype=torch.float64)
+    width = heads * num_classes  # the heads' class scores side by side
+    sums = torch.zeros(num_videos, width, dtype=torch.float64)
     views = torch.zeros(num_videos, dtype=torch.float64)  # views seen (decoded or not)
     scored = torch.zeros(num_videos, dtype=torch.float64)  # views decoded and scored
     labels = torch.zeros(num_videos, dtype=torch.float64)  # summed like the rest: label * views
@@ -80,7 +85,7 @@ def evaluate(
         with precision():
             logits = model(clips)
         valid = batch["valid"].double() if "valid" in batch else torch.ones(len(batch["index"]), dtype=torch.float64)
-        probs = logits.float().softmax(dim=-1).cpu().double() * valid[:, None]
+        probs = logits.float().softmax(dim=-1).cpu().double().reshape(len(valid), width) * valid[:, None]
         index = batch["index"].long()
         sums.index_add_(0, index, probs)
         views.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
@@ -97,31 +102,38 @@ def evaluate(
     table = torch.cat([sums, views[:, None], labels[:, None], scored[:, None]], dim=1)
     if sharded:
         table = _all_reduce_sum(table, device)
-    sums, views, labels = table[:, :num_classes], table[:, num_classes], table[:, num_classes + 1]
-    scored = table[:, num_classes + 2]
+    sums, views, labels = table[:, :width], table[:, width], table[:, width + 1]
+    scored = table[:, width + 2]
     if expected_views is not None and not torch.all(views == expected_views):
         bad = torch.nonzero(views != expected_views).flatten()[:10].tolist()
         raise RuntimeError(f"videos {bad} got {views[bad].tolist()} views, expected {expected_views} each")
     unscored = int(((views > 0) & (scored == 0)).sum())
     seen = scored > 0
-    scores = sums[seen] / scored[seen, None]
+    all_scores = (sums[seen] / scored[seen, None]).view(-1, heads, num_classes)
     labels = (labels[seen] / views[seen]).round().long()
-    k = min(5, num_classes)
-    topk = scores.topk(k, dim=1).indices
-    correct = topk == labels[:, None]
     n = int(seen.sum())
+    per_head = [_accuracy(all_scores[:, h], labels) for h in range(heads)]
+    extra = {"heads": per_head} if heads > 1 else {}
     return {
-        "top1": 100.0 * float(correct[:, 0].sum()) / max(n, 1),
-        "top5": 100.0 * float(correct.any(dim=1).sum()) / max(n, 1),
+        **per_head[0],
+        **extra,
         "videos": n,
         "videos_total": int((views > 0).sum()),
         "videos_unscored": unscored,
         "views": int(views.sum()),
         "views_scored": int(scored.sum()),
-        "scores": scores.float(),
         "labels": labels,
         "views_per_video": scored[seen].long(),
     }
+
+
+def _accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-1/top-5 (%) of per-video scores [V, C] against labels [V], and the scores as float."""
+    topk = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    correct = topk == labels[:, None]
+    n = max(len(labels), 1)
+    return {"top1": 100.0 * float(correct[:, 0].sum()) / n, "top5": 100.0 * float(correct.any(dim=1).sum()) / n,
+            "scores": scores.float()}
 
 
 def test_and_report(model: nn.Module, loader: Iterable[dict], num_videos: int, num_classes: int,

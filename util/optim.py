@@ -34,6 +34,9 @@ def param_groups(
 ) -> list[dict]:
     """Split trainable params into AdamW groups with 'weight_decay' and 'lr_scale' (1.0 unless layer_decay).
 
+    A model with `param_hparams(name) -> (group index, lr scale, weight decay) | None` puts those
+    parameters into groups of their own, with that lr scale (times any layer decay) and weight decay.
+
     1-D tensors and biases never decay. `skip_tokens` also leaves out the model's `no_weight_decay()`
     (positional tables, class and mask tokens: mae_st fine-tuning, VideoMAE); without it every tensor
     of >= 2 dimensions decays (mae_st pretraining; PySlowFast's ZERO_WD_1D_PARAM with ZERO_DECAY_POS_CLS False).
@@ -44,7 +47,9 @@ def param_groups(
         skip |= {clean_name(n) for n in plain.no_weight_decay()}
     use_layers = layer_decay is not None and hasattr(plain, "layer_id")
     num_layers = plain.num_layers if use_layers else 1
-    groups: dict[tuple[int, bool], dict] = {}
+    # A model may give some parameters their own (lr scale, weight decay): a grid of probes trained at once.
+    own = getattr(plain, "param_hparams", None)
+    groups: dict[tuple[int, bool, int], dict] = {}
     for raw, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -52,14 +57,16 @@ def param_groups(
         # 1-D tensors are biases and norm scales: decaying them only hurts.
         decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
         layer = plain.layer_id(name) if use_layers else 0
-        key = (layer, decay)
+        hp = own(name) if own is not None else None
+        key = (layer, decay, -1 if hp is None else hp[0])
         if key not in groups:
             scale = layer_decay ** (num_layers - 1 - layer) if use_layers else 1.0
+            wd = weight_decay if hp is None else hp[2]
             groups[key] = {
                 "params": [],
                 "names": [],
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr_scale": float(scale),
+                "weight_decay": wd if decay else 0.0,
+                "lr_scale": float(scale * (1.0 if hp is None else hp[1])),
             }
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
