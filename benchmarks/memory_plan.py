@@ -332,17 +332,20 @@ def calibrate_modes(batch: int = 2, tokens: int = 197, dim: int = 128, heads: in
     return out
 
 
-def fit(model: str, budget_gib: float, backend: str, mask_ratio: float, precision: str, checkpointing: bool,
-        repeat_aug: int = 4, clips_per_step: int = 512, num_frames: int = 16, input_size: int = 224) -> dict | None:
+def fit(model: str, budget_gib: float, backend: str, mask_ratio: float, precision: str, checkpointing: bool | str,
+        repeat_aug: int = 4, clips_per_step: int = 512, num_frames: int = 16, input_size: int = 224,
+        every: int = 2) -> dict | None:
     """Largest power-of-two per-GPU batch (videos) whose computed total fits `budget_gib`, with the GPUs
-    (times accumulation steps) that make up `clips_per_step`; None if not even one video fits."""
+    (times accumulation steps) that make up `clips_per_step`; None if not even one video fits.
+    `checkpointing` is a mode (or the old bool: True is block)."""
+    mode = normalise_mode(checkpointing)
     best = None
     videos = 1
     while videos * repeat_aug <= clips_per_step:
         clips = videos * repeat_aug
         world = clips_per_step // clips
-        row = plan(model, clips, mask_ratio, precision, world, (backend,), num_frames, input_size)[0]
-        total = row["total_ckpt" if checkpointing else "total"]
+        row = plan(model, clips, mask_ratio, precision, world, (backend,), num_frames, input_size, every)[0]
+        total = row["total_modes"][mode]
         if total <= budget_gib:
             best = {"backend": backend, "grad_ckpt": checkpointing, "batch_size": videos, "repeat_aug": repeat_aug,
                     "clips_per_gpu": clips, "gpus_x_accum": world, "computed_gib": total}

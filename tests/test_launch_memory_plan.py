@@ -98,3 +98,11 @@ def test_plan_rows_per_mode() -> None:
         assert a["block"] < a["every_k"] < a["none"] and a["block"] < a["selective"] < a["none"]
     k4 = memory_plan.plan("mae_vit_large_patch16", 8, 0.9, "bf16", 8, ("ddp",), every=4)[0]["act_modes"]["every_k"]
     assert k4 > rows[0]["act_modes"]["every_k"]
+
+
+def test_fit_takes_a_checkpointing_mode() -> None:
+    """fit() with a mode name uses that mode's total: selective sits between none and block for ViT-g."""
+    def batch(mode: str | bool) -> int:
+        return memory_plan.fit("mae_vit_giant_patch14", 68, "fsdp", 0.9, "bf16", mode)["batch_size"]
+    assert batch(True) == batch("block") and batch(False) == batch("none")
+    assert batch("none") <= batch("selective") <= batch("block") and batch("none") < batch("block")
