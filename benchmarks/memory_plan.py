@@ -2,14 +2,16 @@
 
     python benchmarks/memory_plan.py --model mae_vit_huge_patch16 --batch_size 2 --mask_ratio 0.9 \
         --precision bf16 --world_size 64            # every backend, with and without checkpointing
-    python benchmarks/memory_plan.py --calibrate     # check the activation formula against autograd (CPU)
+    python benchmarks/memory_plan.py --calibrate     # check the activation formula (every --ckpt_mode) on the CPU
     python benchmarks/memory_plan.py --model mae_vit_large_patch16 --fit_gib 68   # largest per-GPU batch that fits
     python benchmarks/memory_plan.py --model mae_vit_giant_patch14 --batch_size 32 --world_size 64   # ViT-g (docs/scale.md)
 
 "computed" figures are analytic. Activations count the tensors autograd saves per transformer
 Block (ours: pre-norm, fused qkv, SDPA, timm Mlp with GELU) at the encoder's visible token count
 K + 1 and the decoder's full count L + 1; `--calibrate` measures the same on the CPU with
-torch.autograd.graph.saved_tensors_hooks and prints both. With a GPU, `--measure` runs one real
+torch.autograd.graph.saved_tensors_hooks and prints both; for each checkpointing mode (`--ckpt_mode` none,
+block, every_k, selective, applied by util.parallel itself) it measures what a stack of Blocks keeps alive after
+its forward (kept_bytes) beside the formula, and the second table gives the totals per mode. With a GPU, `--measure` runs one real
 step on one device (no sharding) and reports torch.cuda.max_memory_allocated, labelled "measured"; on the
 CPU it runs the same step and reports the process's resident-memory growth (a smoke test of the path, not
 a GPU figure). `--fit_gib G` finds, per backend, the largest power-of-two per-GPU batch (videos) whose
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import add_results_flag, recording  # noqa: E402
 from models import create_model  # noqa: E402
+from util.parallel import CKPT_MODES, apply_checkpointing  # noqa: E402
 
 GiB = 2**30
 BACKENDS = ("ddp", "fsdp", "zero1", "zero2", "zero3")
@@ -90,21 +93,72 @@ def model_shape(model_name: str, num_frames: int, input_size: int) -> dict:
     )
 
 
-def activations(shape: dict, batch: int, mask_ratio: float, kind: str, checkpointing: bool) -> int:
-    """Peak saved-activation bytes of one forward+backward."""
+def block_input_bytes(batch: int, tokens: int, dim: int, kind: str) -> int:
+    """Bytes a checkpointed Block keeps: its input (the residual stream: fp32 unless the parameters are bf16)."""
+    return batch * tokens * dim * (2 if kind == "bf16_params" else 4)
+
+
+def sac_block_bytes(batch: int, tokens: int, dim: int, heads: int, kind: str, mlp_hidden: int | None = None) -> int:
+    """Bytes one Block keeps under selective (per-op) checkpointing (util.parallel.sac_policy).
+
+    Its input, and the outputs of the matmuls and of attention: qkv (3 x dim), SDPA (dim, plus its fp32
+    log-sum-exp per head), proj (dim), fc1 (MLP width), fc2 (dim); LayerNorm, GELU and casts are recomputed.
+    """
+    hidden = 4 * dim if mlp_hidden is None else mlp_hidden
+    matmul_width = 4 if kind == "fp32" else 2
+    kept = (6 * dim + hidden) * matmul_width + heads * 4
+    return block_input_bytes(batch, tokens, dim, kind) + batch * tokens * kept
+
+
+def normalise_mode(checkpointing: bool | str) -> str:
+    """A checkpointing mode name from a mode or the old bool (True: block)."""
+    if isinstance(checkpointing, bool):
+        return "block" if checkpointing else "none"
+    if checkpointing not in CKPT_MODES:
+        raise ValueError(f"unknown checkpointing mode {checkpointing!r}; choose one of {list(CKPT_MODES)}")
+    return checkpointing
+
+
+def kept_and_recomputed(units: list[tuple[int, int]], mode: str, every: int) -> tuple[int, int]:
+    """(bytes kept after the forward, largest transient of one recomputed unit) for units of (full, kept-if-ckpt) bytes.
+
+    `units` are in `shard_units()` order; every_k checkpoints units 0, every, 2 x every, ...
+    """
+    ckpt = [mode in ("block", "selective") or (mode == "every_k" and i % every == 0) for i in range(len(units))]
+    kept = sum(small if c else full for (full, small), c in zip(units, ckpt, strict=True))
+    if mode == "selective":  # recompute rebuilds what the policy dropped, one block at a time
+        return kept, max((full - small for full, small in units), default=0)
+    return kept, max((full for (full, _), c in zip(units, ckpt, strict=True) if c), default=0)
+
+
+def block_units(batch: int, tokens: int, dim: int, heads: int, kind: str, mlp_hidden: int, count: int,
+                mode: str) -> list[tuple[int, int]]:
+    """`count` identical Blocks as (saved bytes without checkpointing, bytes kept when checkpointed in `mode`)."""
+    full = block_bytes(batch, tokens, dim, heads, kind, mlp_hidden)
+    small = (sac_block_bytes(batch, tokens, dim, heads, kind, mlp_hidden) if mode == "selective"
+             else block_input_bytes(batch, tokens, dim, kind))
+    return [(full, small)] * count
+
+
+def activations(shape: dict, batch: int, mask_ratio: float, kind: str, checkpointing: bool | str,
+                every: int = 2) -> int:
+    """Peak saved-activation bytes of one forward+backward, for a checkpointing mode (or the old bool).
+
+    Modes as util.parallel applies them: none; block (each unit keeps its input, one recomputed at a time in
+    backward); every_k (units 0, every, 2 x every, ... of encoder-then-decoder order); selective (each unit
+    keeps its input and its matmul and attention outputs; the rest of one block is rebuilt at a time).
+    """
+    mode = normalise_mode(checkpointing)
     L = shape["tokens"]
     n_enc = int(L * (1 - mask_ratio)) + shape["cls"]
     n_dec = L + shape["cls"]
-    enc = block_bytes(batch, n_enc, shape["dim"], shape["heads"], kind, shape["mlp"])
-    dec = block_bytes(batch, n_dec, shape["dec_dim"], shape["dec_heads"], kind, shape["dec_mlp"])
     # Outside the blocks: the clip, the prediction and the fp32 loss target (+ its normalised copy).
     head = batch * (shape["clip_values"] * 4 + n_dec * shape["pred_dim"] * (2 + 3 * 4))
-    if not checkpointing:
-        return shape["depth"] * enc + shape["dec_depth"] * dec + head
-    # Checkpointing keeps each block's input only and recomputes one block at a time in backward.
-    width = 4 if kind != "bf16_params" else 2
-    kept = batch * (shape["depth"] * n_enc * shape["dim"] + shape["dec_depth"] * n_dec * shape["dec_dim"]) * width
-    return kept + max(enc, dec) + head
+    units = (block_units(batch, n_enc, shape["dim"], shape["heads"], kind, shape["mlp"], shape["depth"], mode)
+             + block_units(batch, n_dec, shape["dec_dim"], shape["dec_heads"], kind, shape["dec_mlp"],
+                           shape["dec_depth"], mode))
+    kept, transient = kept_and_recomputed(units, mode, every)
+    return kept + transient + head
 
 
 def states(shape: dict, backend: str, precision: str, world: int) -> tuple[float, float, float]:
@@ -126,8 +180,8 @@ def states(shape: dict, backend: str, precision: str, world: int) -> tuple[float
 
 
 def plan(model: str, batch: int, mask_ratio: float, precision: str, world: int, backends: tuple[str, ...],
-         num_frames: int = 16, input_size: int = 224) -> list[dict]:
-    """Rows of the memory table (GiB per GPU), computed."""
+         num_frames: int = 16, input_size: int = 224, every: int = 2) -> list[dict]:
+    """Rows of the memory table (GiB per GPU), computed; `every` is every_k's k."""
     shape = model_shape(model, num_frames, input_size)
     rows = []
     for backend in backends:
@@ -135,8 +189,11 @@ def plan(model: str, batch: int, mask_ratio: float, precision: str, world: int, 
         kind = activation_kind(precision, backend)
         a0 = activations(shape, batch, mask_ratio, kind, False)
         a1 = activations(shape, batch, mask_ratio, kind, True)
+        modes = {m: activations(shape, batch, mask_ratio, kind, m, every) for m in CKPT_MODES}
         rows.append(dict(backend=backend, params=p / GiB, grads=g / GiB, optim=o / GiB, act=a0 / GiB,
-                         act_ckpt=a1 / GiB, total=(p + g + o + a0) / GiB, total_ckpt=(p + g + o + a1) / GiB))
+                         act_ckpt=a1 / GiB, total=(p + g + o + a0) / GiB, total_ckpt=(p + g + o + a1) / GiB,
+                         act_modes={m: a / GiB for m, a in modes.items()},
+                         total_modes={m: (p + g + o + a) / GiB for m, a in modes.items()}))
     return rows
 
 
@@ -148,6 +205,17 @@ def format_table(rows: list[dict], title: str) -> str:
     for r in rows:
         lines.append(f"| {r['backend']} | " + " | ".join(f"{r[k]:.2f}" for k in
                      ("params", "grads", "optim", "act", "act_ckpt", "total", "total_ckpt")) + " |")
+    return "\n".join(lines) + "\n\n(GiB per GPU, computed)"
+
+
+def format_modes_table(rows: list[dict], every: int) -> str:
+    """Markdown table of the total per checkpointing mode (`--ckpt_mode`) for plan() rows."""
+    names = [f"every_k (k={every})" if m == "every_k" else m for m in CKPT_MODES]
+    lines = ["total per --ckpt_mode (activations in brackets)", "",
+             "| backend | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for r in rows:
+        lines.append(f"| {r['backend']} | " + " | ".join(f"{r['total_modes'][m]:.2f} ({r['act_modes'][m]:.2f})"
+                                                       for m in CKPT_MODES) + " |")
     return "\n".join(lines) + "\n\n(GiB per GPU, computed)"
 
 
@@ -188,17 +256,98 @@ def calibrate(batch: int = 2, tokens: int = 197, dim: int = 128, heads: int = 4)
     return out
 
 
-def fit(model: str, budget_gib: float, backend: str, mask_ratio: float, precision: str, checkpointing: bool,
-        repeat_aug: int = 4, clips_per_step: int = 512, num_frames: int = 16, input_size: int = 224) -> dict | None:
+def kept_bytes(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor,
+               exclude: tuple[torch.Tensor, ...] = ()) -> int:
+    """Bytes of distinct storages made during fn's forward that are still alive when it returns (its output aside).
+
+    What the autograd graph holds for backward, whatever holds it: autograd's saved tensors without
+    checkpointing (the same figure as saved_bytes), the inputs a checkpoint keeps for its recompute, the op
+    outputs a selective-checkpoint policy caches. Tracked with weak storage references from a dispatch mode.
+    """
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    made: list[tuple[StorageWeakRef, int, int]] = []
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    made.append((StorageWeakRef(st), st.data_ptr(), st.nbytes()))
+            return out
+
+    with Track():
+        out = fn(*inputs)
+    skip = {t.untyped_storage().data_ptr() for t in (*exclude, out)}
+    alive = {ptr: n for ref, ptr, n in made if not ref.expired() and ptr not in skip}
+    del out
+    return sum(alive.values())
+
+
+class BlockStack(torch.nn.Module):
+    """Blocks run in order, handing them over as `shard_units()` so util.parallel checkpoints them as in a model."""
+
+    def __init__(self, blocks: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        """The blocks."""
+        return list(self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks on a copy of x (so the first block's input is made inside, like every later one's)."""
+        x = x.clone()
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+def calibrate_modes(batch: int = 2, tokens: int = 197, dim: int = 128, heads: int = 4, depth: int = 4,
+                    every: int = 2) -> list[tuple[str, str, int, int]]:
+    """(mode, kind, measured, formula) bytes a stack of `depth` Blocks keeps after its forward on the CPU.
+
+    Each checkpointing mode is applied by util.parallel.apply_checkpointing (the training code's own),
+    fp32 and bf16 parameters; ViT-g's 48/11 MLP too.
+    """
+    from models.video_vit import Block
+
+    out = []
+    for kind, ratio in (("fp32", 4.0), ("bf16_params", 4.0), ("fp32", 48 / 11)):
+        for mode in CKPT_MODES:
+            torch.manual_seed(0)
+            stack = BlockStack([Block(dim, heads, ratio, qkv_bias=True) for _ in range(depth)])
+            dtype = torch.bfloat16 if kind == "bf16_params" else torch.float32
+            stack.to(dtype)
+            apply_checkpointing(stack, mode, every)
+            x = torch.randn(batch, tokens, dim, dtype=dtype, requires_grad=True)
+            measured = kept_bytes(stack, x, exclude=tuple(stack.parameters()))
+            hidden = stack.blocks[0].mlp.fc1.out_features if hasattr(stack.blocks[0], "mlp") else \
+                stack.blocks[0]._checkpoint_wrapped_module.mlp.fc1.out_features
+            units = block_units(batch, tokens, dim, heads, kind, hidden, depth, mode)
+            formula, _ = kept_and_recomputed(units, mode, every)
+            label = kind if ratio == 4.0 else f"{kind}, MLP 48/11"
+            out.append((mode, label, measured, formula))
+    return out
+
+
+def fit(model: str, budget_gib: float, backend: str, mask_ratio: float, precision: str, checkpointing: bool | str,
+        repeat_aug: int = 4, clips_per_step: int = 512, num_frames: int = 16, input_size: int = 224,
+        every: int = 2) -> dict | None:
     """Largest power-of-two per-GPU batch (videos) whose computed total fits `budget_gib`, with the GPUs
-    (times accumulation steps) that make up `clips_per_step`; None if not even one video fits."""
+    (times accumulation steps) that make up `clips_per_step`; None if not even one video fits.
+    `checkpointing` is a mode (or the old bool: True is block)."""
+    mode = normalise_mode(checkpointing)
     best = None
     videos = 1
     while videos * repeat_aug <= clips_per_step:
         clips = videos * repeat_aug
         world = clips_per_step // clips
-        row = plan(model, clips, mask_ratio, precision, world, (backend,), num_frames, input_size)[0]
-        total = row["total_ckpt" if checkpointing else "total"]
+        row = plan(model, clips, mask_ratio, precision, world, (backend,), num_frames, input_size, every)[0]
+        total = row["total_modes"][mode]
         if total <= budget_gib:
             best = {"backend": backend, "grad_ckpt": checkpointing, "batch_size": videos, "repeat_aug": repeat_aug,
                     "clips_per_gpu": clips, "gpus_x_accum": world, "computed_gib": total}
@@ -247,7 +396,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend", default="all", choices=["all", *BACKENDS])
     p.add_argument("--num_frames", type=int, default=16)
     p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--calibrate", action="store_true", help="compare the Block formula with autograd's saved tensors")
+    p.add_argument("--ckpt_every", type=int, default=2, help="k of the every_k checkpointing column (--ckpt_mode)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="compare the Block formula with autograd's saved tensors, and each checkpointing mode's")
     p.add_argument("--measure", action="store_true", help="also run one step on this GPU (if there is one)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="where --measure runs (cpu: the same step, resident-memory growth; a smoke test)")
@@ -270,14 +421,20 @@ def report(a: argparse.Namespace) -> dict:
     """Print the tables the flags ask for; returns every figure."""
     clips = a.batch_size * a.repeat_aug
     backends = BACKENDS if a.backend == "all" else (a.backend,)
-    rows = plan(a.model, clips, a.mask_ratio, a.precision, a.world_size, backends, a.num_frames, a.input_size)
+    rows = plan(a.model, clips, a.mask_ratio, a.precision, a.world_size, backends, a.num_frames, a.input_size,
+                a.ckpt_every)
     print(format_table(rows, f"{a.model}: {clips} clips/GPU ({a.batch_size} x repeat {a.repeat_aug}), "
                              f"{a.num_frames}x{a.input_size}^2, mask {a.mask_ratio}, {a.precision}, "
                              f"{a.world_size} GPUs"))
+    print()
+    print(format_modes_table(rows, a.ckpt_every))
     if a.calibrate:
         for kind, measured, formula in calibrate():
             print(f"calibration ({kind}, one Block, CPU): autograd saved {measured} B, formula {formula} B "
                   f"({measured / formula:.3f}x)")
+        for mode, kind, measured, formula in calibrate_modes(every=a.ckpt_every):
+            print(f"calibration (--ckpt_mode {mode}, {kind}, 4 Blocks, CPU): kept after forward {measured} B, "
+                  f"formula {formula} B ({measured / formula:.3f}x)")
     out: dict = {"model": a.model, "clips_per_gpu": clips, "mask_ratio": a.mask_ratio, "precision": a.precision,
                  "world_size": a.world_size, "computed": rows, "measured": [], "fit": []}
     if a.fit_gib:

@@ -1,4 +1,5 @@
-"""benchmarks/memory_plan.py: the activation formula matches autograd's saved tensors; ViT-H fits."""
+"""benchmarks/memory_plan.py: the activation formula matches autograd's saved tensors (every checkpointing mode);
+ViT-H fits."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,3 +62,47 @@ def test_vit_g_rows_count_its_wider_mlp_and_the_recipe_fits_80gb_with_fsdp_and_c
     assert wide - memory_plan.block_bytes(1, 100, 1408, 16, "fp32") == 100 * 2 * (6144 - 4 * 1408) * 4
     rows = {r["backend"]: r for r in memory_plan.plan("mae_vit_giant_patch14", 128, 0.9, "bf16", 64, ("ddp", "fsdp"))}
     assert rows["fsdp"]["total_ckpt"] < 80 < rows["ddp"]["total"]
+
+
+def test_planner_kept_bytes_agree_with_autograd_within_10_percent() -> None:
+    """For every mode and dtype layout (and ViT-g's MLP), the formula is within 10% of what the graph keeps;
+    the modes order as they must (so a mode that was not applied fails)."""
+    rows = memory_plan.calibrate_modes(batch=2, tokens=57, dim=64, heads=4, depth=4, every=2)
+    assert len(rows) == 12
+    for mode, kind, measured, formula in rows:
+        assert abs(measured / formula - 1) < 0.10, (mode, kind, measured, formula)
+    for kind in {k for _, k, _, _ in rows}:
+        got = {m: measured for m, k, measured, _ in rows if k == kind}
+        assert got["block"] < got["every_k"] < got["none"], (kind, got)
+        assert got["block"] < got["selective"] < got["none"], (kind, got)
+
+
+def test_kept_bytes_is_autograd_saved_tensors_without_checkpointing() -> None:
+    """Without checkpointing the graph holds exactly autograd's saved tensors: the two measurements agree."""
+    from models.video_vit import Block
+
+    torch.manual_seed(0)
+    stack = memory_plan.BlockStack([Block(64, 4) for _ in range(2)])
+    x = torch.randn(2, 57, 64, requires_grad=True)
+    params = tuple(stack.parameters())
+    assert memory_plan.kept_bytes(stack, x, exclude=params) == memory_plan.saved_bytes(stack, x, exclude=params) > 0
+
+
+def test_plan_rows_per_mode() -> None:
+    """The model-level figures: block is the old 'ckpt' column, none the old plain one; every_k and selective lie
+    between them; a larger k keeps more."""
+    rows = memory_plan.plan("mae_vit_large_patch16", 8, 0.9, "bf16", 8, ("ddp", "fsdp"))
+    for r in rows:
+        a = r["act_modes"]
+        assert a["block"] == pytest.approx(r["act_ckpt"]) and a["none"] == pytest.approx(r["act"])
+        assert a["block"] < a["every_k"] < a["none"] and a["block"] < a["selective"] < a["none"]
+    k4 = memory_plan.plan("mae_vit_large_patch16", 8, 0.9, "bf16", 8, ("ddp",), every=4)[0]["act_modes"]["every_k"]
+    assert k4 > rows[0]["act_modes"]["every_k"]
+
+
+def test_fit_takes_a_checkpointing_mode() -> None:
+    """fit() with a mode name uses that mode's total: selective sits between none and block for ViT-g."""
+    def batch(mode: str | bool) -> int:
+        return memory_plan.fit("mae_vit_giant_patch14", 68, "fsdp", 0.9, "bf16", mode)["batch_size"]
+    assert batch(True) == batch("block") and batch(False) == batch("none")
+    assert batch("none") <= batch("selective") <= batch("block") and batch("none") < batch("block")

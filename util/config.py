@@ -412,7 +412,13 @@ class ParallelConfig:
     zero_stage: int = flag(2, "DeepSpeed ZeRO stage", choices=(1, 2, 3))
     deepspeed_config: str = flag("", "DeepSpeed JSON merged over the generated one (checked against the flags)")
     precision: str = flag("bf16", "mixed precision", choices=("fp32", "bf16", "fp16"))
-    grad_ckpt: bool = flag(False, "activation checkpointing per block")
+    grad_ckpt: bool = flag(False, "activation checkpointing per block (--ckpt_mode block)")
+    ckpt_mode: str = flag("none", "activation checkpointing: none (or per block if --grad_ckpt), every block "
+                          "(block), every --ckpt_every-th block (every_k), or per op in every block, saving matmul "
+                          "and attention outputs and recomputing the rest (selective)",
+                          choices=("none", "block", "every_k", "selective"))
+    ckpt_every: int = flag(2, "with --ckpt_mode every_k: checkpoint blocks 0, K, 2K, ... of the model's units",
+                           check=positive, rule=">= 1", metavar="K")
     compile: str = flag("none", "torch.compile: none, each block (blocks), or the whole model (model)",
                         choices=("none", "blocks", "model"))
 

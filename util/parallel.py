@@ -13,6 +13,11 @@ Set the lr through `backend.param_groups` (re-read it after `load`: loading repl
 The model tells us its units (`model.shard_units()`: its blocks); activation checkpointing, compile and
 FSDP2 sharding are applied to those from outside, in that order (torchtitan's order), so this module
 never imports a model class.
+
+Activation checkpointing has four modes (`checkpoint_mode`): none; block (every unit recomputed in
+backward, `--grad_ckpt`); every_k (units 0, k, 2k, ...); selective (every unit, per op: the outputs of
+matmuls and attention are kept, the cheap ops between them -- LayerNorm, GELU, casts, adds -- are
+recomputed; torch's selective-checkpoint contexts, as torchtitan's per-op SAC).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from util.config import OptimConfig, ParallelConfig
 from util.distributed import DistInfo, ensure_process_group
@@ -61,11 +67,66 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return [wrappers.get(id(u), u) for u in units]
 
 
-def apply_checkpointing(model: nn.Module) -> None:
-    """Activation checkpointing (non-reentrant) around each unit, in place; parameter names stay clean."""
-    ids = {id(u) for u in shard_units(model)}
-    wrapper = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+CKPT_MODES = ("none", "block", "every_k", "selective")
+
+
+def _sac_save_ops() -> frozenset:
+    """The ops whose outputs selective checkpointing keeps: matmuls and every SDPA kernel (CPU and GPU)."""
+    names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
+             "_scaled_dot_product_fused_attention_overrideable")
+    return frozenset(getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n))
+
+
+SAC_SAVE_OPS = _sac_save_ops()
+
+
+def sac_policy(ctx: object, func: object, *args, **kwargs) -> CheckpointPolicy:
+    """Keep matmul and attention outputs (the FLOPs); recompute everything else (memory-bound, cheap)."""
+    return CheckpointPolicy.MUST_SAVE if func in SAC_SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def sac_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Fresh (forward, recompute) selective-checkpoint contexts for one checkpointed call."""
+    return create_selective_checkpoint_contexts(sac_policy)
+
+
+def checkpoint_mode(cfg: ParallelConfig) -> str:
+    """The checkpointing mode the flags ask for: `--ckpt_mode`, or block for a bare `--grad_ckpt`.
+
+    Refuses `--ckpt_every` other than its default outside every_k (it would be silently ignored).
+    """
+    mode = cfg.ckpt_mode if cfg.ckpt_mode != "none" else ("block" if cfg.grad_ckpt else "none")
+    if mode not in CKPT_MODES:
+        raise ValueError(f"unknown --ckpt_mode {cfg.ckpt_mode!r}; choose one of {list(CKPT_MODES)}")
+    default_every = ParallelConfig.__dataclass_fields__["ckpt_every"].default
+    if mode != "every_k" and cfg.ckpt_every != default_every:
+        raise ValueError(f"--ckpt_every {cfg.ckpt_every} applies to --ckpt_mode every_k only (the mode is {mode}); "
+                         "add --ckpt_mode every_k or drop --ckpt_every")
+    if cfg.ckpt_every < 1:
+        raise ValueError(f"--ckpt_every must be >= 1, got {cfg.ckpt_every}")
+    return mode
+
+
+def apply_checkpointing(model: nn.Module, mode: str = "block", every: int = 1) -> int:
+    """Activation checkpointing (non-reentrant) around the model's units in place; returns how many were wrapped.
+
+    block: every unit; every_k: units 0, every, 2 x every, ... (in `shard_units()` order); selective: every
+    unit, with `sac_policy` choosing per op what is saved. Parameter names stay clean.
+    """
+    if mode == "none":
+        return 0
+    units = shard_units(model)
+    if mode == "every_k":
+        units = units[::every]
+    elif mode not in ("block", "selective"):
+        raise ValueError(f"unknown checkpointing mode {mode!r}; choose one of {list(CKPT_MODES)}")
+    ids = {id(u) for u in units}
+    extra = {"context_fn": sac_contexts} if mode == "selective" else {}
+    wrapper = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **extra)
     apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: id(m) in ids)
+    return len(ids)
 
 
 def apply_compile(module: nn.Module, mode: str) -> None:
@@ -81,8 +142,7 @@ def apply_compile(module: nn.Module, mode: str) -> None:
 
 def prepare(model: nn.Module, cfg: ParallelConfig) -> None:
     """What every backend applies to the plain model first: checkpointing, then per-block compile."""
-    if cfg.grad_ckpt:
-        apply_checkpointing(model)
+    apply_checkpointing(model, checkpoint_mode(cfg), cfg.ckpt_every)
     if cfg.compile == "blocks":
         apply_compile(model, "blocks")
 
@@ -328,6 +388,13 @@ def deepspeed_config(cfg: ParallelConfig, optim: OptimConfig, accum_iter: int, m
     if not cfg.deepspeed_config:
         return generated
     user = read_json_object(cfg.deepspeed_config, "--deepspeed_config")
+    if "activation_checkpointing" in user:
+        # DeepSpeed's engine never reads this section: it only configures deepspeed.checkpointing.checkpoint,
+        # which a model must call itself, and ours are plain modules checkpointed from outside.
+        raise ValueError(f"{cfg.deepspeed_config}: the activation_checkpointing section would be silently ignored "
+                         "(DeepSpeed applies it only inside models that call deepspeed.checkpointing, and these "
+                         "models are checkpointed from outside); drop it and use --grad_ckpt or --ckpt_mode "
+                         "block|every_k|selective")
     merged = _merge(generated, user)
     checks = [
         ("gradient_accumulation_steps", "--accum_iter", accum_iter, merged["gradient_accumulation_steps"]),
@@ -439,7 +506,8 @@ def setup_parallel(model: nn.Module, cfg: ParallelConfig, optim: OptimConfig, lr
         raise ValueError(f"unknown --dist {cfg.dist!r}; choose one of {sorted(BACKENDS)}")
     if cfg.precision not in DTYPES:
         raise ValueError(f"unknown --precision {cfg.precision!r}; choose one of {sorted(DTYPES)}")
+    mode = checkpoint_mode(cfg)  # refuses contradictory checkpointing flags before any work
     backend = BACKENDS[cfg.dist](model, cfg, optim, lr, info, accum_iter, micro_batch)
-    log.info("parallel: %s world=%d precision=%s grad_ckpt=%s compile=%s", backend.name,
-             info.world_size, cfg.precision, cfg.grad_ckpt, cfg.compile)
+    log.info("parallel: %s world=%d precision=%s checkpointing=%s%s compile=%s", backend.name, info.world_size,
+             cfg.precision, mode, f" (k={cfg.ckpt_every})" if mode == "every_k" else "", cfg.compile)
     return backend
