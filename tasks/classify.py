@@ -45,6 +45,9 @@ class FinetuneConfig:
                                "fps, MAE-ST/Kinetics) or segment (one per equal segment of the whole video, random "
                                "in training, fixed offsets at test: SSv2, docs/downstream.md)",
                                choices=FRAME_SAMPLINGS)
+    data_format: str = flag("video", "video list files, or folders of extracted frames (VideoMAE v2 or PySlowFast "
+                            "frame lists: --frame_fps, --frame_template; docs/downstream.md)",
+                            choices=("video", "frames"))
     eval: bool = flag(False, "only test the weights (--resume, latest or --finetune)")
     dist_eval: bool = flag(True, "shard test videos over ranks (else all on each)")
     eval_split: str = flag("val", "list file to test on (K400 reports on val)")
@@ -97,6 +100,8 @@ class FinetuneTask(Task):
         return self.cfg.eval
 
     def setup(self, ctx: RunContext) -> None:
+        if self.cfg.data_format == "frames" and not ctx.cfg.data.data_path:
+            raise ValueError("--data_format frames reads frame lists from --data_path (the generated demo is videos)")
         self.data_path = ctx.resolve_data_path()
 
     def build_model(self, ctx: RunContext) -> nn.Module:
@@ -122,7 +127,8 @@ class FinetuneTask(Task):
         a = self.aug  # random erasing draws normal noise in normalised space: the workers normalise
         return ctx.video_dataset(self.data_path, "train", "finetune", rand_aug=a.rand_aug or None,
                                      reprob=a.reprob, hflip=a.hflip, scale=(a.min_crop_scale, 1.0), normalize=True,
-                                     num_classes=self.cfg.num_classes, frame_sampling=self.cfg.frame_sampling)
+                                     num_classes=self.cfg.num_classes, frame_sampling=self.cfg.frame_sampling,
+                                     data_format=self.cfg.data_format)
 
     def loss(self, module: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         clips, target = batch["clips"], batch["label"]
@@ -144,7 +150,8 @@ class FinetuneTask(Task):
                                                        num_temporal_views=c.test_num_temporal_views,
                                                        num_spatial_crops=c.test_num_spatial_crops,
                                                        num_classes=c.num_classes,
-                                                       frame_sampling=c.frame_sampling)
+                                                       frame_sampling=c.frame_sampling,
+                                                       data_format=c.data_format)
             # With --no-dist_eval every rank tests everything and only rank 0's scores count.
             world, rank = (ctx.dist.world_size, ctx.dist.rank) if c.dist_eval else (1, 0)
             batch = ctx.cfg.loop.batch_size * ctx.cfg.data.repeat_aug
