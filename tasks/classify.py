@@ -8,6 +8,7 @@ spatial views per video. The defaults of the shared flags are MAE-ST's fine-tuni
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from models import create_model
 from models.convert import load_pretrained
 from models.vit import to_linear_probe
 from util.config import flag, non_negative, positive, section
+from util.errors import DataFileError
 from util.evaluate import test_and_report
 from util.task import RunContext, Task
 from util.weights import read_weights
@@ -51,6 +53,8 @@ class FinetuneConfig:
     eval: bool = flag(False, "only test the weights (--resume, latest or --finetune)")
     dist_eval: bool = flag(True, "shard test videos over ranks (else all on each)")
     eval_split: str = flag("val", "list file to test on (K400 reports on val)")
+    eval_label_map: str = flag("", "JSON list of logit columns scored at test (class k of the test list = column "
+                               "k), e.g. k710_to_k400.json from datasets.prepare k710: a K710 model scored on K400")
     eval_every: int = flag(5, "epochs between tests during training (0: end only)", check=non_negative, rule=">= 0")
     test_num_temporal_views: int = flag(10, "clips per video along time (mae_st main_test: 10 x 3 views; "
                                         "7: the released results' 7 x 3, docs/recipes.md)",
@@ -81,6 +85,32 @@ def build_loss(cfg: FinetuneConfig, aug: AugmentConfig) -> tuple[VideoMixup | No
                          switch_prob=aug.mixup_switch_prob, label_smoothing=aug.smoothing, num_classes=cfg.num_classes)
         return mix, SoftTargetCrossEntropy()  # smoothing is already inside the mixed targets
     return None, LabelSmoothingCrossEntropy(aug.smoothing) if aug.smoothing > 0 else nn.CrossEntropyLoss()
+
+
+class SelectColumns(nn.Module):
+    """The model's logits at the given columns only: a K710 model's K400 classes (`--eval_label_map`)."""
+
+    def __init__(self, model: nn.Module, columns: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, len(columns)]."""
+        return self.model(x)[:, self.columns.to(x.device)]
+
+
+def read_label_map(path: str, num_classes: int) -> list[int]:
+    """The column list of --eval_label_map: distinct integers in [0, num_classes)."""
+    try:
+        columns = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataFileError(f"--eval_label_map {path}: {type(exc).__name__}: {exc}") from None
+    if (not isinstance(columns, list) or not columns or len(set(map(str, columns))) != len(columns)
+            or not all(isinstance(c, int) and 0 <= c < num_classes for c in columns)):
+        raise DataFileError(f"--eval_label_map {path}: expected a JSON list of distinct column indices in "
+                            f"[0, {num_classes}) (--num_classes), e.g. [341, 158, ...]")
+    return columns
 
 
 class FinetuneTask(Task):
@@ -145,11 +175,13 @@ class FinetuneTask(Task):
     def test(self, ctx: RunContext, tag: str) -> dict:
         """Multi-view test of the current weights on --eval_split (collective); logged and written by rank 0."""
         c = self.cfg
+        columns = read_label_map(c.eval_label_map, c.num_classes) if c.eval_label_map else None
+        classes = len(columns) if columns else c.num_classes
         if self.test_loader is None:
             ds = self.test_set = ctx.video_dataset(self.data_path, c.eval_split, "test",
                                                        num_temporal_views=c.test_num_temporal_views,
                                                        num_spatial_crops=c.test_num_spatial_crops,
-                                                       num_classes=c.num_classes,
+                                                       num_classes=classes,
                                                        frame_sampling=c.frame_sampling,
                                                        data_format=c.data_format)
             # With --no-dist_eval every rank tests everything and only rank 0's scores count.
@@ -159,11 +191,12 @@ class FinetuneTask(Task):
         names = Path(self.data_path, "classes.txt")
         # one name per line: SSv2's class names are sentences ("Pushing something from left to right")
         names = [n.strip() for n in names.read_text().splitlines() if n.strip()] if names.is_file() else None
+        module = SelectColumns(ctx.backend.module, columns) if columns else ctx.backend.module
         metrics = test_and_report(
-            ctx.backend.module, self.test_loader, len(self.test_set.samples), c.num_classes, ctx.dist.device,
+            module, self.test_loader, len(self.test_set.samples), classes, ctx.dist.device,
             ctx.dist.is_main, ctx.out, c.eval_split, tag, c.test_num_temporal_views * c.test_num_spatial_crops,
             c.dist_eval, ctx.backend.precision, lambda b: ctx.prepare(b, normalize=not self.test_set.normalize),
-            names if names and len(names) == c.num_classes else None)
+            names if names and len(names) == classes else None)
         if ctx.logger is not None:
             ctx.logger.scalars(ctx.state.global_step, metrics, prefix=f"{c.eval_split}/")
         return metrics
