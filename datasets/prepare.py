@@ -3,6 +3,7 @@
     python -m datasets.prepare ssv2 --root SSV2 --out lists/ssv2
     python -m datasets.prepare ucf101 --root UCF-101 --splits ucfTrainTestlist --out lists/ucf101
     python -m datasets.prepare hmdb51 --root hmdb51 --splits testTrainMulti_7030_splits --out lists/hmdb51
+    python -m datasets.prepare k710 --k400 lists/k400 --k600 lists/k600 --k700 lists/k700 --out lists/k710
 
 ssv2 writes OUT/train.csv, OUT/val.csv (the official validation set: the test set has no labels) and
 OUT/classes.txt; ucf101 and hmdb51 write one folder per official split, OUT/split{1,2,3}/{train,val}.csv
@@ -23,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from util.errors import DataFileError, MissingFileError
+
+from .video_dataset import read_list_file
 
 Samples = list[tuple[str, int]]  # (absolute video path, label)
 
@@ -216,6 +219,97 @@ def hmdb51_lists(root: Path, splits_dir: Path, splits: Sequence[int] = SPLITS
     return out, names
 
 
+# VideoMAE v2 misc/k710_identical_label_merge.json (@29eab1e): one class under two names across Kinetics versions,
+# the older name -> the name K710 keeps.
+K710_MERGE = {
+    "changing wheel": "changing wheel (not on bike)", "garbage collecting": "person collecting garbage",
+    "balloon blowing": "inflating balloons", "tying tie": "tying necktie", "making bed": "making the bed",
+    "opening bottle": "opening bottle (not wine)", "hugging": "hugging (not baby)", "dying hair": "dyeing hair",
+    "throwing ball": "throwing ball (not baseball or American football)",
+    "cooking sausages": "cooking sausages (not on barbeque)",
+    "passing american football (not in game)": "passing American football (not in game)",
+    "picking fruit": "picking apples", "skiing (not slalom or crosscountry)": "skiing mono",
+    "drinking": "sipping cup", "sniffing": "smelling feet",
+}
+KINETICS = ("k400", "k600", "k700")
+_YOUTUBE_CLIP = re.compile(r"^(?P<id>[\w-]{11})_\d+_\d+$")  # Kinetics file names: <youtube id>_<start>_<end>
+
+
+def kinetics_class_name(name: str) -> str:
+    """A Kinetics class name as K710 spells it: quotes and underscores gone, spaces single, VideoMAE v2's merges."""
+    name = " ".join(name.strip().strip('"').replace("_", " ").split())
+    return K710_MERGE.get(name, name)
+
+
+def youtube_id(path: str) -> str:
+    """The video a Kinetics file is cut from: `<id>_<start>_<end>.mp4` -> id (else the file name's stem)."""
+    stem = Path(path).stem
+    m = _YOUTUBE_CLIP.match(stem)
+    return m.group("id") if m else stem
+
+
+def read_kinetics_lists(folder: Path) -> tuple[dict[str, Samples], list[str]]:
+    """train/val samples (absolute paths) and class names of a converted Kinetics folder (train.csv, val.csv,
+    classes.txt as this tool and the K400 lists of MAE-ST/VideoMAE write them)."""
+    names_path = folder / "classes.txt"
+    if not names_path.is_file():
+        raise MissingFileError(f"{names_path} not found: each of --k400/--k600/--k700 must hold train.csv, val.csv and "
+                               f"classes.txt (one class name per line, line k = label k)")
+    names = [n for n in names_path.read_text(encoding="utf-8").splitlines() if n.strip()]
+    lists = {}
+    for split in ("train", "val"):
+        path = next((folder / f"{split}{ext}" for ext in (".csv", ".txt") if (folder / f"{split}{ext}").is_file()),
+                    folder / f"{split}.csv")
+        lists[split] = read_list_file(str(path), str(folder), num_classes=len(names))
+    return lists, names
+
+
+def k710_lists(folders: dict[str, Path], order: list[str] | None = None
+               ) -> tuple[dict[str, Samples], list[str], dict[str, list[int]], dict[str, int]]:
+    """K710 from K400/K600/K700 lists: (train/val samples, class names, the label map of each source, counts).
+
+    Classes with the same name (after `kinetics_class_name`) are one class; numbered K400's first, then the new
+    ones of K600, then K700's, each in its classes.txt order, unless `order` (e.g. VideoMAE v2's
+    misc/label_map_k710.txt) gives them. A video (by YouTube id) is kept once, under its first source; the
+    training list loses every video that is in any validation list.
+    """
+    sources = {k: read_kinetics_lists(folders[k]) for k in KINETICS}
+    names: list[str] = []
+    index: dict[str, int] = {}
+    for _, src_names in sources.values():
+        for n in src_names:
+            key = kinetics_class_name(n).casefold()
+            if key not in index:
+                index[key] = len(names)
+                names.append(kinetics_class_name(n))
+    if order is not None:
+        wanted = [kinetics_class_name(n) for n in order if n.strip()]
+        if sorted(n.casefold() for n in wanted) != sorted(index):
+            extra = sorted({n.casefold() for n in wanted} - set(index))[:5]
+            lost = sorted(set(index) - {n.casefold() for n in wanted})[:5]
+            raise DataFileError(f"--classes names {len(wanted)} classes, the lists {len(index)}: not in the lists "
+                                f"{extra}, not in --classes {lost}")
+        names = wanted
+        index = {n.casefold(): i for i, n in enumerate(names)}
+    maps = {k: [index[kinetics_class_name(n).casefold()] for n in src_names] for k, (_, src_names) in sources.items()}
+    val_ids = {youtube_id(p) for lists, _ in sources.values() for p, _ in lists["val"]}
+    out: dict[str, Samples] = {"train": [], "val": []}
+    counts = {"duplicates": 0, "train_in_val": 0}
+    for split in ("val", "train"):
+        seen: set[str] = set()
+        for k, (lists, _) in sources.items():
+            for path, label in lists[split]:
+                vid = youtube_id(path)
+                if split == "train" and vid in val_ids:
+                    counts["train_in_val"] += 1
+                elif vid in seen:
+                    counts["duplicates"] += 1
+                else:
+                    seen.add(vid)
+                    out[split].append((path, maps[k][label]))
+    return out, names, maps, counts
+
+
 def drop_missing(lists: dict[str, Samples], source: str, allow_missing: bool) -> dict[str, Samples]:
     """The samples whose video exists; missing ones are an error naming examples, or dropped with `allow_missing`."""
     kept, missing, total = {}, [], 0
@@ -255,6 +349,13 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("python -m datasets.prepare", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
+    p = sub.add_parser("k710", help="Kinetics-710 (VideoMAE v2) from converted K400, K600 and K700 lists")
+    p.add_argument("--k400", required=True, type=Path, help="K400 folder: train.csv, val.csv, classes.txt")
+    p.add_argument("--k600", required=True, type=Path, help="K600 folder: train.csv, val.csv, classes.txt")
+    p.add_argument("--k700", required=True, type=Path, help="K700 folder: train.csv, val.csv, classes.txt")
+    p.add_argument("--out", required=True, type=Path, help="folder for the K710 lists, classes.txt, k710_to_*.json")
+    p.add_argument("--classes", type=Path, default=None, help="class order to use (one name per line, e.g. VideoMAE "
+                   "v2's misc/label_map_k710.txt); default: K400's, then K600's new ones, then K700's")
     for name, what in (("ssv2", "Something-Something v2"), ("ucf101", "UCF101"), ("hmdb51", "HMDB51")):
         p = sub.add_parser(name, help=f"{what} from its official release")
         p.add_argument("--root", required=True, type=Path, help="the unpacked release" if name == "ssv2" else
@@ -274,7 +375,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     """Convert one release; returns the number of videos per written list (e.g. {"split1/train": 9537})."""
     a = get_parser().parse_args(argv)
     counts = {}
-    if a.dataset == "ssv2":
+    if a.dataset == "k710":
+        order = a.classes.read_text(encoding="utf-8").splitlines() if a.classes else None
+        lists, names, maps, dropped = k710_lists({k: getattr(a, k) for k in KINETICS}, order)
+        write_lists(a.out, lists, names)
+        for k, columns in maps.items():  # column j of a K710 model's logits for class j of K400 (K600, K700)
+            (a.out / f"k710_to_{k}.json").write_text(json.dumps(columns) + "\n", encoding="utf-8")
+        counts = {split: len(s) for split, s in lists.items()}
+        print(f"k710: left out {dropped['train_in_val']} training videos that are in a validation list and "
+              f"{dropped['duplicates']} repeated videos", file=sys.stderr)
+    elif a.dataset == "ssv2":
         lists, names = ssv2_lists(a.root, a.videos)
         lists = drop_missing(lists, f"the annotations in {a.root}", a.allow_missing)
         write_lists(a.out, lists, names)

@@ -233,6 +233,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 path, label = self.samples[video_index]
                 self._mark(video_index)
                 try:
+                    self._video_index = video_index  # read by _read (one item at a time)
                     clips = self._clips(path, rng, view)
                     break
                 except Exception as e:  # noqa: BLE001 - any undecodable input must not kill the worker
@@ -269,6 +270,11 @@ class VideoDataset(torch.utils.data.Dataset):
                 "view": torch.tensor([view]), "valid": torch.zeros(1, dtype=torch.bool),
                 "failures": 1, "attempts": 1, "failed_paths": [path]}
 
+    def _read(self, path: str, times, **kw) -> np.ndarray:
+        """The frames of video `path` shown at `times` (see decode_frames): uint8 [N, H, W, 3]; a frame-folder
+        dataset reads images here instead (for sample `self._video_index`)."""
+        return decode_frames(path, times, threads=self.decode_threads, **self.bounds, **kw)[0]
+
     def _clips(self, path: str, rng: np.random.Generator, view: int) -> torch.Tensor:
         """Decode once and cut the item's clips: [R, C, T, H, W]."""
         span = clip_span(self.num_frames, self.sampling_rate, self.target_fps)
@@ -281,8 +287,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 start = uniform_clip_start(info.duration, span, t_view, self.num_temporal_views)
                 return clip_times(start, self.num_frames, self.sampling_rate, self.target_fps)
 
-            frames, _, _ = decode_frames(path, times, short_side=self.crop_size, threads=self.decode_threads,
-                                         **self.bounds)
+            frames = self._read(path, times, short_side=self.crop_size)
             frames = short_side_resize(torch.from_numpy(frames), self.crop_size)  # exact size after swscale
             clip = spatial_crop(frames, self.crop_size, s_view, self.num_spatial_crops)
             clip = clip.unsqueeze(0)
@@ -304,8 +309,8 @@ class VideoDataset(torch.utils.data.Dataset):
             return np.concatenate([clip_times(s, self.num_frames, self.sampling_rate, self.target_fps)
                                    for s in starts])
 
-        frames, _, _ = decode_frames(path, times, threads=self.decode_threads, buffer=self.frame_buffer,
-                                     max_short_side=self.max_decode_short_side, **self.bounds)
+        frames = self._read(path, times, buffer=self.frame_buffer,
+                            max_short_side=self.max_decode_short_side)
         frames = torch.from_numpy(frames)
         _, h, w, _ = frames.shape
         t, s = self.num_frames, self.crop_size

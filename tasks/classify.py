@@ -29,6 +29,7 @@ from models.convert import load_pretrained
 from models.probe import AttentiveProbe, ProbeGrid
 from models.vit import to_linear_probe
 from util.config import ConfigError, RunConfig, flag, non_negative, positive, section
+from util.errors import DataFileError
 from util.evaluate import evaluate, test_and_report
 from util.task import RunContext, Task
 from util.weights import read_weights
@@ -66,9 +67,14 @@ class FinetuneConfig:
                                "fps, MAE-ST/Kinetics) or segment (one per equal segment of the whole video, random "
                                "in training, fixed offsets at test: SSv2, docs/downstream.md)",
                                choices=FRAME_SAMPLINGS)
+    data_format: str = flag("video", "video list files, or folders of extracted frames (VideoMAE v2 or PySlowFast "
+                            "frame lists: --frame_fps, --frame_template; docs/downstream.md)",
+                            choices=("video", "frames"))
     eval: bool = flag(False, "only test the weights (--resume, latest or --finetune)")
     dist_eval: bool = flag(True, "shard test videos over ranks (else all on each)")
     eval_split: str = flag("val", "list file to test on (K400 reports on val)")
+    eval_label_map: str = flag("", "JSON list of logit columns scored at test (class k of the test list = column "
+                               "k), e.g. k710_to_k400.json from datasets.prepare k710: a K710 model scored on K400")
     eval_every: int = flag(5, "epochs between tests during training (0: end only)", check=non_negative, rule=">= 0")
     test_num_temporal_views: int = flag(10, "clips per video along time (mae_st main_test: 10 x 3 views; "
                                         "7: the released results' 7 x 3, docs/recipes.md)",
@@ -123,6 +129,32 @@ def build_loss(cfg: FinetuneConfig, aug: AugmentConfig) -> tuple[VideoMixup | No
     return None, LabelSmoothingCrossEntropy(aug.smoothing) if aug.smoothing > 0 else nn.CrossEntropyLoss()
 
 
+class SelectColumns(nn.Module):
+    """The model's logits at the given columns only: a K710 model's K400 classes (`--eval_label_map`)."""
+
+    def __init__(self, model: nn.Module, columns: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, len(columns)]."""
+        return self.model(x)[:, self.columns.to(x.device)]
+
+
+def read_label_map(path: str, num_classes: int) -> list[int]:
+    """The column list of --eval_label_map: distinct integers in [0, num_classes)."""
+    try:
+        columns = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataFileError(f"--eval_label_map {path}: {type(exc).__name__}: {exc}") from None
+    if (not isinstance(columns, list) or not columns or len(set(map(str, columns))) != len(columns)
+            or not all(isinstance(c, int) and 0 <= c < num_classes for c in columns)):
+        raise DataFileError(f"--eval_label_map {path}: expected a JSON list of distinct column indices in "
+                            f"[0, {num_classes}) (--num_classes), e.g. [341, 158, ...]")
+    return columns
+
+
 class FinetuneTask(Task):
     """Supervised video classification with multi-view testing."""
 
@@ -170,6 +202,8 @@ class FinetuneTask(Task):
         return self.cfg.eval
 
     def setup(self, ctx: RunContext) -> None:
+        if self.cfg.data_format == "frames" and not ctx.cfg.data.data_path:
+            raise ValueError("--data_format frames reads frame lists from --data_path (the generated demo is videos)")
         self.data_path = ctx.resolve_data_path()
 
     def build_model(self, ctx: RunContext) -> nn.Module:
@@ -207,7 +241,8 @@ class FinetuneTask(Task):
         a = self.aug  # random erasing draws normal noise in normalised space: the workers normalise
         return ctx.video_dataset(self.data_path, "train", "finetune", rand_aug=a.rand_aug or None,
                                      reprob=a.reprob, hflip=a.hflip, scale=(a.min_crop_scale, 1.0), normalize=True,
-                                     num_classes=self.cfg.num_classes, frame_sampling=self.cfg.frame_sampling)
+                                     num_classes=self.cfg.num_classes, frame_sampling=self.cfg.frame_sampling,
+                                     data_format=self.cfg.data_format)
 
     def loss(self, module: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         clips, target = batch["clips"], batch["label"]
@@ -227,13 +262,19 @@ class FinetuneTask(Task):
     def flops_per_clip(self, model: nn.Module) -> float:
         return model.flops_per_clip()["train_step"]
 
+    def test_classes(self) -> int:
+        """Classes of the test lists: --num_classes, or the columns --eval_label_map keeps."""
+        c = self.cfg
+        return len(read_label_map(c.eval_label_map, c.num_classes)) if c.eval_label_map else c.num_classes
+
     def loader(self, ctx: RunContext, split: str) -> tuple[torch.utils.data.DataLoader, int, bool]:
         """(multi-view loader, videos, whether its clips arrive normalised) of a list file; built once."""
         c = self.cfg
         if split not in self.loaders:
+            # With --eval_label_map the test lists are in the mapped label space (a K710 model scored on K400).
             ds = ctx.video_dataset(self.data_path, split, "test", num_temporal_views=c.test_num_temporal_views,
-                                   num_spatial_crops=c.test_num_spatial_crops, num_classes=c.num_classes,
-                                   frame_sampling=c.frame_sampling)
+                                   num_spatial_crops=c.test_num_spatial_crops, num_classes=self.test_classes(),
+                                   frame_sampling=c.frame_sampling, data_format=c.data_format)
             # With --no-dist_eval every rank tests everything and only rank 0's scores count.
             world, rank = (ctx.dist.world_size, ctx.dist.rank) if c.dist_eval else (1, 0)
             batch = ctx.cfg.loop.batch_size * ctx.cfg.data.repeat_aug
@@ -278,12 +319,15 @@ class FinetuneTask(Task):
         names = Path(self.data_path, "classes.txt")
         # one name per line: SSv2's class names are sentences ("Pushing something from left to right")
         names = [n.strip() for n in names.read_text().splitlines() if n.strip()] if names.is_file() else None
+        columns = read_label_map(c.eval_label_map, c.num_classes) if c.eval_label_map else None
+        classes = self.test_classes()
+        module = SelectColumns(ctx.backend.module, columns) if columns else ctx.backend.module
         with selected_probe(ctx.backend.unwrapped, 0 if self.kind == "attentive" and best is None else best):
             metrics = test_and_report(
-                ctx.backend.module, loader, videos, c.num_classes, ctx.dist.device, ctx.dist.is_main, ctx.out,
+                module, loader, videos, classes, ctx.dist.device, ctx.dist.is_main, ctx.out,
                 c.eval_split, tag, c.test_num_temporal_views * c.test_num_spatial_crops, c.dist_eval,
                 ctx.backend.precision, lambda b: ctx.prepare(b, normalize=not normalized),
-                names if names and len(names) == c.num_classes else None)
+                names if names and len(names) == classes else None)
         if best is not None:
             metrics["probe"] = best
         if ctx.logger is not None:

@@ -46,8 +46,9 @@ class MAEConfig:
                                   "and diagonals, phase per sample, mask tokens at every kept position) or "
                                   "rotating_hidden (the earlier variant: a cell edge rotating over the hidden "
                                   "tokens only)", choices=("run_cell", "rotating_hidden"))
-    data_format: str = flag("video", "video list files, or class folders of images (image MAE, num_frames 1)",
-                            choices=("video", "image_folder"))
+    data_format: str = flag("video", "video list files, folders of extracted frames (VideoMAE v2 or PySlowFast "
+                            "frame lists, docs/downstream.md), or class folders of images (image MAE, num_frames 1)",
+                            choices=("video", "frames", "image_folder"))
     trunc_init: bool = flag(False, "trunc-normal instead of xavier init")
     decoder_init_values: float | None = flag(None, "layer scale in the decoder blocks; default: --init_values",
                                              check=non_negative, rule=">= 0")
@@ -108,7 +109,8 @@ class MAETask(Task):
                 self.data_path, "train", crop_size=m.input_size, repeat_aug=d.repeat_aug, seed=ctx.cfg.loop.seed,
                 mask_noise_tokens=tokens, normalize=not ctx.normalize_on_device)
         else:
-            self.dataset = ctx.video_dataset(self.data_path, "train", "pretrain", mask_noise_tokens=tokens)
+            self.dataset = ctx.video_dataset(self.data_path, "train", "pretrain", mask_noise_tokens=tokens,
+                                             data_format=self.cfg.data_format)
         return self.dataset
 
     def loss(self, module: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -139,7 +141,7 @@ class MAETask(Task):
             return
         if self.vis is None:  # the first training video, whole frames (no crop), a fixed mask
             ds = self.dataset if c.data_format == "image_folder" else ctx.video_dataset(
-                self.data_path, "train", "test", num_temporal_views=1, num_spatial_crops=1)
+                self.data_path, "train", "test", num_temporal_views=1, num_spatial_crops=1, data_format=c.data_format)
             clips = ds[(0, 0)]["clips"][:1]
             noise = torch.rand(1, self.model.patch_embed.num_patches, generator=torch.Generator().manual_seed(0))
             self.vis = ctx.prepare({"clips": clips, "noise": noise}, normalize=not ds.normalize)

@@ -108,8 +108,9 @@ def test_every_result_file_is_named_benchmark_hardware_day() -> None:
 FLAG_RX = re.compile(r"(?<![\w-])(--[a-zA-Z][\w-]*)(?![\w*-])")  # not `--synthetic_*`
 # Flags of other tools that the docs show: torchrun's, docker's, tensorboard's, and mae_st's
 # `--bias_wd`, cited as the source of a recipe value in docs/recipes.md; VideoMAE's test-view flags, cited
-# as the source of the SSv2 test views in docs/downstream.md.
-EXTERNAL_FLAGS = {"--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id",
+# as the source of the SSv2 test views in docs/downstream.md; VideoMAE v2's rawframe flags, cited for the
+# defaults of --frame_template and --frame_start_index there.
+EXTERNAL_FLAGS = {"--fname_tmpl", "--start_idx", "--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id",
                   "--standalone", "--shm-size", "--logdir", "--bias_wd", "--test_num_segment", "--test_num_crop"}
 SCRIPT_DIRS = ("benchmarks/*.py", "datasets/*.py", "util/checkpoint*.py")
 ADD_ARGUMENT_RX = re.compile(r"add_argument\(\s*((?:[\"']-[^\"']*[\"']\s*,\s*)*[\"']-[^\"']*[\"'])")

@@ -37,7 +37,10 @@ RECIPES = {"vit_b_ssv2": dict(model="vit_base_patch16", num_classes=174, frame_s
                                 batch_size=16, layer_decay=0.7, drop_path_rate=0.2, dropout=0.5, min_lr=5e-6,
                                 test_num_temporal_views=5, test_num_spatial_crops=3),
            "vit_b_hmdb51": dict(num_classes=51, frame_sampling="stride", sampling_rate=2, epochs=15, blr=5e-4,
-                                batch_size=3, layer_decay=0.7, dropout=0.5, test_num_temporal_views=5)}
+                                batch_size=3, layer_decay=0.7, dropout=0.5, test_num_temporal_views=5),
+           "vit_b_k710": dict(num_classes=710, frame_sampling="stride", sampling_rate=4, epochs=90, blr=7e-4,
+                              min_lr=2e-6, batch_size=16, layer_decay=0.75, drop_path_rate=0.1, dropout=0.0,
+                              test_num_temporal_views=5, test_num_spatial_crops=3)}
 SOURCED = ("num_classes", "epochs", "warmup_epochs", "blr", "min_lr", "weight_decay", "layer_decay", "drop_path_rate",
            "dropout", "batch_size", "repeat_aug", "mixup", "cutmix", "smoothing", "rand_aug", "reprob", "hflip",
            "frame_sampling", "test_num_temporal_views", "test_num_spatial_crops")

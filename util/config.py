@@ -335,6 +335,13 @@ class DataConfig:
                                  "height), checked before decoding", check=positive, rule="> 0")
     max_video_frames: int = flag(10_000_000, "skip (and count as bad) videos with more frames, checked before "
                                  "decoding", check=positive, rule="> 0")
+    frame_fps: float = flag(30.0, "--data_format frames: the rate the frames of a folder were extracted at (a "
+                            "folder of N frames is a video of N frames at this rate)", check=lambda x: x > 0,
+                            rule="> 0")
+    frame_template: str = flag("img_{:05d}.jpg", "--data_format frames: file name of frame k of a VideoMAE v2 "
+                               "rawframe folder, formatted with start_index + k (JPEG or PNG)")
+    frame_start_index: int = flag(1, "--data_format frames: first frame number of `folder total_frames label` "
+                                  "lines (VideoMAE v2 --start_idx)", check=non_negative, rule=">= 0")
     max_decode_short_side: int = flag(1080, "decode training clips of sources whose short side is longer scaled "
                                       "down to it (swscale, before the crop; 0: full size)", check=non_negative,
                                       rule=">= 0")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from datasets import VideoDataset, build_video_dataset, collate_clips, normalize_clips
+from datasets.frame_folder import build_frame_dataset
 from datasets.loader import build_loader, check_shared_memory, clip_batch_bytes, decode_threads_for
 from util.config import RunConfig
 from util.distributed import DistInfo, barrier
@@ -111,6 +112,10 @@ class RunContext:
             max_video_frames=d.max_video_frames, max_decode_short_side=d.max_decode_short_side)
         if mode != "test":
             args["repeat_aug"] = d.repeat_aug
+        if kw.pop("data_format", "video") == "frames":  # folders of extracted frames (datasets/frame_folder.py)
+            args.update(frame_fps=d.frame_fps, frame_template=d.frame_template,
+                        frame_start_index=d.frame_start_index)
+            return build_frame_dataset(data_path, split, **{**args, **kw})
         return build_video_dataset(data_path, split, **{**args, **kw})
 
 
