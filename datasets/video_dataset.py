@@ -108,9 +108,10 @@ class FailureTracker:
     Z = 2.576  # two-sided 99% normal quantile
 
     def __init__(self, max_failure_rate: float = 0.1, min_attempts: int = 50, max_examples: int = 5,
-                 log: bool = True):
+                 log: bool = True, label: str = "", limit: str = "--max_failure_rate"):
+        # `label` starts the error (e.g. a mixture source's name), `limit` names the setting to raise
         self.max_failure_rate, self.min_attempts, self.max_examples = max_failure_rate, min_attempts, max_examples
-        self.log = log
+        self.log, self.label, self.limit = log, label, limit
         self.attempts, self.failures, self.examples = 0, 0, []
 
     def update(self, attempts: int, failures: int, paths=()) -> None:
@@ -121,8 +122,8 @@ class FailureTracker:
             if p not in self.examples and len(self.examples) < self.max_examples:
                 self.examples.append(p)
         if failures and self.log and _is_rank0():
-            logger.warning("skipped %d unreadable video(s) (total %d of %d decodes), e.g. %s",
-                           failures, self.failures, self.attempts, list(paths)[:3])
+            logger.warning("%sskipped %d unreadable video(s) (total %d of %d decodes), e.g. %s",
+                           self.label, failures, self.failures, self.attempts, list(paths)[:3])
         self.check()
 
     def update_from_batch(self, batch: dict) -> None:
@@ -148,10 +149,10 @@ class FailureTracker:
         """Raise RuntimeError once the failure rate is above the threshold beyond reasonable doubt."""
         if self.attempts >= self.min_attempts and self.lower_bound() > self.max_failure_rate:
             raise RuntimeError(
-                f"video decode failure rate {self.rate:.1%} ({self.failures} of {self.attempts} decodes; at least "
-                f"{self.lower_bound():.1%} with 99% confidence) exceeds --max_failure_rate "
+                f"{self.label}video decode failure rate {self.rate:.1%} ({self.failures} of {self.attempts} decodes; at least "
+                f"{self.lower_bound():.1%} with 99% confidence) exceeds {self.limit} "
                 f"{self.max_failure_rate:.1%}; example files: {self.examples}. Fix or remove them (or re-encode with "
-                f"python -m datasets.resize), or raise --max_failure_rate")
+                f"python -m datasets.resize), or raise {self.limit}")
 
 
 class VideoDataset(torch.utils.data.Dataset):
@@ -223,9 +224,12 @@ class VideoDataset(torch.utils.data.Dataset):
             self.reading[info.id] = video_index
 
     def __getitem__(self, key) -> dict:
-        """Item for `index` or `(epoch, index)`: clips [R, C, T, H, W], label/index [R], noise [R, L]."""
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
+        """Item for `index` or `(epoch, index, *salt)`: clips [R, C, T, H, W], label/index [R], noise [R, L].
+
+        `salt` (ints, e.g. a mixture's source and pass) joins the item's seed, so one video drawn twice in an
+        epoch is two samples."""
+        epoch, index, *salt = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, int(epoch), int(index), *(int(x) for x in salt)])
         video_index, view = divmod(int(index), self.views)
         failures, failed_paths = 0, []
         try:
@@ -355,9 +359,9 @@ def timespan_clip_starts(duration: float, span: float, timespan: float, count: i
 
 
 def collate_clips(batch: list[dict]) -> dict:
-    """Concatenate items along R: clips [B*R, C, T, H, W], label/index/view [B*R], noise [B*R, L], geometry [B*R, 7],
+    """Concatenate items along R: clips [B*R, C, T, H, W], label/index/view/source [B*R], noise [B*R, L], geometry [B*R, 7],
     tokens [B*R, N]."""
-    keys = ("clips", "label", "index", "view", "valid", "noise", "geometry", "tokens")
+    keys = ("clips", "label", "index", "view", "valid", "noise", "geometry", "tokens", "source")
     out = {k: torch.cat([b[k] for b in batch]) for k in keys if k in batch[0]}
     out["failures"] = sum(b["failures"] for b in batch)
     out["attempts"] = sum(b["attempts"] for b in batch)
