@@ -17,10 +17,11 @@ from torch import nn
 
 from datasets.amt_views import CanonicalViews
 from datasets.image_folder import build_image_folder_dataset
+from datasets.mixture import Mixture, load_mixture
 from models import create_model
 from models.amt import clip_attention_weights
 from tasks.common import MaskingConfig, StartConfig, load_start_weights
-from util.config import ConfigError, flag, non_negative, positive, section
+from util.config import ConfigError, RunConfig, flag, non_negative, positive, section
 from util.cross_rank import all_gather_cat
 from util.task import RunContext, Task
 from util.visualize import save_reconstruction
@@ -58,6 +59,8 @@ class MAEConfig:
                                               "PySlowFast's is joint")
     target_frames: str = flag("stride", "frames the decoder regresses: every T/pred_t_dim-th (PySlowFast, released "
                               "weights) or linspace(0, T-1, pred_t_dim) (mae_st code)", choices=("stride", "linspace"))
+    data_mixture: str = flag("", "YAML file of data sources mixed by weight, each with its own sampling "
+                             "(docs/data.md); replaces --data_path")
     vis_every: int = flag(1, "epochs between reconstruction images (0: off)", check=non_negative, rule=">= 0")
 
 
@@ -79,8 +82,29 @@ class MAETask(Task):
             raise ConfigError("--mask_type amt places each clip in its video's attention map: it needs "
                               "--data_format video")
         self.vis: dict | None = None  # the fixed clip and mask of the reconstruction images (made once)
+        self.mixture: Mixture | None = None
+        if cfg.data_mixture:  # read and checked now: a bad file stops the run before any work
+            if self.amt or cfg.data_format != "video":
+                raise ConfigError("--data_mixture mixes video list files: it needs --data_format video and a "
+                                  "mask type other than amt")
+            self.mixture = load_mixture(cfg.data_mixture)
+
+    def check_run(self, cfg: RunConfig) -> None:
+        """A mixture replaces --data_path, and its blocks must hold whole batches."""
+        if self.mixture is None:
+            return
+        if cfg.data.data_path:
+            raise ConfigError(f"--data_mixture {self.mixture.path} names the data: leave out --data_path "
+                              f"({cfg.data.data_path})")
+        if self.mixture.block_size % cfg.loop.batch_size:
+            raise ConfigError(f"{self.mixture.path}: block_size {self.mixture.block_size} is not a multiple of "
+                              f"--batch_size {cfg.loop.batch_size}, so a batch could mix sources; make block_size a "
+                              f"multiple of it")
 
     def setup(self, ctx: RunContext) -> None:
+        if self.mixture is not None:  # the sources name their data: nothing to find or generate
+            self.data_path = ""
+            return
         self.data_path = ctx.resolve_data_path(image_folder=self.cfg.data_format == "image_folder")
 
     def build_model(self, ctx: RunContext) -> nn.Module:
@@ -108,6 +132,8 @@ class MAETask(Task):
             self.dataset = build_image_folder_dataset(
                 self.data_path, "train", crop_size=m.input_size, repeat_aug=d.repeat_aug, seed=ctx.cfg.loop.seed,
                 mask_noise_tokens=tokens, normalize=not ctx.normalize_on_device)
+        elif self.mixture is not None:
+            self.dataset = ctx.mixture_dataset(self.mixture, mask_noise_tokens=tokens)
         else:
             self.dataset = ctx.video_dataset(self.data_path, "train", "pretrain", mask_noise_tokens=tokens,
                                              data_format=self.cfg.data_format)
@@ -139,9 +165,16 @@ class MAETask(Task):
                                   ctx.cfg.loop.batch_size * ctx.cfg.data.repeat_aug)
         if not c.vis_every or done % c.vis_every:
             return
-        if self.vis is None:  # the first training video, whole frames (no crop), a fixed mask
-            ds = self.dataset if c.data_format == "image_folder" else ctx.video_dataset(
-                self.data_path, "train", "test", num_temporal_views=1, num_spatial_crops=1, data_format=c.data_format)
+        if self.vis is None:  # the first training video (of the first source), whole frames, a fixed mask
+            if self.mixture is not None:
+                first = self.mixture.sources[0]
+                ds = ctx.list_dataset(first.list_file, first.root, "test", num_temporal_views=1, num_spatial_crops=1,
+                                      **{k: v for k, v in first.sampling.items() if k != "repeat_aug"})
+            elif c.data_format == "image_folder":
+                ds = self.dataset
+            else:
+                ds = ctx.video_dataset(self.data_path, "train", "test", num_temporal_views=1, num_spatial_crops=1,
+                                       data_format=c.data_format)
             clips = ds[(0, 0)]["clips"][:1]
             noise = torch.rand(1, self.model.patch_embed.num_patches, generator=torch.Generator().manual_seed(0))
             self.vis = ctx.prepare({"clips": clips, "noise": noise}, normalize=not ds.normalize)

@@ -1,8 +1,12 @@
 """Weighted data mixtures: the epoch's draw from (seed, epoch), one source per batch, exact resume on any
-world size, per-source failure policy, strict mixture files."""
+world size, per-source failure policy, strict mixture files, and a 2-step main_pretrain.py run."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +209,41 @@ def test_a_good_file_resolves_paths_relative_to_itself(tmp_path: Path) -> None:
     path.write_text("block_size: 8\nsources:\n  - {name: a, list_file: lists/a.csv, weight: 2, target_fps: 24}\n")
     assert load_mixture(str(path)) == Mixture(str(path), (MixtureSource(
         "a", str(tmp_path / "lists" / "a.csv"), str(tmp_path / "lists"), 2.0, {"target_fps": 24}, None),), 8, None)
+
+
+def test_batch_size_must_divide_block_size_and_data_path_is_refused(tmp_path: Path) -> None:
+    import main_pretrain
+    import tasks
+
+    (tmp_path / "a.csv").write_text("v.mp4 0\n")
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("block_size: 6\nsources:\n  - {name: a, list_file: a.csv, weight: once}\n")
+    args = tasks.parse("pretrain", ["--data_mixture", str(mix), "--batch_size", "4"])
+    with pytest.raises(ConfigError, match=r"mix.yaml: block_size 6 is not a multiple of --batch_size 4"):
+        main_pretrain.build_task(args)
+    args = tasks.parse("pretrain", ["--data_mixture", str(mix), "--batch_size", "3", "--data_path", str(tmp_path)])
+    with pytest.raises(ConfigError, match="leave out --data_path"):
+        main_pretrain.build_task(args)
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.mark.slow  # ~18 s on 2 cores: a process start, a model, two steps
+def test_main_pretrain_data_mixture_runs_two_steps_and_logs_per_source_counts(two_sources: tuple[Path, Path],
+                                                                             tmp_path: Path) -> None:
+    mix = _write_mixture(tmp_path / "mix.yaml", *two_sources)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "main_pretrain.py"), "--data_mixture", str(mix), "--output_dir", str(out),
+           "--input_size", "32", "--num_frames", "4", "--pred_t_dim", "2", "--batch_size", "2", "--num_workers", "0",
+           "--log_every", "1", "--max_steps", "2", "--decoder_embed_dim", "32", "--decoder_depth", "1",
+           "--model", "mae_vit_micro_patch8", "--vis_every", "0", "--precision", "fp32", "--save_every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data mixture small: 6 videos, 6 items/epoch (each once), sampling_rate 2" in proc.stderr
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:  # the epoch's first 2 * step items, counted per source from the draw
+        assert r["items/small"] + r["items/other"] == 2 * r["step"]
+        assert r["bad_rate/small"] == r["bad_rate/other"] == 0.0

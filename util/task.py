@@ -23,6 +23,7 @@ from torch import nn
 from datasets import VideoDataset, build_video_dataset, collate_clips, normalize_clips
 from datasets.frame_folder import build_frame_dataset
 from datasets.loader import build_loader, check_shared_memory, clip_batch_bytes, decode_threads_for
+from datasets.mixture import Mixture, MixtureDataset
 from util.config import RunConfig
 from util.distributed import DistInfo, barrier
 from util.engine import TrainState
@@ -101,17 +102,33 @@ class RunContext:
             out["clips"] = normalize_clips(out["clips"])
         return out
 
-    def video_dataset(self, data_path: str, split: str, mode: str, **kw: Any) -> VideoDataset:
-        """A list-file video dataset with the run's clip geometry, frame sampling, seed and normalisation;
-        `kw` overrides (e.g. the task's augmentation)."""
+    def _dataset_args(self, data_root: str, mode: str) -> dict[str, Any]:
+        """VideoDataset arguments of the run: clip geometry, frame sampling, seed, normalisation, bounds."""
         m, d = self.cfg.model, self.cfg.data
         args: dict[str, Any] = dict(
-            data_root=d.data_root or data_path, mode=mode, num_frames=m.num_frames, sampling_rate=d.sampling_rate,
+            data_root=data_root, mode=mode, num_frames=m.num_frames, sampling_rate=d.sampling_rate,
             crop_size=m.input_size, seed=self.cfg.loop.seed, normalize=not self.normalize_on_device,
             short_side_range=None if m.input_size < 160 else (256, 320), max_frame_pixels=d.max_frame_pixels,
             max_video_frames=d.max_video_frames, max_decode_short_side=d.max_decode_short_side)
         if mode != "test":
             args["repeat_aug"] = d.repeat_aug
+        return args
+
+    def list_dataset(self, list_file: str, data_root: str, mode: str, **kw: Any) -> VideoDataset:
+        """The VideoDataset of one list file with the run's geometry; `kw` overrides."""
+        return VideoDataset(list_file, **{**self._dataset_args(data_root, mode), **kw})
+
+    def mixture_dataset(self, mixture: Mixture, **kw: Any) -> MixtureDataset:
+        """The training items of a `--data_mixture`: one pretraining VideoDataset per source with the run's
+        geometry and the source's own sampling (`kw` for all of them, e.g. mask noise)."""
+        datasets = [self.list_dataset(s.list_file, s.root, "pretrain", **{**kw, **s.sampling}) for s in mixture.sources]
+        return MixtureDataset(mixture, datasets, self.cfg.loop.seed)
+
+    def video_dataset(self, data_path: str, split: str, mode: str, **kw: Any) -> VideoDataset:
+        """A list-file video dataset with the run's clip geometry, frame sampling, seed and normalisation;
+        `kw` overrides (e.g. the task's augmentation)."""
+        d = self.cfg.data
+        args = self._dataset_args(d.data_root or data_path, mode)
         if kw.pop("data_format", "video") == "frames":  # folders of extracted frames (datasets/frame_folder.py)
             args.update(frame_fps=d.frame_fps, frame_template=d.frame_template,
                         frame_start_index=d.frame_start_index)

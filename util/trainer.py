@@ -27,6 +27,7 @@ import torch
 
 from datasets import FailureTracker, ResumableDistributedSampler
 from datasets.loader import batches
+from datasets.mixture import SourceFailures
 from util.checkpoint import (
     TRAIN,
     Checkpointer,
@@ -89,7 +90,7 @@ class Trainer:
         self.sampler: ResumableDistributedSampler
         self.loader: torch.utils.data.DataLoader
         self.logger: TrainLogger
-        self.tracker: FailureTracker
+        self.tracker: FailureTracker | SourceFailures
         self.checkpointer: Checkpointer
         self.resume: Path | None = None
         self.lr = 0.0
@@ -139,7 +140,9 @@ class Trainer:
                      self.state.consumed, self.state.global_step)
         if not train:
             return
-        self.sampler = ResumableDistributedSampler(len(self.dataset), world, self.dist.rank, shuffle=True,
+        # a dataset whose positions are already the epoch's draw (a data mixture) is read in order
+        self.sampler = ResumableDistributedSampler(len(self.dataset), world, self.dist.rank,
+                                                   shuffle=not getattr(self.dataset, "draws_epochs", False),
                                                    seed=loop.seed, batch_size=loop.batch_size)
         self.loader = ctx.make_loader(self.dataset, self.sampler, loop.batch_size, train=True)
         if self.dist.is_main:
@@ -148,7 +151,11 @@ class Trainer:
         self.total_steps = min(total, loop.max_steps or total)
         self.logger = ctx.logger = TrainLogger(str(self.out), enabled=self.dist.is_main, total_steps=self.total_steps,
                                                resume_step=self.state.global_step if self.resume else None)
-        self.tracker = FailureTracker(cfg.data.max_failure_rate)
+        # a mixture keeps one failure policy per source (datasets/mixture.py)
+        make_tracker = getattr(self.dataset, "failure_tracker", FailureTracker)
+        self.tracker = make_tracker(cfg.data.max_failure_rate)
+        if hasattr(self.dataset, "describe"):
+            log.info("data mixture %s", self.dataset.describe())
         self.checkpointer = Checkpointer(self.out, cfg.ckpt.keep_last, cfg.ckpt.async_save)
         self.last_saved = self.state.global_step
         self.peak, peak_source = device_peak_flops(self.dist.device, cfg.parallel.precision)
@@ -304,6 +311,8 @@ class Trainer:
                            "lr": lr, "clips_per_s": clips * self.dist.world_size / max(elapsed, 1e-9),
                            "data_wait": timer["data"] / max(elapsed, 1e-9),
                            "mem_gb": peak_memory_gb(self.dist.device), "bad_videos": timer["failures"]}
+                if hasattr(self.dataset, "log_metrics"):  # a mixture's per-source counts and failure rates
+                    metrics.update(self.dataset.log_metrics(st.epoch, st.consumed, self.tracker))
                 if self.flops:
                     metrics["tflops"] = self.flops * clips / max(elapsed, 1e-9) / 1e12
                     metrics["mfu"] = self.flops * clips / max(elapsed, 1e-9) / self.peak
