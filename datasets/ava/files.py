@@ -261,7 +261,7 @@ def read_label_map(path: str) -> LabelMap:
     pending, block_line = None, 0
     for m in _PBTXT_TOKEN.finditer(text):
         lineno = text.count("\n", 0, m.start()) + 1
-        kind = m.lastgroup
+        kind = next(k for k in ("comment", "open", "close", "key", "block", "other") if m[k] is not None)
         if kind == "comment":
             continue
         if kind == "block" and block is None and pending is None and m["block"] in ("item", "label"):
