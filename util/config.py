@@ -428,6 +428,9 @@ class ParallelConfig:
                            check=positive, rule=">= 1", metavar="K")
     compile: str = flag("none", "torch.compile: none, each block (blocks), or the whole model (model)",
                         choices=("none", "blocks", "model"))
+    hsdp_shard_size: int = flag(0, "with --dist fsdp: HSDP, shard within groups of N consecutive ranks (one node: "
+                                "N = GPUs per node) and replicate across the groups; 0: off, one flat mesh of all ranks",
+                                check=non_negative, rule=">= 0", metavar="N")
 
 
 @dataclass
