@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -523,6 +524,34 @@ class DeepSpeedBackend(Backend):
         )
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {DEEPSPEED_TAG!r} under {path}")
+
+
+def carry_optimizer_state(backend: Backend, source: dict) -> list[str]:
+    """Load a consolidated optimizer state (plain names) into a fresh backend; returns the names that start fresh.
+
+    A tensor whose shape changed (a position table resized for more frames or a larger input) or that the
+    source lacks gets Adam's initial state (step 0, zero moments): its old moments describe other
+    coordinates. Every other tensor keeps its step count and both moments. The lr and weight decay are the
+    new run's (its param groups are kept).
+    """
+    if backend.name == "deepspeed":
+        raise ValueError("--init_optimizer keep is not available with --dist deepspeed (ZeRO partitions the "
+                         "optimizer state itself); use --dist ddp or fsdp, or --init_optimizer reset")
+    shapes = {clean_name(n): tuple(p.shape) for n, p in backend.module.named_parameters() if p.requires_grad}
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    _, target = get_state_dict(backend.module, backend.optimizer, options=full)
+    state, fresh = {}, []
+    for name, shape in shapes.items():
+        old = {k: v for k, v in source["state"].get(name, {}).items()}
+        if old and all(tuple(v.shape) == shape for k, v in old.items() if k != "step" and torch.is_tensor(v)):
+            state[name] = old
+        else:
+            fresh.append(name)
+            state[name] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros(shape),
+                           "exp_avg_sq": torch.zeros(shape)}
+    set_optimizer_state_dict(backend.module, backend.optimizer, {"state": state, "param_groups": target["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
+    return sorted(fresh)
 
 
 BACKENDS = {"ddp": DDPBackend, "fsdp": FSDPBackend, "deepspeed": DeepSpeedBackend}
