@@ -126,6 +126,9 @@ class MAETask(Task):
         if self.start.init_from:
             load_start_weights(model, self.start)
 
+    def optimizer_source(self) -> str:
+        return self.start.init_from
+
     def build_train_dataset(self, ctx: RunContext) -> torch.utils.data.Dataset:
         m, d, tokens = ctx.cfg.model, ctx.cfg.data, self.model.patch_embed.num_patches
         if self.cfg.data_format == "image_folder":

@@ -1,4 +1,4 @@
-"""DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 on 2 gloo ranks against one plain process on the same global batch.
+"""DDP, FSDP2 (flat; HSDP as 2 replicas x 1 shard) and ZeRO-1/2/3 on 2 gloo ranks against one plain process.
 
 One torchrun launch runs every scenario (tests/dist/worker.py); the tests below only read its results.
 Tolerances cover floating-point reduction order only (fp32):
@@ -27,7 +27,8 @@ from dist_launch import python, run, torchrun  # noqa: E402
 from util.safe_load import load_weights_file  # noqa: E402
 from util.weights import export_weights  # noqa: E402
 
-PARITY = ["ddp", "ddp:accum=2", "fsdp", "fsdp:accum=2", "zero1", "zero2", "zero2:accum=2", "zero3"]
+PARITY = ["ddp", "ddp:accum=2", "fsdp", "fsdp:accum=2", "fsdp:hsdp=1", "fsdp:hsdp=1:accum=2", "zero1", "zero2",
+          "zero2:accum=2", "zero3"]
 HALF = ["ddp:bf16", "ddp:fp16", "fsdp:bf16", "zero2:bf16"]
 CKPT_EQUIV = ["ckpt_equiv=fsdp", "ckpt_equiv=zero3"]
 SHORT = ["short_accum=ddp"]

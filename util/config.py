@@ -382,6 +382,9 @@ class OptimConfig:
                                  "warm-up)", check=lambda f: 0 < f <= 1, rule="in (0, 1]")
     decay_shape: str = flag("linear", "wsd decay: linear (V-JEPA 2's cooldown), sqrt (1 - sqrt, Hagele et al. 2024) "
                             "or cosine", choices=("linear", "cosine", "sqrt"))
+    init_optimizer: str = flag("reset", "with --init_from a run or checkpoint folder: keep its AdamW state (a "
+                               "cooldown; tensors whose shape changed, e.g. resized position tables, restart with "
+                               "fresh moments) or reset it (a fresh optimizer)", choices=("reset", "keep"))
     weight_decay: float = flag(0.05, "AdamW weight decay", check=non_negative, rule=">= 0")
     wd_skip: str = flag("1d", "tensors without weight decay: 1d (biases and norms: every tensor of >= 2 dims "
                         "decays, as mae_st pretraining and PySlowFast's MAE configs) or tokens (also positional "
@@ -428,6 +431,9 @@ class ParallelConfig:
                            check=positive, rule=">= 1", metavar="K")
     compile: str = flag("none", "torch.compile: none, each block (blocks), or the whole model (model)",
                         choices=("none", "blocks", "model"))
+    hsdp_shard_size: int = flag(0, "with --dist fsdp: HSDP, shard within groups of N consecutive ranks (one node: "
+                                "N = GPUs per node) and replicate across the groups; 0: off, one flat mesh of all ranks",
+                                check=non_negative, rule=">= 0", metavar="N")
 
 
 @dataclass

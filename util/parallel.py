@@ -44,8 +44,10 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from util.config import OptimConfig, ParallelConfig
@@ -145,6 +147,29 @@ def prepare(model: nn.Module, cfg: ParallelConfig) -> None:
     apply_checkpointing(model, checkpoint_mode(cfg), cfg.ckpt_every)
     if cfg.compile == "blocks":
         apply_compile(model, "blocks")
+
+
+def fsdp_mesh_shape(world_size: int, hsdp_shard_size: int) -> tuple[int, ...]:
+    """FSDP2's mesh shape: (world,) flat, or (replicate, shard) for HSDP; refuses a group size that does not divide."""
+    if hsdp_shard_size == 0:
+        return (world_size,)
+    if hsdp_shard_size < 0 or world_size % hsdp_shard_size:
+        raise ValueError(f"--hsdp_shard_size {hsdp_shard_size} must divide the world size {world_size} "
+                         "(shard groups of equal size; use the GPUs per node, or 0 for one flat mesh)")
+    return (world_size // hsdp_shard_size, hsdp_shard_size)
+
+
+def fsdp_mesh(device_type: str, world_size: int, hsdp_shard_size: int) -> DeviceMesh:
+    """The device mesh fully_shard gets: 1-D over all ranks, or 2-D ("replicate", "shard") for HSDP.
+
+    As torchtitan's parallel dims order it: the shard dimension is the inner one, so a shard group is
+    consecutive ranks (one node's GPUs: all-gathers and reduce-scatters stay on the node's fast links)
+    and only the gradient all-reduce crosses nodes.
+    """
+    shape = fsdp_mesh_shape(world_size, hsdp_shard_size)
+    if len(shape) == 1:
+        return init_device_mesh(device_type, shape)
+    return init_device_mesh(device_type, shape, mesh_dim_names=("replicate", "shard"))
 
 
 class Backend(abc.ABC):
@@ -279,23 +304,28 @@ class DDPBackend(Backend):
 
 
 class FSDPBackend(Backend):
-    """FSDP2: fully_shard per unit then the root on a 1-D mesh; bf16 via MixedPrecisionPolicy; DCP I/O."""
+    """FSDP2: fully_shard per unit then the root, on a flat mesh or HSDP's 2-D one; bf16 via MixedPrecisionPolicy; DCP I/O.
+
+    HSDP (`--hsdp_shard_size N`): parameters are sharded over the N ranks of a group and replicated
+    across groups; gradients are reduce-scattered in the group, then all-reduced across groups. Grad
+    norms are DTensors over the whole mesh: `full_tensor()` reduces the partial norm over both dims.
+    """
 
     name = "fsdp"
 
     def __init__(self, model: nn.Module, cfg: ParallelConfig, optim: OptimConfig, lr: float, info: DistInfo,
                  accum_iter: int, micro_batch: int) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         super().__init__(model, cfg, info, accum_iter)
         if cfg.precision == "fp16":
             raise ValueError("--dist fsdp does not support --precision fp16 (no sharded loss scaling); use bf16")
+        fsdp_mesh_shape(info.world_size, cfg.hsdp_shard_size)  # refuses a bad group size before any work
         self.clip_grad = optim.clip_grad
         ensure_process_group(info)
         model.to(info.device)
         prepare(model, cfg)
-        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        self.mesh = mesh = fsdp_mesh(info.device.type, info.world_size, cfg.hsdp_shard_size)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.dtype else None
         kw = {"mesh": mesh, "mp_policy": mp} if mp else {"mesh": mesh}
         for unit in shard_units(model):
@@ -496,6 +526,34 @@ class DeepSpeedBackend(Backend):
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {DEEPSPEED_TAG!r} under {path}")
 
 
+def carry_optimizer_state(backend: Backend, source: dict) -> list[str]:
+    """Load a consolidated optimizer state (plain names) into a fresh backend; returns the names that start fresh.
+
+    A tensor whose shape changed (a position table resized for more frames or a larger input) or that the
+    source lacks gets Adam's initial state (step 0, zero moments): its old moments describe other
+    coordinates. Every other tensor keeps its step count and both moments. The lr and weight decay are the
+    new run's (its param groups are kept).
+    """
+    if backend.name == "deepspeed":
+        raise ValueError("--init_optimizer keep is not available with --dist deepspeed (ZeRO partitions the "
+                         "optimizer state itself); use --dist ddp or fsdp, or --init_optimizer reset")
+    shapes = {clean_name(n): tuple(p.shape) for n, p in backend.module.named_parameters() if p.requires_grad}
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    _, target = get_state_dict(backend.module, backend.optimizer, options=full)
+    state, fresh = {}, []
+    for name, shape in shapes.items():
+        old = {k: v for k, v in source["state"].get(name, {}).items()}
+        if old and all(tuple(v.shape) == shape for k, v in old.items() if k != "step" and torch.is_tensor(v)):
+            state[name] = old
+        else:
+            fresh.append(name)
+            state[name] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros(shape),
+                           "exp_avg_sq": torch.zeros(shape)}
+    set_optimizer_state_dict(backend.module, backend.optimizer, {"state": state, "param_groups": target["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
+    return sorted(fresh)
+
+
 BACKENDS = {"ddp": DDPBackend, "fsdp": FSDPBackend, "deepspeed": DeepSpeedBackend}
 
 
@@ -507,7 +565,11 @@ def setup_parallel(model: nn.Module, cfg: ParallelConfig, optim: OptimConfig, lr
     if cfg.precision not in DTYPES:
         raise ValueError(f"unknown --precision {cfg.precision!r}; choose one of {sorted(DTYPES)}")
     mode = checkpoint_mode(cfg)  # refuses contradictory checkpointing flags before any work
+    if cfg.hsdp_shard_size and cfg.dist != "fsdp":
+        raise ValueError(f"--hsdp_shard_size {cfg.hsdp_shard_size} needs --dist fsdp (HSDP is FSDP2 on a 2-D mesh; "
+                         f"--dist {cfg.dist} has no shard groups): add --dist fsdp or drop --hsdp_shard_size")
     backend = BACKENDS[cfg.dist](model, cfg, optim, lr, info, accum_iter, micro_batch)
-    log.info("parallel: %s world=%d precision=%s checkpointing=%s%s compile=%s", backend.name, info.world_size,
+    mesh = f" mesh={fsdp_mesh_shape(info.world_size, cfg.hsdp_shard_size)}" if cfg.dist == "fsdp" else ""
+    log.info("parallel: %s%s world=%d precision=%s checkpointing=%s%s compile=%s", backend.name, mesh, info.world_size,
              cfg.precision, mode, f" (k={cfg.ckpt_every})" if mode == "every_k" else "", cfg.compile)
     return backend

@@ -161,6 +161,11 @@ class Task(abc.ABC):
     def init_weights(self, model: nn.Module, ctx: RunContext) -> None:  # noqa: B027 - optional hook
         """Fill a fresh run's plain model before wrapping (e.g. pretrained weights); not called on resume."""
 
+    def optimizer_source(self) -> str:
+        """The run or checkpoint folder a fresh run's weights come from, whose optimizer state
+        `--init_optimizer keep` carries over; "" when there is none."""
+        return ""
+
     @abc.abstractmethod
     def build_train_dataset(self, ctx: RunContext) -> torch.utils.data.Dataset:
         """Items keyed by (epoch, index): dicts with "clips" [R, C, T, H, W] and per-sample extras."""

@@ -44,11 +44,12 @@ from util.engine import SamplerPosition, StepWindow, TrainState, step_seed, step
 from util.flops import device_peak_flops
 from util.logger import TrainLogger, peak_memory_gb
 from util.lr_sched import apply_lr, effective_lr, lr_at, schedule_line
-from util.parallel import Backend, setup_parallel
+from util.parallel import Backend, carry_optimizer_state, setup_parallel
 from util.preemption import PreemptionWatcher
 from util.rng_state import RankRngState
 from util.run_lock import RunLock, RunLockedError, acquire_run_lock
 from util.task import RunContext, Task
+from util.weights import read_optimizer_state
 
 log = logging.getLogger("mae_st.trainer")
 ARCHITECTURE_FLAGS = ("model", "input_size", "num_frames", "t_patch_size", "cls_embed", "sep_pos_embed", "init_values")
@@ -133,6 +134,8 @@ class Trainer:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.backend = ctx.backend = setup_parallel(model, cfg.parallel, cfg.optim, self.lr, self.dist,
                                                     loop.accum_iter, loop.batch_size)
+        if self.resume is None and cfg.optim.init_optimizer == "keep":
+            self._carry_optimizer_state()
         if self.resume is not None:
             load_checkpoint(self.backend, self.resume, self._checkpoint_states())
             self.state.step_in_epoch = self.state.consumed // self.videos_per_step
@@ -168,6 +171,15 @@ class Trainer:
         log.info(schedule_line(loop.epochs, cfg.optim.warmup_epochs, cfg.data.repeat_aug, self.lr, cfg.optim.lr,
                                cfg.optim.blr, cfg.optim.lr_scale_by, self.videos_per_step, cfg.optim.lr_schedule,
                                cfg.optim.decay_fraction, cfg.optim.decay_shape))
+
+    def _carry_optimizer_state(self) -> None:
+        """--init_optimizer keep: the optimizer state of the run the weights came from (a cooldown)."""
+        source = self.task.optimizer_source()
+        if not source or not Path(source).is_dir():
+            raise ConfigError(f"--init_optimizer keep needs --init_from a run or checkpoint folder (one with "
+                              f"optimizer state), got {source or 'none'!r}; use --init_optimizer reset otherwise")
+        fresh = carry_optimizer_state(self.backend, read_optimizer_state(source))
+        log.info("optimizer state kept from %s; fresh (shape changed or absent): %s", source, fresh or "none")
 
     def _lock_output(self) -> None:
         """Rank 0 locks OUT for the run's lifetime (util/run_lock.py); every rank stops if it cannot."""

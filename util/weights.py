@@ -60,6 +60,42 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def checkpoint_folder(path: str | Path) -> Path:
+    """A checkpoint folder itself, or an output folder's latest checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingFileError(f"{path} is not a checkpoint or output folder")
+    ckpt = path if os.path.lexists(path / TRAINER_STATE) else find_latest(path)
+    if ckpt is None:
+        raise MissingFileError(f"{path} is neither a checkpoint folder nor an output folder with checkpoints")
+    return ckpt
+
+
+def read_optimizer_state(path: str | Path) -> dict:
+    """The consolidated optimizer state {"state": {name: {...}}, "param_groups": [...]} of a DDP or FSDP2 checkpoint.
+
+    Names are plain parameter names, tensors full-size on the CPU (weights-only reads, checked first).
+    """
+    ckpt = checkpoint_folder(path)
+    state_dir = Path(os.path.realpath(ckpt)) / STATE_DIR
+    fmt = verify_checkpoint_dir(ckpt)
+    if fmt == "ddp":
+        optim = load_weights_file(state_dir / "model.pt").get("optimizer")
+    elif fmt == "dcp":
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as td:
+            with forced_weights_only():
+                dcp_to_torch_save(state_dir, Path(td) / "full.pt")
+            optim = load_weights_file(Path(td) / "full.pt").get("optim")
+    else:
+        raise CheckpointError(f"{ckpt} is a DeepSpeed checkpoint: its optimizer state is partitioned per rank and "
+                              "cannot be carried into a model of another shape; use --init_optimizer reset")
+    if not isinstance(optim, dict) or not isinstance(optim.get("state"), dict):
+        raise CheckpointError(f"{ckpt} holds no optimizer state; use --init_optimizer reset")
+    return optim
+
+
 def check_destination(out: str | Path, overwrite: bool = False) -> Path:
     """Where an export may write: never inside a checkpoint folder, an existing file only with `overwrite`."""
     dest = Path(os.path.realpath(out))  # a symlinked destination counts where it leads

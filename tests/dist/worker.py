@@ -1,7 +1,7 @@
 """torchrun worker: runs many backend scenarios in one process group, writes results.json on rank 0.
 
 usage: torchrun --nproc_per_node N tests/dist/worker.py OUT_DIR SCENARIO [SCENARIO ...]
-A scenario is `<backend>[:accum=K][:ckpt][:compile=blocks|model]`, backend in ddp, fsdp, zero1, zero2, zero3, or one of the
+A scenario is `<backend>[:accum=K][:ckpt][:compile=blocks|model][:hsdp=N]`, backend in ddp, fsdp, zero1, zero2, zero3, or one of the
 special ones below. Assertions live in the pytest side; this file only measures.
 """
 
@@ -46,6 +46,8 @@ def parse(scenario: str) -> tuple[dict, dict]:
             flags["precision"] = k
         elif k == "compile":
             flags["compile"] = v
+        elif k == "hsdp":
+            flags["hsdp_shard_size"] = int(v)
         else:
             extra[k] = v
     return flags, extra
@@ -99,6 +101,11 @@ def run_parity_and_resume(info, scenario: str, out: Path, ref: tuple) -> dict:
     res = {"losses": losses, "ref_losses": ref_losses[:3], "norms": norms, "ref_norms": ref_norms[:3]}
     if info.is_main:
         res["params"] = diffs(sd, ref_sd)
+    if getattr(backend, "mesh", None) is not None:  # FSDP2: the mesh and how a weight is laid out on it
+        p = max(backend.module.parameters(), key=lambda t: t.numel())  # the largest weight
+        res["mesh"] = {"shape": list(backend.mesh.shape), "names": list(backend.mesh.mesh_dim_names or ()),
+                       "placements": [repr(x) for x in p.placements], "local_numel": p.to_local().numel(),
+                       "numel": p.numel()}
     ckpt_out = out / scenario.replace(":", "_")
     if info.is_main:  # what full_model_state_dict gives, to compare with the offline export
         ckpt_out.mkdir(parents=True, exist_ok=True)
