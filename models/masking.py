@@ -19,6 +19,7 @@ K is not a whole number of groups the last group is kept in part (ordered by the
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -141,7 +142,7 @@ class Mask:
     thrown: torch.Tensor | None = None  # AMT: [B, L] 1 = thrown (in neither encoder, decoder nor loss)
 
 
-class MaskStrategy:
+class MaskStrategy(abc.ABC):
     """Which tokens the encoder sees: `sample(...) -> Mask`; the defaults suit a strategy without weights or loss."""
 
     name: str = ""
@@ -151,21 +152,21 @@ class MaskStrategy:
     # How a patch's pixel targets are normalised in the recipe the strategy comes from ("patch" or "channel").
     target_norm: str = "patch"
 
+    @abc.abstractmethod
     def sample(self, batch: int, grid: Grid, ratio: float, noise: torch.Tensor | None = None, *,
                tokens: torch.Tensor | None = None, attention: torch.Tensor | None = None,
                device: torch.device | str | None = None) -> Mask:
         """Draw the mask of `batch` samples over `grid`, keeping K = int(L * (1 - ratio)) tokens each."""
-        raise NotImplementedError
 
     def extra_loss(self, mask: Mask, token_errors: torch.Tensor, loss_mask: torch.Tensor
                    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """(term added to the reconstruction loss or None, detached scalars to log) for one forward."""
         return None, {}
 
-    def check(self, num_tokens: int, cls_embed: bool, decoder_mask_ratio: float) -> None:
+    def check(self, num_tokens: int, cls_embed: bool, decoder_mask_ratio: float) -> None:  # noqa: B027
         """Raise now, not at the first step, if this strategy cannot run on a model so configured."""
 
-    def finish_init(self) -> None:
+    def finish_init(self) -> None:  # noqa: B027 - optional hook
         """The strategy's own init of its weights, run after the model's blanket init (which covers them too)."""
 
     def shard_units(self) -> list[nn.Module]:
