@@ -65,6 +65,7 @@ def test_recording_without_a_folder_keeps_and_writes_nothing(tmp_path: Path) -> 
     assert rec.path is None and not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # end-to-end subprocess runs (10-60 s on 2 cores): .ci/run's slow step runs it
 def test_memory_plan_results_flag_writes_what_the_script_returns(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--model", "mae_vit_large_patch16", "--fit_gib", "68", "--results", str(tmp_path)]  # as docs/performance.md

@@ -162,6 +162,7 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r}
 
 
+@pytest.mark.slow  # end-to-end subprocess runs (10-60 s on 2 cores): .ci/run's slow step runs it
 def test_legacy_run_folder_resumes_exports_and_feeds_finetune_and_init_from(tmp_path: Path) -> None:
     """A real run's step-2 rewritten in the old layout: export, info, --init_from DIR and --finetune DIR take
     it, and resuming it gives the losses of the uninterrupted run."""

@@ -48,6 +48,7 @@ def set_up(argv: list[str]) -> Trainer:
     return trainer
 
 
+@pytest.mark.slow  # end-to-end subprocess runs (10-60 s on 2 cores): .ci/run's slow step runs it
 def test_cooldown_starts_from_interpolated_tables_and_kept_moments(tmp_path: Path) -> None:
     """Step 0 of the cooldown: resized tables interpolate the saved ones; other moments and steps are the saved ones."""
     pre = pretrain(tmp_path / "pre")

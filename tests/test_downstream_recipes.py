@@ -59,6 +59,7 @@ def test_downstream_recipe_parses_and_names_its_sources(name: str) -> None:
     assert set(SOURCED) <= keys, f"{name}: recipe does not set {set(SOURCED) - keys}"
 
 
+@pytest.mark.slow  # end-to-end subprocess runs (10-60 s on 2 cores): .ci/run's slow step runs it
 def test_ssv2_finetunes_two_steps_end_to_end(ssv2: Path, tmp_path: Path) -> None:
     lists, out = tmp_path / "lists", tmp_path / "run"
     prepare(["ssv2", "--root", str(ssv2), "--out", str(lists)])

@@ -156,6 +156,7 @@ def test_both_decoders_give_the_same_pixels(tmp_path: Path) -> None:
                               decode_image_torchvision(str(tmp_path / f"a.{ext}")))
 
 
+@pytest.mark.slow  # end-to-end subprocess runs (10-60 s on 2 cores): .ci/run's slow step runs it
 def test_finetune_runs_two_steps_on_frame_folders(tmp_path: Path) -> None:
     make_release(tmp_path, 30)
     for split in ("train", "val"):

@@ -88,6 +88,7 @@ def lrs(out: Path) -> dict[int, float]:
     return {r["step"]: r["lr"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "lr" in r}
 
 
+@pytest.mark.slow  # end-to-end subprocess runs (10-60 s on 2 cores): .ci/run's slow step runs it
 def test_wsd_exact_resume_after_sigkill(tmp_path: Path) -> None:
     """A wsd run SIGKILLed after a mid-epoch save in its decay phase, then resumed, logs the same losses and lrs."""
     # 1 process, 8 steps per epoch (16 of the 24 generated videos train), 2 epochs: warm-up 0.5, stable to

@@ -170,6 +170,7 @@ def logged(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in recs if "loss" in r}
 
 
+@pytest.mark.slow  # end-to-end subprocess runs (10-60 s on 2 cores): .ci/run's slow step runs it
 def test_main_finetune_attentive_probe_grid_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "probe"
     proc = subprocess.run(command(out, 1, "--max_steps", "2", "--epochs", "1"), cwd=ROOT, env=env(),
