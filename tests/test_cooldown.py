@@ -8,16 +8,13 @@ and resumed, logging the uninterrupted run's losses and lrs.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from test_lr_schedule import lrs
-from test_pretrain import FAST, ROOT, command, env, losses
+from test_pretrain import FAST, ROOT, command, env, kill_at_checkpoint, losses
 
 import tasks
 from main_pretrain import build_task, get_args_parser
@@ -93,17 +90,7 @@ def test_fsdp_cooldown_resumes_exactly_after_sigkill(tmp_path: Path) -> None:
     assert len(expected) >= 8 and expected_lr[len(expected)] < expected_lr[1]  # the decay phase throughout
 
     out = tmp_path / "killed"
-    victim = subprocess.Popen(command(out, 1, args), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        if latest.is_symlink() and latest.resolve().name == "step-5":
-            break
-        time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_checkpoint(command(out, 1, args), out, 5)
     resumed = subprocess.run(command(out, 1, args), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     got, got_lr = losses(out), lrs(out)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from test_pretrain import ROOT, command, env, losses
+from test_pretrain import ROOT, command, env, kill_at_checkpoint, losses
 
 from main_pretrain import get_args_parser as pretrain_parser
 from util.config import ConfigError, parse_args
@@ -104,18 +101,8 @@ def test_wsd_exact_resume_after_sigkill(tmp_path: Path) -> None:
     assert expected_lr[16] < expected_lr[12] < expected_lr[10] < expected_lr[9]
 
     out = tmp_path / "killed"
-    victim = subprocess.Popen(command(out, 1, args), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        if latest.is_symlink() and latest.resolve().name == "step-11":
-            break
-        time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert latest.resolve().name == "step-11"
+    kill_at_checkpoint(command(out, 1, args), out, 11)
+    assert (out / "checkpoints" / "latest").resolve().name == "step-11"
 
     resumed = subprocess.run(command(out, 1, args), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

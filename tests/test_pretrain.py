@@ -54,6 +54,21 @@ def losses(out: Path) -> dict[int, float]:
     return result
 
 
+def kill_at_checkpoint(cmd: list[str], out: Path, step: int) -> None:
+    """Start `cmd`, SIGKILL its process group once OUT/checkpoints/latest names step-`step`; assert it was killed."""
+    victim = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        if latest.is_symlink() and latest.resolve().name == f"step-{step}":
+            break
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 def test_demo_writes_logs_checkpoint_tensorboard_and_images(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(command(out, 1, ["--epochs", "2", "--save_every", "5", "--vis_every", "1"]), cwd=ROOT, env=env(),
