@@ -148,12 +148,14 @@ def to_linear_probe(model: VisionTransformer) -> VisionTransformer:
     return model
 
 
-def _vit(size: tuple[int, int, int], patch_size: int, **kwargs) -> VisionTransformer:
-    # Explicit kwargs win, so a factory can be shrunk (e.g. depth=2) for tests.
+def _vit(size: tuple[int, int, int], patch_size: int, cls: type[VisionTransformer] = VisionTransformer,
+         **kwargs) -> VisionTransformer:
+    # Explicit kwargs win, so a factory can be shrunk (e.g. depth=2) for tests; `cls` builds a subclass
+    # of the same size (models/detect.py's detector).
     dim, depth, heads = size
     cfg = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch_size)
     cfg.update(kwargs)
-    return VisionTransformer(**cfg)
+    return cls(**cfg)
 
 
 def vit_micro_patch8(**kwargs) -> VisionTransformer:

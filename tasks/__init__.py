@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -21,6 +22,7 @@ from util.config import (
     ConfigError,
     add_flags,
     add_run_flags,
+    flag,
     parse_args,
     read_config_file,
     refuse_flags,
@@ -30,6 +32,17 @@ from util.config import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # --objective -> the task module of main_pretrain.py.
 PRETRAIN = {"mae": "tasks.mae", "rho_byol": "tasks.rho", "rho_moco": "tasks.rho", "videotext": "tasks.videotext"}
+# --task -> the task module of main_finetune.py, and its folder of configs.
+FINETUNE = {"classify": "tasks.classify", "detect": "tasks.detect"}
+FINETUNE_CONFIGS = {"classify": "finetune", "detect": "detect"}
+
+
+@dataclass
+class FinetuneKind:
+    """What main_finetune.py fine-tunes."""
+
+    task: str = flag("classify", "classify: video classification (tasks/classify.py); detect: AVA action "
+                     "detection (tasks/detect.py, docs/ava.md); --help with it lists its flags", choices=FINETUNE)
 
 
 def task_module(name: str) -> ModuleType:
@@ -55,7 +68,26 @@ def objective_of(argv: Sequence[str], default: str = "mae") -> str:
     return objective
 
 
-def build_parser(description: str, module: ModuleType, defaults: dict | None = None) -> argparse.ArgumentParser:
+def finetune_kind(argv: Sequence[str]) -> str:
+    """--task from the command line, else the `task` key of --config's file, else classify."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--task", default=None)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(list(argv))
+    kind = known.task
+    if kind is None and known.config:
+        try:
+            kind = read_config_file(known.config).get("task")
+        except ConfigError:
+            kind = None  # the full parse reports what is wrong with the file
+    kind = "classify" if kind is None else kind
+    if kind not in FINETUNE:
+        raise ConfigError(f"--task {kind!r} is not one of: {', '.join(FINETUNE)}")
+    return kind
+
+
+def build_parser(description: str, module: ModuleType, defaults: dict | None = None,
+                 extra: Sequence[tuple[str, type]] = ()) -> argparse.ArgumentParser:
     """Every flag of a run of `module`'s task: the shared run sections, then the task's own sections.
 
     Flags of the other objectives' sections are refused with the objective that has them, and the
@@ -64,7 +96,7 @@ def build_parser(description: str, module: ModuleType, defaults: dict | None = N
     parser = argparse.ArgumentParser(description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_flags(parser)
     mine = set()
-    for title, cls in module.SECTIONS:
+    for title, cls in (*extra, *module.SECTIONS):
         add_flags(parser, cls, title)
         mine |= set(cls.__dataclass_fields__)
     owners: dict[str, list[str]] = {}
@@ -86,15 +118,22 @@ def pretrain_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def finetune_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """main_finetune.py's flags: the shared sections with MAE-ST's fine-tuning defaults, then the task's."""
-    classify = task_module("classify")
-    return build_parser("MAE-ST fine-tuning", classify, defaults=classify.DEFAULTS)
+    """main_finetune.py's flags for the --task that `argv` (or its --config) names: the shared sections with
+    that task's defaults (MAE-ST's fine-tuning recipe), then the task's."""
+    module = importlib.import_module(FINETUNE[finetune_kind(argv)])
+    return build_parser("MAE-ST fine-tuning", module, defaults=module.DEFAULTS,
+                        extra=[("fine-tuning task", FinetuneKind)])
+
+
+def finetune_task(args: argparse.Namespace):  # noqa: ANN201 - the task module's own Task type
+    """The Task of main_finetune.py's parsed flags (the --task module's `make_task`)."""
+    return importlib.import_module(FINETUNE[args.task]).make_task(args)
 
 
 def default_config(kind: str, argv: Sequence[str]) -> str | None:
     """The demo config of the objective `argv` names (pretrain; None if it has none), or the fine-tuning demo."""
     if kind == "finetune":
-        return str(CONFIGS / "finetune" / "demo.yaml")
+        return str(CONFIGS / FINETUNE_CONFIGS[finetune_kind(argv)] / "demo.yaml")
     demo = getattr(task_module(objective_of(argv)), "DEMO_CONFIG", None)
     return str(CONFIGS / "pretrain" / demo) if demo else None
 

@@ -77,7 +77,8 @@ class RunContext:
 
     def make_loader(self, dataset: torch.utils.data.Dataset, sampler: Any, batch_size: int, train: bool
                     ) -> torch.utils.data.DataLoader:
-        """A DataLoader with the run's workers, start method, decode threads, prefetch and pinning."""
+        """A DataLoader with the run's workers, start method, decode threads, prefetch and pinning; batches
+        collated by the dataset's own `collate` when it has one (e.g. AVA's variable box counts)."""
         d = self.cfg.data
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if hasattr(dataset, "decode_threads"):
@@ -85,7 +86,8 @@ class RunContext:
         batch_bytes = clip_batch_bytes(dataset, batch_size)
         if batch_bytes:  # fail now with the fix, not with a worker's 'Bus error' an hour in
             check_shared_memory(batch_bytes, d.num_workers, d.prefetch_factor, local_ranks)
-        return build_loader(dataset, sampler, batch_size, collate_clips, d.num_workers, d.mp_context,
+        collate = getattr(dataset, "collate", collate_clips)
+        return build_loader(dataset, sampler, batch_size, collate, d.num_workers, d.mp_context,
                             d.prefetch_factor, pin_memory=d.pin_mem and self.dist.device.type == "cuda",
                             drop_last=train, persistent_workers=train, timeout=d.data_timeout)
 

@@ -197,3 +197,15 @@ def write_ava_fixture(out: str, videos: dict[str, int] | None = None, keyframes:
         write_excluded(os.path.join(ann, EXCLUDED[split]), excluded)
     write_label_map(os.path.join(out, "annotations", LABEL_MAP), label_map)
     return AvaFixture(out, fps, size, keyframe_seconds, ids)
+
+
+def ensure_ava_fixture(cache_dir: str | None = None, videos: dict[str, int] | None = None, keyframes: int = 6,
+                       fps: int = 8, size: int = 64, seed: int = 0) -> str:
+    """A generated AVA-format set made once (atomically) in the synthetic-data cache; returns its folder."""
+    from datasets.synthetic import cached_build
+
+    videos = videos or {"train": 2, "val": 1}
+    params = dict(videos=videos, keyframes=keyframes, fps=fps, size=size, seed=seed, version=1)
+    marker = os.path.join("annotations", LABEL_MAP)  # written last
+    return cached_build("ava", params, marker,
+                        lambda tmp: write_ava_fixture(tmp, videos, keyframes, fps, size, seed), cache_dir)
