@@ -82,8 +82,15 @@ def batches(loader: Iterable) -> Iterator:
 
     A worker blocked in a read (a FIFO, a device, a stalled network mount) cannot be interrupted or skipped
     from outside: the run stops with the file named, so it can be removed from the list or the mount fixed.
+    The iterator is made here, not at the first `next`: making one draws torch's global RNG (the loader's
+    base seed), which must happen before the trainer seeds a step, or a run resumed mid-epoch (whose
+    iterator starts at that step) would draw that step's dropout and drop-path masks differently.
     """
-    it = iter(loader)
+    return _batches(loader, iter(loader))
+
+
+def _batches(loader: Iterable, it: Iterator) -> Iterator:
+    """The batches of `it` (made from `loader`), with timeouts named as `batches` says."""
     while True:
         try:
             batch = next(it)

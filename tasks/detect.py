@@ -174,7 +174,7 @@ class DetectTask(Task):
         csv_path = ctx.out / f"ava_detections_{c.eval_split}.csv"
         write_detections(str(csv_path), detections)
         summary = {"tag": tag, "split": c.eval_split, "keyframes": keyframes, "unreadable_keyframes": failures,
-                   "boxes": len(detections) // max(c.num_classes, 1), "detections_csv": csv_path.name,
+                   "boxes": len(detections) // max(c.num_classes, 1), "detections_csv": csv_path.name, "data_path": self.data_path,
                    **result.to_json()}
         (ctx.out / f"ava_results_{c.eval_split}.json").write_text(json.dumps(summary, indent=1))
         log.info("%s: %s frame-mAP@0.5 %.4f over %d keyframes (%d unreadable), %d boxes", tag, c.eval_split,
