@@ -195,10 +195,10 @@ def scored(out: Path) -> dict:
 @pytest.mark.slow  # end-to-end subprocess runs (tens of seconds on 2 cores): .ci/run's slow step runs it
 def test_detection_run_resumes_exactly_after_sigkill_and_its_csv_scores_the_same(tmp_path: Path) -> None:
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    run(command(ref, 1, "--save_every", "4"))
+    run(command(ref, 1, "--save_every", "4", "--max_steps", "8"))
     expected = logged(ref)
-    kill_at_checkpoint(command(out, 1, "--save_every", "4"), out, 4)
-    run(command(out, 1, "--save_every", "4"))
+    kill_at_checkpoint(command(out, 1, "--save_every", "4", "--max_steps", "8"), out, 4)
+    run(command(out, 1, "--save_every", "4", "--max_steps", "8"))
     got = logged(out)
     assert sorted(got) == sorted(expected) and len(got) > 4
     assert all(abs(got[s] - v) <= 1e-6 * max(1.0, abs(v)) for s, v in expected.items())

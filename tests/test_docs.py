@@ -122,7 +122,8 @@ def known_flags() -> frozenset[str]:
     import tasks
 
     parsers = [tasks.pretrain_parser(["--objective", o]) for o in tasks.PRETRAIN]
-    parsers += [tasks.finetune_parser(), launchers.slurm.launcher_parser()]
+    parsers += [tasks.finetune_parser(["--task", t]) for t in tasks.FINETUNE]
+    parsers += [launchers.slurm.launcher_parser()]
     flags = {s for p in parsers for s in p._option_string_actions}
     for pattern in SCRIPT_DIRS:  # the scripts' own argparse, read from their source
         for script in ROOT.glob(pattern):
