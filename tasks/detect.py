@@ -39,6 +39,7 @@ from datasets.ava.files import (
     write_detections,
 )
 from datasets.ava.fixture import ensure_ava_fixture
+from datasets.loader import batches
 from models.convert import load_pretrained
 from models.detect import ROI_RESOLUTION, create_detector
 from util.config import flag, non_negative, positive, section
@@ -71,6 +72,8 @@ class DetectConfig:
     max_detections_per_frame: int = flag(MAX_DETECTIONS_PER_FRAME, "detections a keyframe keeps when scored "
                                          "(the official evaluator: 50; 0: all, as PySlowFast's in-run test)",
                                          check=non_negative, rule=">= 0")
+    freeze_encoder: bool = flag(False, "train only the RoI head on a frozen encoder (a baseline: e.g. the head on a "
+                                "random encoder against the same head on a pretrained one)")
     eval: bool = flag(False, "only test the weights (--resume, latest or --finetune)")
     eval_every: int = flag(5, "epochs between tests during training (0: end only)", check=non_negative, rule=">= 0")
 
@@ -79,7 +82,7 @@ class DetectTask(Task):
     """AVA spatio-temporal action detection with a ViT encoder and an RoI head."""
 
     name = "detection"
-    architecture_flags = ("num_classes", "roi_resolution")
+    architecture_flags = ("num_classes", "roi_resolution", "freeze_encoder")
 
     def __init__(self, cfg: DetectConfig) -> None:
         self.cfg = cfg
@@ -96,10 +99,14 @@ class DetectTask(Task):
 
     def build_model(self, ctx: RunContext) -> nn.Module:
         m, c = ctx.cfg.model, self.cfg
-        return create_detector(m.model, num_classes=c.num_classes, img_size=m.input_size, num_frames=m.num_frames,
-                               t_patch_size=m.t_patch_size, cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed,
-                               drop_path_rate=c.drop_path_rate, dropout=c.dropout, roi_resolution=c.roi_resolution,
-                               init_values=m.init_values)
+        model = create_detector(m.model, num_classes=c.num_classes, img_size=m.input_size, num_frames=m.num_frames,
+                                t_patch_size=m.t_patch_size, cls_embed=m.cls_embed, sep_pos_embed=m.sep_pos_embed,
+                                drop_path_rate=0.0 if c.freeze_encoder else c.drop_path_rate, dropout=c.dropout,
+                                roi_resolution=c.roi_resolution, init_values=m.init_values)
+        if c.freeze_encoder:
+            for name, p in model.named_parameters():
+                p.requires_grad = name.startswith("head.")
+        return model
 
     def init_weights(self, model: nn.Module, ctx: RunContext) -> None:
         if not self.cfg.finetune:
@@ -135,23 +142,33 @@ class DetectTask(Task):
             sampler = DistributedEvalSampler(len(ds), ctx.dist.world_size, ctx.dist.rank)
             self.eval_loader = ctx.make_loader(ds, sampler, ctx.cfg.loop.batch_size, train=False)
         ds, module = self.eval_loader.dataset, ctx.backend.module
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        # every rank runs as many forwards as the longest shard: FSDP and ZeRO-3 gather inside forward
+        extra = 0
+        if distributed:
+            most = torch.tensor([len(self.eval_loader)], device=ctx.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            extra = int(most) - len(self.eval_loader)
         was_training = module.training
         module.eval()
-        rows, keyframes, failures = [], 0, 0
+        rows, keyframes, failures, b = [], 0, 0, None
         try:
-            for batch in self.eval_loader:
+            for batch in batches(self.eval_loader):
                 failures += int(batch["failures"])
                 keyframes += len(set(batch["keyframe"].tolist()))
-                if not len(batch["boxes"]):
-                    continue
                 b = ctx.prepare(batch, normalize=not ds.normalize)
-                with ctx.backend.precision():
+                with ctx.backend.precision():  # also with no boxes: the forwards of all ranks stay matched
                     scores = torch.sigmoid(module(b["clips"], b["boxes"]).float()).cpu()
                 rows += [(int(k), tuple(box.tolist()), s.tolist())
                          for k, box, s in zip(batch["keyframe"], batch["orig_boxes"], scores, strict=True)]
+            for _ in range(extra):  # padding forwards, scores discarded
+                if b is None:
+                    b = ctx.prepare(ds.collate([ds[0]]), normalize=not ds.normalize)
+                with ctx.backend.precision():
+                    module(b["clips"][:1], torch.zeros((1, 5), device=ctx.device))
         finally:
             module.train(was_training)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed:
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (rows, keyframes, failures))
             rows = [r for part in gathered for r in part[0]]

@@ -236,3 +236,15 @@ def test_detection_recipes_parse_to_the_detection_task(name: str) -> None:
     if name != "demo.yaml":
         assert (args.input_size, args.num_frames, args.sampling_rate, args.roi_resolution) == (224, 16, 4, 7)
         assert (args.proposal_threshold, args.dropout, args.frame_fps) == (0.8, 0.5, 30.0)
+
+
+def test_freeze_encoder_trains_only_the_head() -> None:
+    from types import SimpleNamespace
+
+    import tasks
+    from util.config import run_config
+
+    args = tasks.parse("finetune", ["--task", "detect", "--freeze_encoder"])
+    model = tasks.finetune_task(args).build_model(SimpleNamespace(cfg=run_config(args)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.projection.weight", "head.projection.bias"}
