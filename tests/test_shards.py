@@ -168,3 +168,16 @@ def test_a_mixture_source_may_be_shards(videos: Path, shards: Path, tmp_path: Pa
                    f"weight: 1}}\n")
     with pytest.raises(ConfigError, match="exactly one of list_file"):
         load_mixture(str(mix))
+
+
+def test_command_line_writes_and_indexes_shards(videos: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The docs' commands: `python -m datasets.shards write ...` then `... index SHARD`."""
+    from datasets.shards import main
+
+    rows = [ln for ln in (videos / "train.csv").read_text().split("\n") if ln.strip()][:2]
+    (tmp_path / "train.csv").write_text("".join(f"{videos / ln.split()[0]} {ln.split()[1]}\n" for ln in rows))
+    main(["write", "--list", str(tmp_path / "train.csv"), "--out", str(tmp_path / "shards"), "--shard_size", "1GB"])
+    assert (tmp_path / "shards" / "train.shards").read_text() == "000000.tar\n"
+    os.remove(tmp_path / "shards" / ("000000.tar" + INDEX_SUFFIX))
+    main(["index", str(tmp_path / "shards" / "000000.tar")])
+    assert "000000.tar: 2 samples, 0 problems" in capsys.readouterr().out
