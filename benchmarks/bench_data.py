@@ -5,6 +5,7 @@
     python benchmarks/bench_data.py --profile      # where one worker's CPU time goes, per stage
     python benchmarks/bench_data.py --gop-sweep    # datasets.resize settings: file size vs decode time
     python benchmarks/bench_data.py --decoder-sweep  # whole-file decode time: every frame, references only, ...
+    python benchmarks/bench_data.py --shards       # the same video as a file, in a local tar shard, over HTTP
 
 `--results DIR` also writes a result file (`benchmarks/common.py`, `write_result_file`).
 
@@ -26,10 +27,12 @@ achieves with a core to itself, and do not depend on what else the machine runs;
 
 import argparse
 import cProfile
+import multiprocessing
 import os
 import pstats
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -39,8 +42,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import add_results_flag, moving_texture_video, recording  # noqa: E402
+from benchmarks.range_server import RangeServer  # noqa: E402
 from datasets.decode import clip_span, clip_times, decode_frames, probe, random_clip_start  # noqa: E402
 from datasets.resize import resize_video  # noqa: E402
+from datasets.shard_writer import write_shards  # noqa: E402
+from datasets.shards import ShardDataset  # noqa: E402
 from datasets.transforms import crop_resize, normalize_clips, random_resized_box  # noqa: E402
 from datasets.video_dataset import VideoDataset  # noqa: E402
 
@@ -217,6 +223,43 @@ def gop_sweep(cache: str, items: int) -> list[dict]:
     return rows
 
 
+def _serve(root: str, port: multiprocessing.Queue) -> None:
+    """A loopback range server in its own process (its CPU time is not the reader's); runs until killed."""
+    with RangeServer(root) as server:
+        port.put(server.url(""))
+        threading.Event().wait()
+
+
+def shard_rows(path: str, repeat: int, a: argparse.Namespace) -> list[dict]:
+    """Clips/s of the pretraining item of `path` read as a file, from a local shard and from one over HTTP."""
+    with tempfile.TemporaryDirectory() as tmp:
+        listed = os.path.join(tmp, "list.txt")
+        with open(listed, "w") as f:
+            f.write(f"{path} 0\n")
+        write_shards(listed, os.path.join(tmp, "shards"), 1 << 30, log=lambda _: None)
+        queue = multiprocessing.get_context("fork").Queue()
+        server = multiprocessing.get_context("fork").Process(target=_serve, args=(os.path.join(tmp, "shards"), queue),
+                                                              daemon=True)
+        server.start()
+        try:
+            base = queue.get(timeout=30)
+            geometry = dict(mode="pretrain", num_frames=16, sampling_rate=4, crop_size=224, repeat_aug=repeat,
+                            normalize=False)
+            sets = {"file": dataset(path, repeat, False, tmp),
+                    "local shard": ShardDataset(os.path.join(tmp, "shards", "000000.tar"), **geometry),
+                    "http shard": ShardDataset(base + "000000.tar", cache_bytes=0, cache_dir=tmp, **geometry)}
+            fns = [(lambda i, ds=ds: ds[(i, 0)], a.items) for ds in sets.values()]
+            rates = best_of(a.rounds, *fns)
+        finally:
+            server.kill()
+    rows = []
+    for kind, (wall, cpu) in zip(sets, rates, strict=True):
+        rows.append({"source": os.path.basename(path), "read": kind, "repeat": repeat, "clips_per_s": repeat * wall,
+                     "clips_per_cpu_s": repeat * cpu})
+        print(f"| {os.path.basename(path)} | {repeat} | {kind} | {repeat * wall:.1f} | {repeat * cpu:.1f} |", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark and print a markdown table; returns the figures."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,13 +274,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="8 items, 568x320 only, R = 1 and 4, uint8")
     p.add_argument("--profile", action="store_true", help="per-stage split of one worker instead of the table")
     p.add_argument("--gop-sweep", action="store_true", help="file size and decode time per datasets.resize GOP")
+    p.add_argument("--shards", action="store_true", help="rows for the video as a file, as a member of a local "
+                   "tar shard and of a shard served over loopback HTTP (range reads, no cache)")
     p.add_argument("--decoder-sweep", action="store_true",
                    help="whole-file decode time per FFmpeg setting (every frame, references only, no deblocking)")
     add_results_flag(p)
     a = p.parse_args(argv)
     if a.quick:
         a.items, a.sources, a.repeats, a.outputs, a.rounds = 8, "568x320", "1,4", "uint8", 1
-    mode = next((m for m in ("profile", "gop_sweep", "decoder_sweep") if getattr(a, m)), "")
+    mode = next((m for m in ("profile", "gop_sweep", "decoder_sweep", "shards") if getattr(a, m)), "")
     with recording(a.results, "bench_data" + (f"-{mode.replace('_', '-')}" if mode else ""), __file__, argv) as rec:
         rec.data = {"args": vars(a), **run_benchmark(a)}
     return rec.data
@@ -256,6 +301,11 @@ def run_benchmark(a: argparse.Namespace) -> dict:
         return {"decoder_sweep": [row for name in names for row in decoder_sweep(paths[name], a.rounds)]}
     repeats = [int(x) for x in a.repeats.split(",")]
     outputs = a.outputs.split(",")
+    if a.shards:
+        print(f"one process pinned to core {a.core}; 16 frames x stride 4 -> 224x224 uint8; {a.items} items per row, "
+              f"best of {a.rounds} interleaved rounds; the HTTP server runs in another process")
+        print("| source | R | read | clips/s | clips/CPU-s |\n| --- | --- | --- | --- | --- |")
+        return {"shards": [row for name in names for r in repeats for row in shard_rows(paths[name], r, a)]}
     with tempfile.TemporaryDirectory() as tmp:
         if a.profile:
             return {"profile": [profile(paths[name], r, out == "float", a.items, tmp)

@@ -16,6 +16,7 @@ all. Only the wanted frames are converted to RGB, straight into the output array
 """
 
 import bisect
+import io
 import math
 import os
 import stat
@@ -224,11 +225,11 @@ class _Output:
             self.array[r] = img
 
 
-def decode_frames(path: str, times, short_side: int | None = None, seek: bool = True,
+def decode_frames(path: str | bytes, times, short_side: int | None = None, seek: bool = True,
                   skip_nonref: bool = True, threads: int = 1, stats: dict | None = None,
                   buffer: FrameBuffer | None = None, max_pixels: int = MAX_FRAME_PIXELS,
-                  max_frames: int = MAX_VIDEO_FRAMES, max_short_side: int | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
+                  max_frames: int = MAX_VIDEO_FRAMES, max_short_side: int | None = None,
+                  name: str | None = None) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
     """Decode the frames shown at `times` (s, from the first frame; any order, repeats allowed).
 
     `times` is an array or a function VideoInfo -> array (to place clips from the duration without a
@@ -244,8 +245,12 @@ def decode_frames(path: str, times, short_side: int | None = None, seek: bool = 
     (width x height) or which holds more than `max_frames` frames raises VideoTooLarge, from its metadata,
     before any frame is decoded. `max_short_side` (without `short_side`): a source whose short side is longer
     is scaled down to it while converting; smaller ones keep their size.
+    `path` may also be the bytes of a whole video file (a tar shard's member), decoded in memory; `name`
+    then stands for it in errors.
     """
-    holder: dict = {"stats": stats if stats is not None else {}, "path": path, "max_pixels": max_pixels,
+    if name is None:
+        name = path if isinstance(path, str) else f"<{len(path)} bytes of video>"
+    holder: dict = {"stats": stats if stats is not None else {}, "path": name, "max_pixels": max_pixels,
                     "max_frames": max_frames, "max_short_side": max_short_side}
     result = None
     if seek:
@@ -262,13 +267,17 @@ def decode_frames(path: str, times, short_side: int | None = None, seek: bool = 
 
 
 def _open_video(path: str, times, holder: dict, threads: int):
-    """Open `path`; fix the wanted times once (a retry reuses them, and their rng draws) in `holder`."""
-    check_regular_file(path, "video")  # av.open on a FIFO waits for a writer forever
-    container = av.open(path)
+    """Open `path` (or video bytes); fix the wanted times once (a retry reuses them, and their rng draws) in
+    `holder`."""
+    if isinstance(path, str):
+        check_regular_file(path, "video")  # av.open on a FIFO waits for a writer forever
+        container = av.open(path)
+    else:  # a shard member's bytes: a fresh in-memory file per open (a retry reads it from its start again)
+        container = av.open(io.BytesIO(path))
     try:
         stream, info = _stream_info(container)
         frames = stream.frames or round(info.duration * info.fps)  # frame count: the header's, else estimated
-        check_bounds(path, info.width or 0, info.height or 0, frames, holder.get("max_pixels", MAX_FRAME_PIXELS),
+        check_bounds(holder["path"], info.width or 0, info.height or 0, frames, holder.get("max_pixels", MAX_FRAME_PIXELS),
                      holder.get("max_frames", MAX_VIDEO_FRAMES))
     except BaseException:
         container.close()
@@ -316,7 +325,7 @@ def _read_packets(container, stream, tb: float, origin: float, until: float, aft
     return packets
 
 
-def _decode(path: str, times, holder: dict, short_side: int | None, seek: bool, skip_nonref: bool,
+def _decode(path: str | bytes, times, holder: dict, short_side: int | None, seek: bool, skip_nonref: bool,
             threads: int, buffer: FrameBuffer | None = None):
     """Planned decode (see the module doc); None if the seek overshot or the plan cannot be followed."""
     container, stream, info, origin, tol = _open_video(path, times, holder, threads)
@@ -392,7 +401,7 @@ def _send_planned(cc, packets: list, pts: np.ndarray, wanted: np.ndarray, out: _
     return sent, decoded
 
 
-def _decode_everything(path: str, holder: dict, short_side: int | None, threads: int):
+def _decode_everything(path: str | bytes, holder: dict, short_side: int | None, threads: int):
     """Reference path: decode every frame from the start and keep the one shown at each wanted time."""
     container, stream, info, origin, tol = _open_video(path, None, holder, threads)
     with container:

@@ -35,7 +35,7 @@ from .sampling import FRAME_SAMPLINGS
 from .video_dataset import FailureTracker, VideoDataset
 
 TOP_KEYS = ("sources", "block_size", "weighted_items")
-SOURCE_KEYS = ("name", "list_file", "root", "weight", "sampling_rate", "target_fps", "frame_sampling", "repeat_aug",
+SOURCE_KEYS = ("name", "list_file", "shards", "root", "weight", "sampling_rate", "target_fps", "frame_sampling", "repeat_aug",
                "max_failure_rate")
 SAMPLING_KEYS = ("sampling_rate", "target_fps", "frame_sampling", "repeat_aug")  # VideoDataset arguments
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -53,6 +53,7 @@ class MixtureSource:
     weight: float | None  # None: each video once per epoch
     sampling: dict[str, Any]  # the VideoDataset arguments it sets (sampling_rate, target_fps, ...)
     max_failure_rate: float | None  # None: the run's --max_failure_rate
+    shards: str | None = None  # tar shards instead of a list file: a .shards list or a pattern (datasets/shards.py)
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,19 @@ def _source(path: str, i: int, raw: Any, folder: str) -> MixtureSource:
     unknown = sorted(str(k) for k in raw if k not in SOURCE_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(SOURCE_KEYS)}")
-    for key in ("name", "list_file", "weight"):
+    for key in ("name", "weight"):
         if key not in raw:
-            raise ConfigError(f"{where}: missing key {key!r} (every source needs name, list_file and weight)")
+            raise ConfigError(f"{where}: missing key {key!r} (every source needs name, list_file or shards, and "
+                              f"weight)")
+    if ("list_file" in raw) == ("shards" in raw):
+        raise ConfigError(f"{where}: give exactly one of list_file (a 'path label' list) and shards (a .shards "
+                          f"list or a shard pattern such as shards/{{000000..000009}}.tar)")
     name = raw["name"]
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"{where}.name: expected 1-64 letters, digits, '_', '-' or '.', got {short_repr(name)}")
     where = f"{path}: source {name!r}"
+    if "shards" in raw:
+        return _shard_source(where, raw, name, folder)
     list_file = raw["list_file"]
     if not isinstance(list_file, str) or not list_file:
         raise ConfigError(f"{where}.list_file: expected a path, got {short_repr(list_file)}")
@@ -104,6 +111,34 @@ def _source(path: str, i: int, raw: Any, folder: str) -> MixtureSource:
     if not os.path.isdir(root):
         raise ConfigError(f"{where}.root: {root} is not a folder; give the folder the list's paths are relative to "
                           f"(default: the list file's folder)")
+    weight, sampling, rate = _weight_sampling(where, raw)
+    return MixtureSource(name, list_file, root, weight, sampling, rate)
+
+
+def _shard_source(where: str, raw: dict, name: str, folder: str) -> MixtureSource:
+    """A source of tar shards: `shards` is a .shards list file or a pattern, relative to the mixture file."""
+    from .shards import is_shard_spec, read_shard_list
+    from .storage import is_url
+
+    spec = raw["shards"]
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"{where}.shards: expected a .shards list file or a shard pattern, got {short_repr(spec)}")
+    if "root" in raw:
+        raise ConfigError(f"{where}.root: a shard source has no root (its list and patterns name the shards)")
+    if not is_url(spec):
+        spec = os.path.join(folder, os.path.expanduser(spec))
+    if not (spec.endswith(".shards") or is_shard_spec(spec)):
+        raise ConfigError(f"{where}.shards: {spec} is neither a .shards list file nor a .tar pattern")
+    if spec.endswith(".shards") and not os.path.isfile(spec):
+        raise ConfigError(f"{where}.shards: {spec} is not a file; give the .shards list the writer made (python -m "
+                          f"datasets.shards write) or a pattern")
+    read_shard_list(spec)  # a bad pattern fails now
+    weight, sampling, rate = _weight_sampling(where, raw)
+    return MixtureSource(name, "", "", weight, sampling, rate, shards=spec)
+
+
+def _weight_sampling(where: str, raw: dict) -> tuple[float | None, dict[str, Any], float | None]:
+    """(weight, sampling, max_failure_rate) of a source, checked."""
     weight = raw["weight"]
     if weight == "once":
         weight = None
@@ -122,8 +157,7 @@ def _source(path: str, i: int, raw: Any, folder: str) -> MixtureSource:
     rate = raw.get("max_failure_rate")
     if rate is not None and (not _is_number(rate) or not 0 <= rate <= 1):
         raise ConfigError(f"{where}.max_failure_rate: expected a number in [0, 1], got {short_repr(rate)}")
-    return MixtureSource(name, list_file, root, None if weight is None else float(weight), sampling,
-                         None if rate is None else float(rate))
+    return None if weight is None else float(weight), sampling, None if rate is None else float(rate)
 
 
 def load_mixture(path: str) -> Mixture:

@@ -370,7 +370,15 @@ def collate_clips(batch: list[dict]) -> dict:
 
 
 def build_video_dataset(data_path: str, split: str, **kwargs) -> VideoDataset:
-    """Dataset for `split` ('train', 'val', 'test') from `<data_path>/<split>.csv` (or .txt)."""
+    """Dataset for `split` ('train', 'val', 'test') from `<data_path>/<split>.csv` (or .txt), or from tar shards:
+    `<data_path>/<split>.shards` or a shard pattern (datasets/shards.py; `shard_*` kwargs go there)."""
+    from .shards import ShardDataset, shard_spec  # shards build on this module
+
+    spec = shard_spec(data_path, split)
+    shard_args = {k: kwargs.pop(k) for k in ("retries", "cache_bytes", "cache_dir") if k in kwargs}
+    if spec is not None:
+        kwargs.pop("data_root", None)
+        return ShardDataset(spec, **shard_args, **kwargs)
     for ext in (".csv", ".txt"):
         list_file = os.path.join(data_path, split + ext)
         if os.path.lexists(list_file):  # present but a directory or FIFO: say so (read_list_file does)

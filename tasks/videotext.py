@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from datasets.captions import CaptionList, CaptionVideoDataset, ensure_videotext_dataset
+from datasets.shards import ShardCaptionDataset, read_shards, shard_captions, shard_spec
 from datasets.text_tokenizer import CaptionTokenizer, load_tokenizer, train_tokenizer
 from models.masking import ADAPTIVE_TYPES
 from models.videotext import videotext_loss, videotext_model
@@ -128,7 +129,11 @@ class VideoTextTask(Task):
         self.tokenizer = run_tokenizer(ctx, self.cfg, self.start.init_from, lambda: self.captions().all_captions())
 
     def captions(self) -> CaptionList:
-        """The training caption list."""
+        """The training caption list: --train_captions, or the `{key}.txt` members of shards (docs/shards.md)."""
+        spec = shard_spec(self.root, "train")
+        if spec is not None:
+            shards, entries, _ = read_shards(spec)
+            return shard_captions(shards, entries, spec)
         return caption_list(self.cfg, self.root, self.cfg.train_captions)
 
     def build_model(self, ctx: RunContext) -> torch.nn.Module:
@@ -155,8 +160,12 @@ class VideoTextTask(Task):
 
     def build_train_dataset(self, ctx: RunContext) -> torch.utils.data.Dataset:
         m, d = ctx.cfg.model, ctx.cfg.data
-        return CaptionVideoDataset(
-            self.captions(), self.tokenizer, self.cfg.context_length, self.cfg.text_mask_ratio, mode="pretrain",
+        spec = shard_spec(self.root, "train")
+        source = ({"spec": spec, "retries": d.shard_retries, "cache_bytes": d.shard_cache_mb << 20} if spec
+                  else {"captions": self.captions()})
+        return (ShardCaptionDataset if spec else CaptionVideoDataset)(
+            tokenizer=self.tokenizer, context_length=self.cfg.context_length,
+            text_mask_ratio=self.cfg.text_mask_ratio, mode="pretrain", **source,
             num_frames=m.num_frames, sampling_rate=d.sampling_rate, crop_size=m.input_size, repeat_aug=d.repeat_aug,
             seed=ctx.cfg.loop.seed, mask_noise_tokens=self.model.video.patch_embed.num_patches,
             normalize=not ctx.normalize_on_device, hflip=self.cfg.videotext_hflip,

@@ -143,6 +143,7 @@ def test_every_named_flag_is_accepted_by_a_parser(doc: Path) -> None:
 
 # Commands a test (or .ci/run, for the quick start) runs, as written or at tiny sizes: pattern -> where.
 RUN_ELSEWHERE = {
+    r"python -m datasets\.shards (write|index) .*": "tests/test_shards.py::test_command_line_writes_and_indexes_shards",
     r"pip install -r requirements\.txt && python main_pretrain\.py":
         "tests/test_pretrain.py::test_demo_writes_logs_checkpoint_tensorboard_and_images",
     r"pip install -r requirements\.txt && python -m pytest": ".ci/run",

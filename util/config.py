@@ -342,6 +342,10 @@ class DataConfig:
                                "rawframe folder, formatted with start_index + k (JPEG or PNG)")
     frame_start_index: int = flag(1, "--data_format frames: first frame number of `folder total_frames label` "
                                   "lines (VideoMAE v2 --start_idx)", check=non_negative, rule=">= 0")
+    shard_retries: int = flag(3, "tar shards (docs/shards.md): retries of a failed member read, with backoff, before "
+                              "the member counts as a bad file", check=non_negative, rule=">= 0")
+    shard_cache_mb: int = flag(256, "tar shards on URLs: recently read members kept per data worker (MB)",
+                               check=non_negative, rule=">= 0")
     max_decode_short_side: int = flag(1080, "decode training clips of sources whose short side is longer scaled "
                                       "down to it (swscale, before the crop; 0: full size)", check=non_negative,
                                       rule=">= 0")

@@ -24,6 +24,7 @@ from datasets import VideoDataset, build_video_dataset, collate_clips, normalize
 from datasets.frame_folder import build_frame_dataset
 from datasets.loader import build_loader, check_shared_memory, clip_batch_bytes, decode_threads_for
 from datasets.mixture import Mixture, MixtureDataset
+from datasets.shards import ShardDataset
 from util.config import RunConfig
 from util.distributed import DistInfo, barrier
 from util.engine import TrainState
@@ -123,7 +124,11 @@ class RunContext:
     def mixture_dataset(self, mixture: Mixture, **kw: Any) -> MixtureDataset:
         """The training items of a `--data_mixture`: one pretraining VideoDataset per source with the run's
         geometry and the source's own sampling (`kw` for all of them, e.g. mask noise)."""
-        datasets = [self.list_dataset(s.list_file, s.root, "pretrain", **{**kw, **s.sampling}) for s in mixture.sources]
+        d = self.cfg.data
+        datasets = [self.list_dataset(s.list_file, s.root, "pretrain", **{**kw, **s.sampling}) if s.shards is None
+                    else ShardDataset(s.shards, retries=d.shard_retries, cache_bytes=d.shard_cache_mb << 20,
+                                      **{**self._dataset_args("", "pretrain"), **kw, **s.sampling})
+                    for s in mixture.sources]
         return MixtureDataset(mixture, datasets, self.cfg.loop.seed)
 
     def video_dataset(self, data_path: str, split: str, mode: str, **kw: Any) -> VideoDataset:
@@ -135,6 +140,7 @@ class RunContext:
             args.update(frame_fps=d.frame_fps, frame_template=d.frame_template,
                         frame_start_index=d.frame_start_index)
             return build_frame_dataset(data_path, split, **{**args, **kw})
+        args.update(retries=d.shard_retries, cache_bytes=d.shard_cache_mb << 20)  # used when the data are shards
         return build_video_dataset(data_path, split, **{**args, **kw})
 
 
