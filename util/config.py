@@ -455,6 +455,9 @@ class CheckpointConfig:
                            rule=">= 0")
     keep_last: int = flag(3, "checkpoints to keep", check=positive, rule=">= 1")
     async_save: bool = flag(False, "write FSDP2 checkpoints in the background (DCP async_save)")
+    allow_mixture_change: bool = flag(False, "resume although the --data_mixture differs from the one the "
+                                      "checkpoint recorded (sources, weights, list files, block size): the epoch's "
+                                      "draw changes from the resumed position on")
 
 
 @dataclass
