@@ -246,7 +246,8 @@ class Trainer:
                   "allow_mixture_change", "data_mixture"}  # the mixture is checked by its fingerprint
         changed = {k: (saved[k], v) for k, v in self.config_values.items()
                    if k in saved and k not in ignore and saved[k] != v and not (isinstance(v, list) and
-                                                                                list(saved[k]) == v)}
+                                                                                list(saved[k]) == v)
+                   and str(saved[k]) != str(v)}  # a flag whose type widened (hsdp_shard_size: 0 -> "0") is unchanged
         bad = {k: c for k, c in changed.items() if k in arch}
         if bad:
             listed = ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in sorted(bad.items()))
