@@ -4,11 +4,15 @@
         --mask-ratio 0.9 --peer hf
     python benchmarks/bench_step.py --device cuda --dtype bf16 --model mae_vit_large_patch16 --batch 8 \
         --compile none,blocks,model --json step.json        # eager and both compile modes, timed in turn
+    torchrun --standalone --nproc_per_node 8 benchmarks/bench_step.py --device cuda --dtype bf16 \
+        --model mae_vit_giant_patch14 --batch 8 --dist fsdp --grad-ckpt --hsdp-shard-size 4   # HSDP 2 x 4
 
 Ours is built and stepped exactly as `main_pretrain.py` does: `models.create_model`, the parallel
 backend of `util.parallel.setup_parallel` (`--dist ddp` in one process, or `fsdp` on a 1-rank group;
 the run's precision, activation checkpointing and `--compile {none,blocks,model}`) and
-`util.engine.train_step`, the function the training loop calls every step. `--compile` takes a comma
+`util.engine.train_step`, the function the training loop calls every step. Under torchrun with several
+ranks every rank steps `--batch` clips (per GPU, as training's --batch_size) in the job's process group
+(`--hsdp-shard-size` for HSDP); rank 0 prints and writes the JSON, its figures are per GPU. `--compile` takes a comma
 list: each mode is built once and the steps are timed in turn (A, B, C, A, B, C, ...), so load from
 other processes hits them alike. Prints median step time, clips/s, FLOPs per step (analytic, and as
 `torch.utils.flop_counter` sees them), achieved GFLOP/s, MFU (on a GPU against the datasheet peak of
@@ -44,6 +48,7 @@ from benchmarks import common  # noqa: E402
 from models import create_model  # noqa: E402
 from models.flops import masked_autoencoder_flops  # noqa: E402
 from models.masking import num_visible  # noqa: E402
+from util.distributed import DistInfo, cleanup  # noqa: E402
 from util.flops import device_peak_flops, matmul_peak_flops  # noqa: E402
 from util.optim import build_adamw, param_groups  # noqa: E402
 
@@ -90,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dist", choices=["ddp", "fsdp"], default="ddp",
                    help="the training backend: DDP in one process, or FSDP2 on a 1-rank group")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block")
+    p.add_argument("--hsdp-shard-size", default="0",
+                   help="with --dist fsdp under torchrun: HSDP shard groups of N ranks (or node), as --hsdp_shard_size")
     p.add_argument("--peer", choices=["none", "hf"], default="none")
     p.add_argument("--peer-compile", choices=["none", "model"], default="none", help="torch.compile the HF peer")
     p.add_argument("--json", default="", help="also write every figure to this JSON file")
@@ -194,12 +201,13 @@ def run_interleaved(benches: list[Bench], args: argparse.Namespace, device: torc
 
 
 def bench_ours(args: argparse.Namespace, device: torch.device, clips: torch.Tensor, noise: torch.Tensor,
-               compile_mode: str = "none") -> Bench:
+               compile_mode: str = "none", info: DistInfo | None = None) -> Bench:
     """Our MaskedAutoencoderViT, wrapped and stepped as main_pretrain.py does it."""
     model = create_model(args.model, num_frames=args.frames, img_size=args.img).to(device).train()
     flops = model.flops_per_clip(args.mask_ratio)["train_step"] * args.batch
     params = sum(p.numel() for p in model.parameters())
-    backend = common.build_backend(model, device, args.dtype, args.dist, args.grad_ckpt, compile_mode, args.batch)
+    backend = common.build_backend(model, device, args.dtype, args.dist, args.grad_ckpt, compile_mode, args.batch,
+                                   info=info, hsdp_shard_size=args.hsdp_shard_size)
     step = common.train_step_fn(backend, {"clips": clips, "noise": noise}, common.mae_loss(args.mask_ratio))
 
     name = "ours" if len(args.compile_modes) == 1 else f"ours ({'eager' if compile_mode == 'none' else compile_mode})"
@@ -365,17 +373,27 @@ def write_json(path: str, payload: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark and print the table; returns the figures (--json, --results)."""
     args = parse_args(argv)
+    info = common.job_info(args.device)
+    if info.world_size > 1 and (args.peer != "none" or args.mask_sweep):
+        raise SystemExit("--peer and --mask-sweep run in one process: start them without torchrun")
+    if not info.is_main:  # the other ranks step in the same collectives, quietly
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            data = measure(args, info)
+        cleanup()
+        return data
     name = "bench_step-mask-sweep" if args.mask_sweep else "bench_step-hf" if args.peer == "hf" else "bench_step"
     with common.recording(args.results, name, __file__, argv, device=args.device) as rec:
-        rec.data = measure(args)
+        rec.data = measure(args, info)
     if args.json:
         write_json(args.json, rec.data)
+    cleanup()
     return rec.data
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """Time the steps the flags ask for and print the tables; returns every figure."""
-    device = torch.device(args.device)
+def measure(args: argparse.Namespace, info: DistInfo | None = None) -> dict:
+    """Time the steps the flags ask for and print the tables (as rank `info` of a torchrun job); returns every figure."""
+    info = info or common.one_process(torch.device(args.device))
+    device = info.device
     torch.manual_seed(args.seed)
     mm_peak = matmul_peak_gflops(device, args.mm_size) * 1e9
 
@@ -384,13 +402,13 @@ def measure(args: argparse.Namespace) -> dict:
         L = create_model(args.model, num_frames=args.frames, img_size=args.img).patch_embed.num_patches
     noise = torch.rand(args.batch, L, device=device)
     payload = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda if
-               device.type == "cuda" else None, "args": dict(vars(args))}
+               device.type == "cuda" else None, "args": dict(vars(args)), "world_size": info.world_size}
 
     if args.mask_sweep:
         table, rows = mask_sweep(args, device, clips, noise)
         print(table)
         return {**payload, "mask_sweep": rows}
-    benches = [bench_ours(args, device, clips, noise, mode) for mode in args.compile_modes]
+    benches = [bench_ours(args, device, clips, noise, mode, info) for mode in args.compile_modes]
     if args.peer == "hf":
         gc.collect()
         benches.append(bench_hf(args, device, clips, noise))
@@ -403,6 +421,8 @@ def measure(args: argparse.Namespace) -> dict:
     modes = ", ".join(args.compile_modes)
     print(f"\n## step benchmark: {args.model}, {args.frames}x{args.img}x{args.img}, batch {args.batch}, "
           f"mask {args.mask_ratio} ({K}/{L} tokens visible), {args.dtype}, {device.type}, {args.dist}"
+          f"{f' on {info.world_size} ranks' if info.world_size > 1 else ''}"
+          f"{f', HSDP shard groups of {args.hsdp_shard_size}' if args.hsdp_shard_size != '0' else ''}"
           f"{f', compile {modes}' if modes != 'none' else ''}{', grad-ckpt' if args.grad_ckpt else ''}")
     print(f"torch {torch.__version__}, {device_name(device)}, {torch.get_num_threads()} threads; MFU against "
           f"{peak / 1e12:.3f} TFLOP/s ({peak_source})\n")

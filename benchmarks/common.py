@@ -168,12 +168,25 @@ def one_process(device: torch.device) -> DistInfo:
     return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
 
 
+def job_info(device: str) -> DistInfo:
+    """This process's place: a rank of the job when started by torchrun with several ranks (joining its process
+    group: util.distributed picks cuda:LOCAL_RANK or the CPU with gloo), else one process on `device`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from util.distributed import init_distributed
+
+        return init_distributed()
+    return one_process(torch.device(device))
+
+
 def build_backend(model: nn.Module, device: torch.device, precision: str = "fp32", dist: str = "ddp",
                   grad_ckpt: bool = False, compile: str = "none", micro_batch: int = 1,
-                  optim: OptimConfig | None = None) -> Backend:
-    """The training backend of `model` as main_pretrain.py builds it (AdamW at lr 1e-4), in one process."""
-    parallel = ParallelConfig(dist=dist, precision=precision, grad_ckpt=grad_ckpt, compile=compile)
-    return setup_parallel(model, parallel, optim or OptimConfig(), 1e-4, one_process(device), accum_iter=1,
+                  optim: OptimConfig | None = None, info: DistInfo | None = None,
+                  hsdp_shard_size: str = "0") -> Backend:
+    """The training backend of `model` as main_pretrain.py builds it (AdamW at lr 1e-4): in one process, or as
+    rank `info` of a job (`job_info`; `hsdp_shard_size` as --hsdp_shard_size)."""
+    parallel = ParallelConfig(dist=dist, precision=precision, grad_ckpt=grad_ckpt, compile=compile,
+                              hsdp_shard_size=hsdp_shard_size)
+    return setup_parallel(model, parallel, optim or OptimConfig(), 1e-4, info or one_process(device), accum_iter=1,
                           micro_batch=micro_batch)
 
 

@@ -1,6 +1,6 @@
 """One GPU report: every speed and memory figure of issue 13 on one GPU, with its targets, as one table.
 
-    python benchmarks/gpu_report.py                          # one GPU, under 8 minutes
+    python benchmarks/gpu_report.py                          # one GPU, under 10 minutes (rows 10-11: issue 30)
     python benchmarks/gpu_report.py --data_path /data/k400   # end to end on your videos (train.csv)
     python benchmarks/gpu_report.py --quick --device cpu     # the same code paths at tiny sizes (a smoke run)
 
@@ -18,11 +18,15 @@ writes JSON (`--json`), so nothing here times code of its own:
   8  ViT-H, FSDP2 + activation checkpointing, 16 clips (eager and per-block compile; HF with
      gradient checkpointing when installed);
   9  memory of ViT-L at 8 clips, measured (`memory_plan.py --measure`) against computed;
+ 10  ViT-g/14 model only, FSDP2 + activation checkpointing per block, 8 clips per GPU, eager (issue 30);
+ 11  the same as HSDP when the machine has more than one GPU: `torchrun --nproc_per_node G bench_step.py
+     --hsdp-shard-size G/2` (2 replicas x G/2 shards, clips per GPU as row 10);
 then the issue's targets with PASS or MISS. Rows run in that order of cost-benefit; a row that fails
 or times out says so in its cell and the others still run; rows that would start after `--budget_s`
 are listed as not run. The table, the JSON of every row and each script's log go to `--out`;
 `--results DIR` also writes them as one result file (`benchmarks/common.py`, `write_result_file`).
-`--quick` shrinks every size (micro model, 4x32 clips, two short 96x54 videos, 1 worker) and
+`--quick` shrinks every size (micro model, also standing in for ViT-H and ViT-g, 4x32 clips, two short
+96x54 videos, 1 worker; row 11 as 2 gloo processes on the CPU: a 2 x 1 mesh) and
 compiles one model only (the whole model at the small batch: inductor's C++ builds cost about a
 minute of CPU per model), so a 2-core CPU runs it in about 3 minutes; its figures check the code,
 not a GPU. (Per-block compile under FSDP2 + checkpointing is tests/test_parallel_compile.py's.)
@@ -68,6 +72,8 @@ class Sizes:
     small_batch: int = 8
     large_batch: int = 32
     huge_batch: int = 16
+    giant: str = "mae_vit_giant_patch14"
+    giant_batch: int = 8
     dtype: str = "bf16"
     steps: int = 20
     warmup: int = 3
@@ -75,6 +81,7 @@ class Sizes:
     small_compile: str = "none,blocks,model"
     large_compile: str = "none,blocks,model"
     huge_compile: str = "none,blocks"
+    budget_s: float = 600.0  # default --budget_s: no row starts after it
     # end to end: recipe, overrides, timed steps per mode, generated videos
     e2e_args: tuple[str, ...] = ("--config", "configs/pretrain/vit_l_k400.yaml", "--batch_size", "4",
                                  "--num_workers", "14", "--repeat_aug", "4")
@@ -90,8 +97,8 @@ class Sizes:
 FULL = Sizes()
 TINY_MODEL = ("--model", "mae_vit_micro_patch8", "--input_size", "32", "--num_frames", "4", "--pred_t_dim", "2",
               "--decoder_embed_dim", "64", "--decoder_depth", "1", "--decoder_num_heads", "4")
-QUICK = Sizes(model="mae_vit_micro_patch8", huge="mae_vit_micro_patch8", frames=4, img=32, small_batch=2,
-              large_batch=4, huge_batch=4, steps=3, warmup=1, small_compile="none,model", large_compile="none",
+QUICK = Sizes(model="mae_vit_micro_patch8", huge="mae_vit_micro_patch8", giant="mae_vit_micro_patch8", giant_batch=2,
+              budget_s=230.0, frames=4, img=32, small_batch=2, large_batch=4, huge_batch=4, steps=3, warmup=1, small_compile="none,model", large_compile="none",
               huge_compile="none",
               e2e_args=("--config", "configs/pretrain/vit_l_k400.yaml", *TINY_MODEL, "--batch_size", "2",
                         "--num_workers", "1", "--repeat_aug", "2"),
@@ -156,8 +163,19 @@ def step_argv(s: Sizes, device: str, model: str, batch: int, compile_modes: str,
             "--mm-size", str(s.mm_size), *extra]
 
 
-def plan_rows(s: Sizes, device: str, data_path: str, hf: bool, eager_only: bool) -> list[tuple[str, list[str]]]:
-    """(key, script argv) of every row, in the order they run."""
+def hsdp_ranks(device: str, quick: bool) -> int:
+    """Ranks of row 11 (HSDP): every GPU when there are 2 or more; 2 gloo processes for the CPU smoke run; else 0."""
+    if device == "cpu":
+        return 2 if quick else 0
+    import torch
+
+    n = torch.cuda.device_count()
+    return n if n > 1 else 0
+
+
+def plan_rows(s: Sizes, device: str, data_path: str, hf: bool, eager_only: bool,
+              hsdp: int = 0) -> list[tuple[str, list[str]]]:
+    """(key, script argv) of every row, in the order they run; `hsdp` ranks for row 11 (0: not run)."""
     def modes(m: str) -> str:
         return "none" if eager_only else m
 
@@ -173,7 +191,10 @@ def plan_rows(s: Sizes, device: str, data_path: str, hf: bool, eager_only: bool)
         ("memory", [str(BENCH / "memory_plan.py"), "--model", s.model, "--num_frames", str(s.frames), "--input_size",
                     str(s.img), *s.memory_args, "--world_size", "1",
                     "--backend", "ddp", "--precision", s.dtype, "--measure", "--device", device]),
-    ]
+        ("giant", step_argv(s, device, s.giant, s.giant_batch, "none", "--dist", "fsdp", "--grad-ckpt")),
+    ] + ([("giant_hsdp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(hsdp),
+                          *step_argv(s, device, s.giant, s.giant_batch, "none", "--dist", "fsdp", "--grad-ckpt",
+                                     "--hsdp-shard-size", str(hsdp // 2))])] if hsdp > 1 else [])
 
 
 # ----------------------------------------------------------------------------- the table
@@ -254,8 +275,9 @@ def step_cells(step: dict | None) -> list[tuple[str, str]]:
     return cells
 
 
-def table(s: Sizes, runs: dict[str, RowRun], hf: bool, header: str, data_note: str) -> str:
-    """The one markdown table: measurements (rows 4-9) then the targets."""
+def table(s: Sizes, runs: dict[str, RowRun], hf: bool, header: str, data_note: str,
+          hsdp_planned: bool = True) -> str:
+    """The one markdown table: measurements (rows 4-11) then the targets; `hsdp_planned`: row 11 was to run."""
     lines = [header, "", "| # | measurement | setting | result | target | status | s |",
              "| --- | --- | --- | --- | --- | --- | ---: |"]
 
@@ -309,6 +331,19 @@ def table(s: Sizes, runs: dict[str, RowRun], hf: bool, header: str, data_note: s
                 f"computed {m['computed_1gpu']:.2f} GiB [{m['method']}]", secs=f"{mem.seconds:.0f}" if not m['grad_ckpt'] else "")
     else:
         add("9", "memory, measured vs computed", geometry, missing(mem))
+    giant_name = s.giant.replace("mae_vit_", "").replace("_patch", "/")
+    for num, key, what in (("10", "giant", f"{giant_name}, FSDP2 + act. ckpt, {s.giant_batch} clips"),
+                           ("11", "giant_hsdp", f"{giant_name}, HSDP + act. ckpt, {s.giant_batch} clips per GPU")):
+        run = runs.get(key)
+        if run and run.data:
+            ranks = run.data.get("world_size", 1)
+            mesh = f"{ranks} ranks, HSDP {run.data['args']['hsdp_shard_size']}; " if key == "giant_hsdp" else ""
+            for i, (setting, result) in enumerate(step_cells(run.data)):
+                add(num, what, f"{mesh}{setting}", result, secs=f"{run.seconds:.0f}" if i == 0 else "")
+        elif key == "giant_hsdp" and run is None and not hsdp_planned:
+            add(num, what, "", "skipped (one GPU: HSDP needs two or more)")
+        else:
+            add(num, what, geometry, missing(run))
     data = {k: r.data for k, r in runs.items()}
     for what, value, target, state in targets(data, hf):
         add("target", what, "", value, target, state)
@@ -338,7 +373,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_path", default="", help="videos with a train.csv for row 4 (default: generated H.264)")
     p.add_argument("--out", default="runs/gpu_report", help="the table, each row's JSON and each script's log")
     p.add_argument("--budget_s", type=float, default=0.0,
-                   help="start no row after this many seconds (default 450, --quick 170)")
+                   help="start no row after this many seconds (default 600, --quick 230)")
     p.add_argument("--compile", choices=["all", "none"], default="all",
                    help="none: eager rows only (skips every torch.compile build; a fast smoke run)")
     add_results_flag(p)
@@ -358,7 +393,7 @@ def measure(args: argparse.Namespace) -> tuple[str, dict]:
     """Run every row and print the table; returns it and report.json's dict."""
     start = time.time()
     sizes = QUICK if args.quick else FULL
-    budget = args.budget_s or (170.0 if args.quick else 450.0)
+    budget = args.budget_s or sizes.budget_s
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     env = script_env(PYTHONUNBUFFERED="1")
@@ -375,7 +410,8 @@ def measure(args: argparse.Namespace) -> tuple[str, dict]:
         data_note = (f"{sizes.videos} generated {w}x{h} H.264 videos ({sizes.video_seconds} s, 30 fps, keyframe "
                      f"every 250 frames) x {sizes.list_lines // sizes.videos} list lines")
     runs: dict[str, RowRun] = {}
-    for key, argv_row in plan_rows(sizes, args.device, data_path, hf, args.compile == "none"):
+    hsdp = hsdp_ranks(args.device, args.quick)
+    for key, argv_row in plan_rows(sizes, args.device, data_path, hf, args.compile == "none", hsdp):
         left = budget - (time.time() - start)
         if left <= 0:
             print(f"[gpu_report] {key}: not run (past the {budget:.0f} s budget)", flush=True)
@@ -385,7 +421,7 @@ def measure(args: argparse.Namespace) -> tuple[str, dict]:
         runs[key] = run
         print(f"[gpu_report] {key}: {'ok' if run.data else run.error} ({run.seconds:.0f} s)", flush=True)
     header = f"### {'--quick: tiny sizes, code paths only; ' if args.quick else ''}{versions(args.device, runs)}"
-    report = table(sizes, runs, hf, header, data_note)
+    report = table(sizes, runs, hf, header, data_note, hsdp_planned=hsdp > 1)
     report += f"\n\nTotal {time.time() - start:.0f} s. Logs and JSON: {out}/"
     print("\n" + report)
     (out / "report.md").write_text(report + "\n")

@@ -5,6 +5,7 @@
     python benchmarks/memory_plan.py --calibrate     # check the activation formula (every --ckpt_mode) on the CPU
     python benchmarks/memory_plan.py --model mae_vit_large_patch16 --fit_gib 68   # largest per-GPU batch that fits
     python benchmarks/memory_plan.py --model mae_vit_giant_patch14 --batch_size 32 --world_size 64   # ViT-g (docs/scale.md)
+    python benchmarks/memory_plan.py --model mae_vit_giant_patch14 --world_size 64 --hsdp_shard_size 8   # + an HSDP row
 
 "computed" figures are analytic. Activations count the tensors autograd saves per transformer
 Block (ours: pre-norm, fused qkv, SDPA, timm Mlp with GELU) at the encoder's visible token count
@@ -16,7 +17,10 @@ step on one device (no sharding) and reports torch.cuda.max_memory_allocated, la
 CPU it runs the same step and reports the process's resident-memory growth (a smoke test of the path, not
 a GPU figure). `--fit_gib G` finds, per backend, the largest power-of-two per-GPU batch (videos) whose
 computed total fits in G GiB when the GPUs (or accumulation steps) make up `--clips_per_step` (512).
-Not counted: the CUDA context and allocator caching (~1-3 GB), NCCL buffers, DataLoader memory.
+`--hsdp_shard_size N` adds an `hsdp` row: FSDP2's layout with the states divided by the shard group N, not
+the world size (N = world size is the fsdp row, N = 1 is a full replica per GPU as DDP's), and prints what
+each GPU sends per step inside its group and across the groups (ring collectives, FSDP2's bf16 all-gathers and
+fp32 gradient reductions). Not counted: the CUDA context and allocator caching (~1-3 GB), NCCL buffers, DataLoader memory.
 `--json PATH` writes every figure for scripts (benchmarks/gpu_report.py); `--results DIR` writes a result file
 (memory_plan_computed_<yyyymmdd>.md, or the measuring device's name with --measure).
 """
@@ -38,7 +42,7 @@ from models import create_model  # noqa: E402
 from util.parallel import CKPT_MODES, apply_checkpointing  # noqa: E402
 
 GiB = 2**30
-BACKENDS = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+BACKENDS = ("ddp", "fsdp", "zero1", "zero2", "zero3")  # "hsdp" joins them when --hsdp_shard_size is given
 # Saved bytes per (token x model dim) of one Block, from the tensors autograd keeps (see calibrate()):
 #   norm1 in, qkv in, q|k|v (one buffer, 3), attention out (= proj in: SDPA returns a [B, N, H, d] layout,
 #   so the reshape is a view), norm2 in, fc1 in, GELU in (4), fc2 in (4): 16 per token x dim.
@@ -161,10 +165,17 @@ def activations(shape: dict, batch: int, mask_ratio: float, kind: str, checkpoin
     return kept + transient + head
 
 
-def states(shape: dict, backend: str, precision: str, world: int) -> tuple[float, float, float]:
-    """(parameter, gradient, optimizer) bytes per GPU; AdamW keeps two fp32 moments per parameter."""
+def states(shape: dict, backend: str, precision: str, world: int, shard: int = 0) -> tuple[float, float, float]:
+    """(parameter, gradient, optimizer) bytes per GPU; AdamW keeps two fp32 moments per parameter.
+
+    `hsdp` is FSDP2 sharded over groups of `shard` ranks: every state divides by the group, not the world.
+    """
     P, W, half = shape["params"], world, precision != "fp32"
     blk = shape["block_params"]
+    if backend == "hsdp":
+        if shard < 1 or world % shard:
+            raise ValueError(f"--hsdp_shard_size {shard} must divide --world_size {world} (and be >= 1)")
+        W, backend = shard, "fsdp"  # replicas hold the same shard: only the group divides
     if backend == "ddp":  # full replica; DDP's gradient buckets hold a second copy of the grads
         # (one process trains the plain module, without DDP and its buckets: util.parallel.DDPBackend)
         return 4 * P, (2 if W > 1 else 1) * 4 * P, 8 * P
@@ -179,13 +190,25 @@ def states(shape: dict, backend: str, precision: str, world: int) -> tuple[float
     return params, grads, 8 * P / W
 
 
+def communication(shape: dict, precision: str, world: int, shard: int) -> dict:
+    """GiB each GPU sends per optimiser step, (FSDP2's collectives as ring algorithms) inside its shard group and
+    across the groups: parameters all-gathered in forward and again in backward (param dtype), gradients
+    reduce-scattered in fp32 in the group, then (HSDP) the 1/N gradient shard all-reduced over the W/N replicas."""
+    P, n = shape["params"], shard or world
+    replicas = world // n
+    gather = 2 * (n - 1) / n * P * (2 if precision != "fp32" else 4)
+    scatter = (n - 1) / n * P * 4
+    across = 2 * (replicas - 1) / replicas * P / n * 4
+    return {"shard_group": n, "replicas": replicas, "in_group_gib": (gather + scatter) / GiB, "across_gib": across / GiB}
+
+
 def plan(model: str, batch: int, mask_ratio: float, precision: str, world: int, backends: tuple[str, ...],
-         num_frames: int = 16, input_size: int = 224, every: int = 2) -> list[dict]:
-    """Rows of the memory table (GiB per GPU), computed; `every` is every_k's k."""
+         num_frames: int = 16, input_size: int = 224, every: int = 2, hsdp_shard_size: int = 0) -> list[dict]:
+    """Rows of the memory table (GiB per GPU), computed; `every` is every_k's k, `hsdp_shard_size` the hsdp row's group."""
     shape = model_shape(model, num_frames, input_size)
     rows = []
     for backend in backends:
-        p, g, o = states(shape, backend, precision, world)
+        p, g, o = states(shape, backend, precision, world, hsdp_shard_size)
         kind = activation_kind(precision, backend)
         a0 = activations(shape, batch, mask_ratio, kind, False)
         a1 = activations(shape, batch, mask_ratio, kind, True)
@@ -393,7 +416,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mask_ratio", type=float, default=0.9)
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--world_size", type=int, default=64)
-    p.add_argument("--backend", default="all", choices=["all", *BACKENDS])
+    p.add_argument("--backend", default="all", choices=["all", *BACKENDS, "hsdp"])
+    p.add_argument("--hsdp_shard_size", type=int, default=0,
+                   help="add an hsdp row: FSDP2 sharded within groups of N ranks (e.g. the GPUs per node)")
     p.add_argument("--num_frames", type=int, default=16)
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--ckpt_every", type=int, default=2, help="k of the every_k checkpointing column (--ckpt_mode)")
@@ -421,13 +446,26 @@ def report(a: argparse.Namespace) -> dict:
     """Print the tables the flags ask for; returns every figure."""
     clips = a.batch_size * a.repeat_aug
     backends = BACKENDS if a.backend == "all" else (a.backend,)
+    if a.backend == "hsdp" and not a.hsdp_shard_size:
+        raise SystemExit("--backend hsdp needs --hsdp_shard_size N (the ranks of one shard group, e.g. GPUs per node)")
+    if a.hsdp_shard_size and "hsdp" not in backends:
+        backends = (*backends, "hsdp")
     rows = plan(a.model, clips, a.mask_ratio, a.precision, a.world_size, backends, a.num_frames, a.input_size,
-                a.ckpt_every)
+                a.ckpt_every, a.hsdp_shard_size)
     print(format_table(rows, f"{a.model}: {clips} clips/GPU ({a.batch_size} x repeat {a.repeat_aug}), "
                              f"{a.num_frames}x{a.input_size}^2, mask {a.mask_ratio}, {a.precision}, "
                              f"{a.world_size} GPUs"))
     print()
     print(format_modes_table(rows, a.ckpt_every))
+    comm = []
+    if a.hsdp_shard_size:
+        shape = model_shape(a.model, a.num_frames, a.input_size)
+        comm = [communication(shape, a.precision, a.world_size, n) for n in (0, a.hsdp_shard_size)]
+        flat, hsdp = comm
+        print(f"\ncommunication per GPU per step: fsdp (one group of {a.world_size}) sends {flat['in_group_gib']:.2f} "
+              f"GiB on rings that cross every node once the job spans several; hsdp {a.hsdp_shard_size} sends "
+              f"{hsdp['in_group_gib']:.2f} GiB inside its group (one node's fast links when N = GPUs per node) and "
+              f"{hsdp['across_gib']:.2f} GiB across the {hsdp['replicas']} replicas (the gradient all-reduce)")
     if a.calibrate:
         for kind, measured, formula in calibrate():
             print(f"calibration ({kind}, one Block, CPU): autograd saved {measured} B, formula {formula} B "
@@ -436,7 +474,8 @@ def report(a: argparse.Namespace) -> dict:
             print(f"calibration (--ckpt_mode {mode}, {kind}, 4 Blocks, CPU): kept after forward {measured} B, "
                   f"formula {formula} B ({measured / formula:.3f}x)")
     out: dict = {"model": a.model, "clips_per_gpu": clips, "mask_ratio": a.mask_ratio, "precision": a.precision,
-                 "world_size": a.world_size, "computed": rows, "measured": [], "fit": []}
+                 "world_size": a.world_size, "hsdp_shard_size": a.hsdp_shard_size, "computed": rows,
+                 "communication": comm, "measured": [], "fit": []}
     if a.fit_gib:
         print(f"\nlargest per-GPU batch whose computed total fits {a.fit_gib:g} GiB, {a.clips_per_step} clips per "
               f"optimiser step (repeat_aug {a.repeat_aug}; GPUs x accum_iter make up the rest):\n")

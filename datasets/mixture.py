@@ -14,15 +14,21 @@ The training sampler keeps these positions in order (no second shuffle), so its 
   read as an endless stream of permutations (pass p seeded by (seed, source, p)), epoch e taking its next
   slice: videos repeat only when a source's share is larger than the source, and over epochs every video
   is drawn equally often.
+
+A source is a list of video files (`data_format: video`, the default) or a frame-folder list
+(`data_format: frames`, datasets/frame_folder.py; `frame_fps`, `frame_template`, `frame_start_index` per source,
+else the run's flags). `mixture_fingerprint` is what checkpoints record of a mixture, so that a resume with
+another one is refused (util/trainer.py; `--allow_mixture_change` lets it through).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,8 +41,9 @@ from .sampling import FRAME_SAMPLINGS
 from .video_dataset import FailureTracker, VideoDataset
 
 TOP_KEYS = ("sources", "block_size", "weighted_items")
-SOURCE_KEYS = ("name", "list_file", "shards", "root", "weight", "sampling_rate", "target_fps", "frame_sampling", "repeat_aug",
-               "max_failure_rate")
+SOURCE_KEYS = ("name", "list_file", "shards", "root", "weight", "sampling_rate", "target_fps", "frame_sampling",
+               "repeat_aug", "max_failure_rate", "data_format", "frame_fps", "frame_template", "frame_start_index")
+FRAME_KEYS = ("frame_fps", "frame_template", "frame_start_index")  # FrameFolderDataset arguments (data_format: frames)
 SAMPLING_KEYS = ("sampling_rate", "target_fps", "frame_sampling", "repeat_aug")  # VideoDataset arguments
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # distinct first words of the generators' seeds, so the draws of orders, passes and blocks never coincide
@@ -54,6 +61,8 @@ class MixtureSource:
     sampling: dict[str, Any]  # the VideoDataset arguments it sets (sampling_rate, target_fps, ...)
     max_failure_rate: float | None  # None: the run's --max_failure_rate
     shards: str | None = None  # tar shards instead of a list file: a .shards list or a pattern (datasets/shards.py)
+    data_format: str = "video"  # video list files, or frame-folder lists (datasets/frame_folder.py): "frames"
+    frames: dict[str, Any] = field(default_factory=dict)  # FRAME_KEYS it sets (default: the run's --frame_* flags)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,8 @@ def _source(path: str, i: int, raw: Any, folder: str) -> MixtureSource:
         raise ConfigError(f"{where}.root: {root} is not a folder; give the folder the list's paths are relative to "
                           f"(default: the list file's folder)")
     weight, sampling, rate = _weight_sampling(where, raw)
-    return MixtureSource(name, list_file, root, weight, sampling, rate)
+    data_format, frames = _source_format(where, raw)
+    return MixtureSource(name, list_file, root, weight, sampling, rate, data_format=data_format, frames=frames)
 
 
 def _shard_source(where: str, raw: dict, name: str, folder: str) -> MixtureSource:
@@ -125,6 +135,9 @@ def _shard_source(where: str, raw: dict, name: str, folder: str) -> MixtureSourc
         raise ConfigError(f"{where}.shards: expected a .shards list file or a shard pattern, got {short_repr(spec)}")
     if "root" in raw:
         raise ConfigError(f"{where}.root: a shard source has no root (its list and patterns name the shards)")
+    if _source_format(where, raw) != ("video", {}):
+        raise ConfigError(f"{where}: shards hold videos: data_format and frame_* keys apply to frame-folder list "
+                          f"files only; remove them")
     if not is_url(spec):
         spec = os.path.join(folder, os.path.expanduser(spec))
     if not (spec.endswith(".shards") or is_shard_spec(spec)):
@@ -158,6 +171,27 @@ def _weight_sampling(where: str, raw: dict) -> tuple[float | None, dict[str, Any
     if rate is not None and (not _is_number(rate) or not 0 <= rate <= 1):
         raise ConfigError(f"{where}.max_failure_rate: expected a number in [0, 1], got {short_repr(rate)}")
     return None if weight is None else float(weight), sampling, None if rate is None else float(rate)
+
+
+def _source_format(where: str, raw: dict) -> tuple[str, dict[str, Any]]:
+    """(data_format, frame-folder arguments) of a source, checked."""
+    fmt = raw.get("data_format", "video")
+    if fmt not in ("video", "frames"):
+        raise ConfigError(f"{where}.data_format: expected video (a list of video files) or frames (a frame-folder "
+                          f"list, docs/downstream.md), got {short_repr(fmt)}")
+    frames = {k: raw[k] for k in FRAME_KEYS if k in raw}
+    if frames and fmt != "frames":
+        raise ConfigError(f"{where}: {sorted(frames)[0]} applies to frame folders only; add data_format: frames or "
+                          f"remove it")
+    if "frame_fps" in frames and (not _is_number(frames["frame_fps"]) or frames["frame_fps"] <= 0):
+        raise ConfigError(f"{where}.frame_fps: expected a number > 0, got {short_repr(frames['frame_fps'])}")
+    if "frame_template" in frames and not isinstance(frames["frame_template"], str):
+        raise ConfigError(f"{where}.frame_template: expected a file name such as img_{{:05d}}.jpg, got "
+                          f"{short_repr(frames['frame_template'])}")
+    if "frame_start_index" in frames and (not _is_int(frames["frame_start_index"]) or frames["frame_start_index"] < 0):
+        raise ConfigError(f"{where}.frame_start_index: expected an integer >= 0, got "
+                          f"{short_repr(frames['frame_start_index'])}")
+    return fmt, frames
 
 
 def load_mixture(path: str) -> Mixture:
@@ -330,7 +364,46 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def describe(self) -> str:
         """One line per source: size, share of the epoch, sampling."""
-        return "; ".join(f"{s.name}: {n} videos, {b * self.block_size} items/epoch"
+        return "; ".join(f"{s.name}: {n} {'frame folders' if s.data_format == 'frames' else 'videos'}, "
+                         f"{b * self.block_size} items/epoch"
                          f"{' (each once)' if s.weight is None else f' (weight {s.weight:g})'}"
                          f"{''.join(f', {k} {v}' for k, v in s.sampling.items())}"
                          for s, n, b in zip(self.mixture.sources, self.lengths, self.blocks, strict=True))
+
+
+def mixture_fingerprint(mixture: Mixture) -> dict[str, Any]:
+    """What a run's draw depends on, as plain values for checkpoints: block size, weighted items, and per source
+    its name, weight, format, sampling and frame options, failure limit, and its list file's SHA-256 and line
+    count (contents, not paths: a mixture whose files moved is the same mixture; for shards, their names)."""
+    sources = []
+    for s in mixture.sources:
+        if s.shards is not None:  # the shards' names in order (an index is rebuilt when its shard changes size)
+            from .shards import read_shard_list
+
+            data = "\n".join(os.path.basename(u) for u in read_shard_list(s.shards)).encode()
+        else:
+            with open(s.list_file, "rb") as f:
+                data = f.read()
+        sources.append({"name": s.name, "weight": s.weight, "data_format": s.data_format, "sampling": dict(s.sampling),
+                        "frames": dict(s.frames), "max_failure_rate": s.max_failure_rate,
+                        "list_sha256": hashlib.sha256(data).hexdigest(),
+                        "list_lines": sum(1 for line in data.splitlines() if line.strip())})
+    return {"block_size": mixture.block_size, "weighted_items": mixture.weighted_items, "sources": sources}
+
+
+def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How mixture fingerprint `now` differs from `saved`, one phrase per difference (empty: the same mixture)."""
+    out = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in ("block_size", "weighted_items") if saved.get(k) != now.get(k)]
+    old = {s["name"]: s for s in saved.get("sources", [])}
+    new = {s["name"]: s for s in now.get("sources", [])}
+    out += [f"source {n!r} removed" for n in old if n not in new] + [f"source {n!r} added" for n in new if n not in old]
+    if [n for n in old if n in new] != [n for n in new if n in old]:
+        out.append(f"source order {list(old)} -> {list(new)}")
+    for name in (n for n in new if n in old):
+        a, b = old[name], new[name]
+        if a.get("list_sha256") != b.get("list_sha256"):
+            out.append(f"source {name!r}: list file contents changed ({a.get('list_lines')} -> {b.get('list_lines')} "
+                       f"lines)")
+        out += [f"source {name!r}: {k} {a.get(k)!r} -> {b.get(k)!r}" for k in
+                ("weight", "data_format", "sampling", "frames", "max_failure_rate") if a.get(k) != b.get(k)]
+    return out

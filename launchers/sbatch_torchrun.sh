@@ -3,6 +3,10 @@
 #
 #   sbatch launchers/sbatch_torchrun.sh configs/pretrain/vit_l_k400.yaml --data_path /data/k400
 #   sbatch --nodes 16 launchers/sbatch_torchrun.sh configs/pretrain/vit_h_k400.yaml --data_path /data/k400
+#   sbatch --nodes 8 launchers/sbatch_torchrun.sh configs/pretrain/vit_g_hybrid.yaml --hsdp_shard_size node
+#
+# HSDP (docs/scale.md): `--dist fsdp --hsdp_shard_size node` shards within each node and replicates across
+# nodes; torchrun exports LOCAL_WORLD_SIZE=$GPUS_PER_NODE to every rank, which is what `node` reads.
 #
 # Edit the #SBATCH lines for your cluster (partition, account, GPUs per node, time).
 # Time-outs: SLURM sends USR2 to this batch shell (B:) 120 s before the limit. The trap does not signal

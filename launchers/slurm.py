@@ -154,6 +154,19 @@ def make_executor(largs: argparse.Namespace, folder: Path, job_name: str) -> Any
     return ex
 
 
+def hsdp_layout(args: argparse.Namespace, ngpus: int, world: int) -> str:
+    """' (HSDP R x N)' for --hsdp_shard_size (`node` = --ngpus: the tasks submitit puts on each node, exported to
+    the tasks as LOCAL_WORLD_SIZE); a group that does not divide the job is refused here, before submission."""
+    size = str(getattr(args, "hsdp_shard_size", "0"))
+    if size == "0":
+        return ""
+    n = ngpus if size == "node" else int(size)
+    if world % n:
+        launcher_parser().error(f"--hsdp_shard_size {size} ({n} ranks per shard group) must divide the job's "
+                                f"{world} ranks (--nodes x --ngpus); use node (= --ngpus) or a divisor")
+    return f" (HSDP: {world // n} replicas x shard groups of {n}{', one per node' if n == ngpus else ''})"
+
+
 def launch(
     argv: Sequence[str],
     main_module: str,
@@ -176,7 +189,8 @@ def launch(
     world = largs.nodes * largs.ngpus
     summary = (f"{largs.nodes} node(s) x {largs.ngpus} GPU(s) = {world} ranks; per-GPU batch {args.batch_size} "
                f"x accum {args.accum_iter} x repeat_aug {args.repeat_aug} = "
-               f"{args.batch_size * args.accum_iter * args.repeat_aug * world} clips per step; --dist {args.dist}")
+               f"{args.batch_size * args.accum_iter * args.repeat_aug * world} clips per step; --dist {args.dist}"
+               f"{hsdp_layout(args, largs.ngpus, world)}")
     if largs.dry_run:
         print(f"# {summary}\n# output_dir: {args.output_dir}", file=sys.stderr)  # stdout stays a valid script
         if largs.cluster == "slurm":

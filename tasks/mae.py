@@ -17,7 +17,7 @@ from torch import nn
 
 from datasets.amt_views import CanonicalViews
 from datasets.image_folder import build_image_folder_dataset
-from datasets.mixture import Mixture, load_mixture
+from datasets.mixture import Mixture, load_mixture, mixture_fingerprint
 from models import create_model
 from models.amt import clip_attention_weights
 from tasks.common import MaskingConfig, StartConfig, load_start_weights
@@ -85,7 +85,8 @@ class MAETask(Task):
         self.mixture: Mixture | None = None
         if cfg.data_mixture:  # read and checked now: a bad file stops the run before any work
             if self.amt or cfg.data_format != "video":
-                raise ConfigError("--data_mixture mixes video list files: it needs --data_format video and a "
+                raise ConfigError("--data_mixture mixes list files whose format each source names (data_format: "
+                                  "video or frames, in the mixture file): leave --data_format at video, and use a "
                                   "mask type other than amt")
             self.mixture = load_mixture(cfg.data_mixture)
 
@@ -100,6 +101,10 @@ class MAETask(Task):
             raise ConfigError(f"{self.mixture.path}: block_size {self.mixture.block_size} is not a multiple of "
                               f"--batch_size {cfg.loop.batch_size}, so a batch could mix sources; make block_size a "
                               f"multiple of it")
+
+    def data_fingerprint(self) -> dict | None:
+        """The mixture's fingerprint (datasets/mixture.py), recorded in checkpoints; None without a mixture."""
+        return None if self.mixture is None else mixture_fingerprint(self.mixture)
 
     def setup(self, ctx: RunContext) -> None:
         if self.mixture is not None:  # the sources name their data: nothing to find or generate

@@ -55,6 +55,24 @@ def test_targets_pass_and_miss_from_the_scripts_json() -> None:
         "-", "skipped (transformers not installed)")
 
 
+def test_vit_g_rows_fsdp_with_checkpointing_and_hsdp_over_the_gpus() -> None:
+    """Row 10 is ViT-g/14 under FSDP2 + checkpointing; row 11 its HSDP twin under torchrun (2 replicas), planned
+    only with two or more ranks; the smoke sizes stand in the micro model and 2 CPU processes for both."""
+    rows = dict(gpu_report.plan_rows(gpu_report.FULL, "cuda", "d", False, False, hsdp=8))
+    giant, hsdp = rows["giant"], rows["giant_hsdp"]
+    assert giant[giant.index("--model") + 1] == "mae_vit_giant_patch14" and "--grad-ckpt" in giant
+    assert giant[giant.index("--dist") + 1] == "fsdp" and "--hsdp-shard-size" not in giant
+    assert hsdp[:2] == ["-m", "torch.distributed.run"] and hsdp[hsdp.index("--nproc_per_node") + 1] == "8"
+    assert hsdp[hsdp.index("--hsdp-shard-size") + 1] == "4" and hsdp[hsdp.index("--batch") + 1] == "8"
+    assert "giant_hsdp" not in dict(gpu_report.plan_rows(gpu_report.FULL, "cuda", "d", False, False, hsdp=0))
+    assert gpu_report.hsdp_ranks("cpu", quick=True) == 2 and gpu_report.hsdp_ranks("cpu", quick=False) == 0
+    quick = dict(gpu_report.plan_rows(gpu_report.QUICK, "cpu", "d", False, True, hsdp=2))["giant_hsdp"]
+    assert quick[quick.index("--model") + 1] == "mae_vit_micro_patch8" and quick[quick.index("--hsdp-shard-size") + 1] == "1"
+    text = gpu_report.table(gpu_report.FULL, {}, False, "### h", "n", hsdp_planned=False)
+    assert "| 11 | giant/14, HSDP + act. ckpt, 8 clips per GPU |  | skipped (one GPU: HSDP needs two or more)" in text
+    assert "| 10 | giant/14, FSDP2 + act. ckpt, 8 clips | " in text and "not run (time budget)" in text
+
+
 def run_quick(out: Path, *extra: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "MAE_ST_CACHE": str(out / "cache")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "--quick", "--device", "cpu",
@@ -70,7 +88,8 @@ def check_table(stdout: str, out: Path, compiled: bool) -> list[str]:
     assert "torch " in table.splitlines()[0] and "PyAV " in table.splitlines()[0]
     rows = [line for line in table.splitlines() if line.startswith("| ")][2:]
     numbers = {line.split(" | ")[0].strip("| ") for line in rows}
-    assert numbers == {"4", "5", "6", "7", "8", "9", "target"}
+    assert numbers == {"4", "5", "6", "7", "8", "9", "10", "11", "target"}
+    assert any(r.startswith("| 11 |") and "2 ranks, HSDP 1" in r for r in rows), rows  # 2 gloo processes
     assert not [r for r in rows if "failed" in r or "timed out" in r or "not run" in r], rows
     assert "end to end" in table and "clips/s (data wait" in table and "ATen ops/step" in table
     assert ("compile model" in table) == compiled
@@ -81,7 +100,7 @@ def check_table(stdout: str, out: Path, compiled: bool) -> list[str]:
 
 @pytest.mark.slow  # 6 subprocess runs of the scripts: minutes on 2 cores (19 min at load 17-25), over the default suite's budget
 def test_quick_cpu_smoke_run_measures_every_row(tmp_path: Path) -> None:
-    """--quick --device cpu --compile none: rows 4-9 each measured by its script, and the six targets judged."""
+    """--quick --device cpu --compile none: rows 4-11 each measured by its script, and the six targets judged."""
     check_table(run_quick(tmp_path, "--compile", "none"), tmp_path, compiled=False)
 
 

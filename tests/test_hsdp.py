@@ -1,13 +1,16 @@
 """HSDP: FSDP2 on a 2-D (replicate, shard) mesh.
 
 Default suite: the mesh shapes and the refusals, and a 1 x 1 HSDP backend in this process (no launch).
-Slow: 4 gloo processes as 2 x 2 against one plain process on the same global batch (the parity
-tolerances of tests/test_parallel.py), then its DCP checkpoint resumed on 1 x 4 (flat and 2-D) and on 1 process.
+Also `--hsdp_shard_size node` (the resolver, the flag's check). Slow: 4 gloo processes as 2 x 2 against one plain process on the same global batch (the parity
+tolerances of tests/test_parallel.py), then its DCP checkpoint resumed on 1 x 4 (flat and 2-D) and on 1 process; and `node` on two torchrun agents of 2 ranks each (a 2 x 2 mesh).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,11 +20,11 @@ from torch.distributed.tensor import Replicate, Shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 from common import CLIP, MASK_RATIO, batch, lr_at, make_backend, make_model, reference_run  # noqa: E402
-from dist_launch import python, torchrun  # noqa: E402
+from dist_launch import DIST, REPO, python, torchrun  # noqa: E402
 from test_parallel import LOSS_RTOL, PARAM_ATOL, close  # noqa: E402
 
-from util.distributed import DistInfo  # noqa: E402
-from util.parallel import fsdp_mesh_shape  # noqa: E402
+from util.distributed import DistInfo, free_port, ranks_per_node  # noqa: E402
+from util.parallel import fsdp_mesh_shape, resolve_shard_size  # noqa: E402
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
 
@@ -110,3 +113,83 @@ def test_hsdp_checkpoint_resumes_on_other_meshes(hsdp_runs, where: str) -> None:
          "one process": one.get(f"resume_from={ckpt},fsdp")}[where]
     assert (r["saved_world"], r["global_step"]) == (4, 3)
     assert close(r["losses"], four["fsdp:hsdp=2"]["after_save"], LOSS_RTOL), r
+
+
+# ----------------------------------------------------------------------------- --hsdp_shard_size node
+@pytest.mark.parametrize("env, world, want", [
+    ({"LOCAL_WORLD_SIZE": "2"}, 4, 2),                                   # torchrun, submitit's exported env
+    ({"LOCAL_WORLD_SIZE": "8", "SLURM_NTASKS_PER_NODE": "4"}, 16, 8),   # the launcher's own count wins
+    ({"SLURM_NTASKS_PER_NODE": "4"}, 8, 4),                              # srun --ntasks-per-node
+    ({"SLURM_TASKS_PER_NODE": "8(x4)"}, 32, 8),                          # plain srun: uniform nodes
+    ({"SLURM_TASKS_PER_NODE": "2"}, 2, 2),
+    ({}, 1, 1),                                                          # one process is one node
+])
+def test_ranks_per_node_from_the_launchers_environment(env: dict, world: int, want: int) -> None:
+    """`node` is read from torchrun / submitit (LOCAL_WORLD_SIZE), then SLURM's per-node task counts."""
+    assert ranks_per_node(world, env) == want
+
+
+@pytest.mark.parametrize("env, match", [
+    ({}, "none of LOCAL_WORLD_SIZE"), ({"SLURM_TASKS_PER_NODE": "8(x2),4"}, "differs between nodes"),
+    ({"LOCAL_WORLD_SIZE": "two"}, "LOCAL_WORLD_SIZE='two' is not a rank count")])
+def test_ranks_per_node_refuses_an_unknown_layout(env: dict, match: str) -> None:
+    """Several ranks and no per-node count (or an uneven one): refused, naming the variables and the fix."""
+    with pytest.raises(ValueError, match=match):
+        ranks_per_node(4, env)
+
+
+def test_node_shard_size_resolves_to_the_local_world(monkeypatch) -> None:
+    """`node` with 2 ranks per node of 4 is a 2 x 2 mesh; one that does not divide names what `node` became."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resolve_shard_size("node", 4) == 2 and fsdp_mesh_shape(4, "node") == (2, 2)
+    assert fsdp_mesh_shape(4, "4") == (1, 4) and fsdp_mesh_shape(4, "0") == (4,)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"--hsdp_shard_size node \(= 3 ranks per node\) must divide the world size 4"):
+        fsdp_mesh_shape(4, "node")
+
+
+@pytest.mark.parametrize("value, ok", [("node", True), ("0", True), ("8", True), ("-1", False), ("nodes", False),
+                                       ("2.5", False), ("", False)])
+def test_config_checks_the_shard_size_before_any_work(value: str, ok: bool, capsys) -> None:
+    """The flag takes a count or `node`; anything else stops argument parsing with the rule."""
+    from util.config import ParallelConfig, add_flags, parse_args
+
+    parser = add_flags(argparse.ArgumentParser(), ParallelConfig, "parallel")
+    if ok:
+        assert parse_args(parser, ["--hsdp_shard_size", value]).hsdp_shard_size == value
+        return
+    with pytest.raises(SystemExit):
+        parse_args(parser, ["--hsdp_shard_size", value])
+    assert "an integer >= 0 or 'node'" in capsys.readouterr().err
+
+
+def test_yaml_shard_size_may_be_a_number(tmp_path: Path) -> None:
+    """`hsdp_shard_size: 8` in a recipe is the count 8 (as the flag's text); `true` is refused."""
+    from util.config import ParallelConfig, add_flags, parse_args
+
+    parser = add_flags(argparse.ArgumentParser(), ParallelConfig, "parallel")
+    parser.add_argument("--config")
+    (tmp_path / "a.yaml").write_text("hsdp_shard_size: 8\n")
+    assert fsdp_mesh_shape(16, parse_args(parser, ["--config", str(tmp_path / "a.yaml")]).hsdp_shard_size) == (2, 8)
+    (tmp_path / "b.yaml").write_text("hsdp_shard_size: -2\n")
+    with pytest.raises(SystemExit):
+        parse_args(parser, ["--config", str(tmp_path / "b.yaml")])
+
+
+@pytest.mark.slow
+def test_node_shorthand_on_two_torchrun_nodes_of_two(tmp_path: Path) -> None:
+    """Two torchrun agents (--nnodes 2, 2 ranks each: LOCAL_WORLD_SIZE=2) on this host: `node` is a 2 x 2 HSDP
+    mesh, and its losses match one process on the same global batch."""
+    port = free_port()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node",
+         "2", "--master_addr", "127.0.0.1", "--master_port", str(port), str(DIST / "worker.py"), str(tmp_path),
+         "fsdp:hsdp=node"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    logs = [a.communicate(timeout=900)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(log[-4000:] for log in logs)
+    r = json.loads((tmp_path / "results.json").read_text())["fsdp:hsdp=node"]
+    assert r["mesh"]["shape"] == [2, 2] and r["mesh"]["names"] == ["replicate", "shard"]
+    assert close(r["losses"], r["ref_losses"], LOSS_RTOL), r
+    assert close(r["norms"], r["ref_norms"], LOSS_RTOL), r

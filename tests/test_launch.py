@@ -192,6 +192,24 @@ def test_dry_run_prints_the_sbatch_directives(capsys: pytest.CaptureFixture[str]
     assert not (tmp_path / "j").exists()  # nothing submitted, nothing written
 
 
+def test_dry_run_names_the_hsdp_layout_and_refuses_a_group_that_does_not_divide(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`--hsdp_shard_size node` is one shard group per node (--ngpus, exported as LOCAL_WORLD_SIZE to the tasks);
+    a count that does not divide --nodes x --ngpus stops before anything is printed or submitted."""
+    base = ["--dry_run", "--nodes", "2", "--ngpus", "4", "--job_dir", str(tmp_path / "j"), "--dist", "fsdp"]
+    submitit_pretrain.main([*base, "--hsdp_shard_size", "node"])
+    assert "(HSDP: 2 replicas x shard groups of 4, one per node)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        submitit_pretrain.main([*base, "--hsdp_shard_size", "3"])
+    captured = capsys.readouterr()
+    assert exc.value.code == 2 and captured.out == ""
+    assert "--hsdp_shard_size 3 (3 ranks per shard group) must divide the job's 8 ranks" in captured.err
+    with pytest.raises(SystemExit):
+        submitit_pretrain.main([*base, "--hsdp_shard_size", "nodes"])
+    assert "an integer >= 0 or 'node'" in capsys.readouterr().err
+    assert not (tmp_path / "j").exists()
+
+
 def test_bad_main_flag_fails_before_submission(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         submitit_pretrain.main(["--cluster", "local", "--job_dir", str(tmp_path / "j"), "--mask_ratoi", "0.9"])

@@ -106,3 +106,31 @@ def test_fit_takes_a_checkpointing_mode() -> None:
         return memory_plan.fit("mae_vit_giant_patch14", 68, "fsdp", 0.9, "bf16", mode)["batch_size"]
     assert batch(True) == batch("block") and batch(False) == batch("none")
     assert batch("none") <= batch("selective") <= batch("block") and batch("none") < batch("block")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_hsdp_states_divide_by_the_shard_group(precision: str) -> None:
+    """hsdp with N = the world size is the fsdp row; with N = 1 every GPU holds DDP's full parameters and optimizer
+    state (plus FSDP2's two gathered blocks); with N = 8 of 64 the states are 8x the fsdp row's shard."""
+    shape = memory_plan.model_shape("mae_vit_giant_patch14", 16, 224)
+    fsdp = memory_plan.states(shape, "fsdp", precision, 64)
+    assert memory_plan.states(shape, "hsdp", precision, 64, shard=64) == pytest.approx(fsdp)
+    p, g, o = memory_plan.states(shape, "hsdp", precision, 64, shard=1)
+    ddp_p, _, ddp_o = memory_plan.states(shape, "ddp", precision, 64)
+    gathered = 2 * shape["block_params"] * (2 if precision == "bf16" else 4)
+    assert (p, g, o) == pytest.approx((ddp_p + gathered, ddp_p + gathered, ddp_o))
+    _, _, o8 = memory_plan.states(shape, "hsdp", precision, 64, shard=8)
+    assert o8 == pytest.approx(8 * fsdp[2])
+    with pytest.raises(ValueError, match="--hsdp_shard_size 3 must divide --world_size 64"):
+        memory_plan.states(shape, "hsdp", precision, 64, shard=3)
+
+
+def test_cli_hsdp_row_and_its_communication(capsys: pytest.CaptureFixture[str]) -> None:
+    """--hsdp_shard_size adds the hsdp row and the per-step traffic: less crosses nodes than flat FSDP sends."""
+    data = memory_plan.main(["--model", "mae_vit_huge_patch16", "--world_size", "64", "--hsdp_shard_size", "8"])
+    out = capsys.readouterr().out
+    rows = {r["backend"]: r for r in data["computed"]}
+    assert "| hsdp |" in out and rows["hsdp"]["optim"] == pytest.approx(8 * rows["fsdp"]["optim"])
+    flat, hsdp = data["communication"]
+    assert (hsdp["shard_group"], hsdp["replicas"]) == (8, 8) and flat["replicas"] == 1 and flat["across_gib"] == 0
+    assert hsdp["across_gib"] < flat["in_group_gib"] / 4 and "across the 8 replicas" in out

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import stat
 import sys
 import typing
@@ -81,6 +82,12 @@ def positive(x: float) -> bool:
 def non_negative(x: float) -> bool:
     """Range check: >= 0."""
     return x >= 0
+
+
+def shard_size(x: str | int) -> bool:
+    """Range check of --hsdp_shard_size: a count >= 0 (digits) or `node`."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0 or \
+        isinstance(x, str) and (x == "node" or re.fullmatch(r"[0-9]+", x) is not None)
 
 
 def _plain_type(hint: Any) -> tuple[type, bool]:
@@ -435,9 +442,10 @@ class ParallelConfig:
                            check=positive, rule=">= 1", metavar="K")
     compile: str = flag("none", "torch.compile: none, each block (blocks), or the whole model (model)",
                         choices=("none", "blocks", "model"))
-    hsdp_shard_size: int = flag(0, "with --dist fsdp: HSDP, shard within groups of N consecutive ranks (one node: "
-                                "N = GPUs per node) and replicate across the groups; 0: off, one flat mesh of all ranks",
-                                check=non_negative, rule=">= 0", metavar="N")
+    hsdp_shard_size: str = flag("0", "with --dist fsdp: HSDP, shard within groups of N consecutive ranks and "
+                                "replicate across the groups; node: N = the ranks per node (LOCAL_WORLD_SIZE from "
+                                "torchrun or submitit, else SLURM's tasks per node); 0: off, one flat mesh of all ranks",
+                                check=shard_size, rule="an integer >= 0 or 'node'", metavar="N|node")
 
 
 @dataclass
@@ -451,6 +459,9 @@ class CheckpointConfig:
                            rule=">= 0")
     keep_last: int = flag(3, "checkpoints to keep", check=positive, rule=">= 1")
     async_save: bool = flag(False, "write FSDP2 checkpoints in the background (DCP async_save)")
+    allow_mixture_change: bool = flag(False, "resume although the --data_mixture differs from the one the "
+                                      "checkpoint recorded (sources, weights, list files, block size): the epoch's "
+                                      "draw changes from the resumed position on")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,33 @@ def _env_layout() -> tuple[int, int, int]:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         return rank, world, local
     return 0, 1, 0
+
+
+def ranks_per_node(world_size: int, env: Mapping[str, str] | None = None) -> int:
+    """Ranks on each node of this job: what `--hsdp_shard_size node` means.
+
+    LOCAL_WORLD_SIZE (torchrun sets it, and submitit's TorchDistributedEnvironment that launchers/slurm.py
+    exports), else SLURM_NTASKS_PER_NODE (srun with --ntasks-per-node), else SLURM_TASKS_PER_NODE when every
+    node has the same count ("8(x4)"); one process alone is one node of one rank.
+    """
+    env = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if env.get(key, "").strip():
+            value = env[key].strip()
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--hsdp_shard_size node: {key}={value!r} is not a rank count; fix the launcher's "
+                                 f"environment or give --hsdp_shard_size a number")
+            return int(value)
+    tasks = env.get("SLURM_TASKS_PER_NODE", "").strip()
+    counts = {m.group(1) for m in re.finditer(r"(\d+)(\(x\d+\))?(,|$)", tasks)}
+    if tasks and len(counts) == 1:
+        return int(counts.pop())
+    if world_size == 1:
+        return 1
+    why = (f"SLURM_TASKS_PER_NODE={tasks!r} differs between nodes" if tasks
+           else "none of LOCAL_WORLD_SIZE, SLURM_NTASKS_PER_NODE, SLURM_TASKS_PER_NODE is set")
+    raise ValueError(f"--hsdp_shard_size node needs the ranks per node, but {why}: launch with torchrun "
+                     f"--nproc_per_node, submitit (launchers/slurm.py) or srun --ntasks-per-node, or give a number")
 
 
 def init_distributed(dist_backend: str | None = None, *, need_group: bool = False) -> DistInfo:

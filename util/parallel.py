@@ -51,7 +51,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from util.config import OptimConfig, ParallelConfig
-from util.distributed import DistInfo, ensure_process_group
+from util.distributed import DistInfo, ensure_process_group, ranks_per_node
 from util.errors import read_json_object
 from util.optim import build_optimizer, clean_name
 
@@ -149,17 +149,29 @@ def prepare(model: nn.Module, cfg: ParallelConfig) -> None:
         apply_compile(model, "blocks")
 
 
-def fsdp_mesh_shape(world_size: int, hsdp_shard_size: int) -> tuple[int, ...]:
+def resolve_shard_size(value: int | str, world_size: int) -> int:
+    """--hsdp_shard_size as a count: `node` is the ranks per node (util.distributed.ranks_per_node), 0 is off."""
+    if value == "node":
+        return ranks_per_node(world_size)
+    if isinstance(value, str) and not value.isdigit():
+        raise ValueError(f"--hsdp_shard_size {value!r} is neither a count nor 'node'")
+    return int(value)
+
+
+def fsdp_mesh_shape(world_size: int, hsdp_shard_size: int | str) -> tuple[int, ...]:
     """FSDP2's mesh shape: (world,) flat, or (replicate, shard) for HSDP; refuses a group size that does not divide."""
-    if hsdp_shard_size == 0:
+    size = resolve_shard_size(hsdp_shard_size, world_size)
+    if hsdp_shard_size == "node":  # name what `node` became in the message
+        hsdp_shard_size = f"node (= {size} ranks per node)"
+    if size == 0:
         return (world_size,)
-    if hsdp_shard_size < 0 or world_size % hsdp_shard_size:
+    if size < 0 or world_size % size:
         raise ValueError(f"--hsdp_shard_size {hsdp_shard_size} must divide the world size {world_size} "
                          "(shard groups of equal size; use the GPUs per node, or 0 for one flat mesh)")
-    return (world_size // hsdp_shard_size, hsdp_shard_size)
+    return (world_size // size, size)
 
 
-def fsdp_mesh(device_type: str, world_size: int, hsdp_shard_size: int) -> DeviceMesh:
+def fsdp_mesh(device_type: str, world_size: int, hsdp_shard_size: int | str) -> DeviceMesh:
     """The device mesh fully_shard gets: 1-D over all ranks, or 2-D ("replicate", "shard") for HSDP.
 
     As torchtitan's parallel dims order it: the shard dimension is the inner one, so a shard group is
@@ -565,7 +577,7 @@ def setup_parallel(model: nn.Module, cfg: ParallelConfig, optim: OptimConfig, lr
     if cfg.precision not in DTYPES:
         raise ValueError(f"unknown --precision {cfg.precision!r}; choose one of {sorted(DTYPES)}")
     mode = checkpoint_mode(cfg)  # refuses contradictory checkpointing flags before any work
-    if cfg.hsdp_shard_size and cfg.dist != "fsdp":
+    if str(cfg.hsdp_shard_size) not in ("0", "") and cfg.dist != "fsdp":
         raise ValueError(f"--hsdp_shard_size {cfg.hsdp_shard_size} needs --dist fsdp (HSDP is FSDP2 on a 2-D mesh; "
                          f"--dist {cfg.dist} has no shard groups): add --dist fsdp or drop --hsdp_shard_size")
     backend = BACKENDS[cfg.dist](model, cfg, optim, lr, info, accum_iter, micro_batch)

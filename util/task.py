@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from datasets import VideoDataset, build_video_dataset, collate_clips, normalize_clips
-from datasets.frame_folder import build_frame_dataset
+from datasets.frame_folder import FrameFolderDataset, build_frame_dataset
 from datasets.loader import build_loader, check_shared_memory, clip_batch_bytes, decode_threads_for
 from datasets.mixture import Mixture, MixtureDataset
 from datasets.shards import ShardDataset
@@ -124,11 +124,18 @@ class RunContext:
     def mixture_dataset(self, mixture: Mixture, **kw: Any) -> MixtureDataset:
         """The training items of a `--data_mixture`: one pretraining VideoDataset per source with the run's
         geometry and the source's own sampling (`kw` for all of them, e.g. mask noise)."""
-        d = self.cfg.data
-        datasets = [self.list_dataset(s.list_file, s.root, "pretrain", **{**kw, **s.sampling}) if s.shards is None
-                    else ShardDataset(s.shards, retries=d.shard_retries, cache_bytes=d.shard_cache_mb << 20,
-                                      **{**self._dataset_args("", "pretrain"), **kw, **s.sampling})
-                    for s in mixture.sources]
+        d, datasets = self.cfg.data, []
+        for s in mixture.sources:
+            args = {**self._dataset_args(s.root, "pretrain"), **kw, **s.sampling}
+            if s.shards is not None:  # tar shards (datasets/shards.py): members addressed through their index
+                datasets.append(ShardDataset(s.shards, retries=d.shard_retries, cache_bytes=d.shard_cache_mb << 20,
+                                             **args))
+            elif s.data_format == "frames":  # a frame-folder list: the run's --frame_* flags unless the source sets them
+                frames = {"frame_fps": d.frame_fps, "frame_template": d.frame_template,
+                          "frame_start_index": d.frame_start_index, **s.frames}
+                datasets.append(FrameFolderDataset(s.list_file, **args, **frames))
+            else:
+                datasets.append(VideoDataset(s.list_file, **args))
         return MixtureDataset(mixture, datasets, self.cfg.loop.seed)
 
     def video_dataset(self, data_path: str, split: str, mode: str, **kw: Any) -> VideoDataset:
@@ -151,6 +158,10 @@ class Task(abc.ABC):
     # Flags (besides the trainer's ARCHITECTURE_FLAGS) that change the model's parameters: resuming with
     # other values is an error, while other changed flags are listed as a warning.
     architecture_flags: tuple[str, ...] = ()
+
+    def data_fingerprint(self) -> dict[str, Any] | None:
+        """What checkpoints record of the training data so a resume on other data is refused (None: nothing)."""
+        return None
 
     def run_overrides(self) -> dict[str, Any]:
         """Shared flags this task fixes (flag name -> value), applied and recorded before anything is built."""

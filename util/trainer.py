@@ -27,7 +27,7 @@ import torch
 
 from datasets import FailureTracker, ResumableDistributedSampler
 from datasets.loader import batches
-from datasets.mixture import SourceFailures
+from datasets.mixture import SourceFailures, fingerprint_changes
 from util.checkpoint import (
     TRAIN,
     Checkpointer,
@@ -52,6 +52,7 @@ from util.task import RunContext, Task
 from util.weights import read_optimizer_state
 
 log = logging.getLogger("mae_st.trainer")
+DATA_MIXTURE = "data_mixture"  # the checkpoint entry holding the mixture's fingerprint (datasets/mixture.py)
 ARCHITECTURE_FLAGS = ("model", "input_size", "num_frames", "t_patch_size", "cls_embed", "sep_pos_embed", "init_values")
 
 
@@ -79,6 +80,7 @@ class Trainer:
         self.cfg = apply_overrides(cfg, task.run_overrides(), self.config_values)
         task.check_run(self.cfg)  # before any work: no process group, data or model yet
         self.task = task
+        self.data_fingerprint = task.data_fingerprint()  # hashes the mixture's list files once
         self.out = Path(self.cfg.ckpt.output_dir)
         self.state = TrainState()
         self.run_lock: RunLock | None = None
@@ -207,17 +209,45 @@ class Trainer:
         if not path.is_dir():
             raise ValueError(f"--resume takes a checkpoint folder (OUT/checkpoints/step-N), but {path} is not one; "
                              f"to start from a weights file use --init_from (pretraining) or --finetune")
-        saved = read_trainer_state(path).get("config") or {}
+        state = read_trainer_state(path)
+        saved = state.get("config") or {}
         self._compare_config(saved, path)
+        self._compare_data(state.get(DATA_MIXTURE), bool(saved.get("data_mixture")), path)
         return path
+
+    def _compare_data(self, saved: dict | None, saved_had_mixture: bool, path: Path) -> None:
+        """A resume on another data mixture than the checkpoint's is refused (--allow_mixture_change: a warning)."""
+        now = self.data_fingerprint
+        if saved is None and now is not None and saved_had_mixture:  # saved before mixtures were fingerprinted
+            log.warning("%s records no fingerprint of its data mixture: the mixture cannot be checked", path)
+            return
+        if saved is None and now is None:
+            return
+        if saved is None or now is None:
+            changes = ["the checkpoint was trained without a data mixture" if saved is None
+                       else "the checkpoint was trained on a data mixture, this run has none"]
+        else:
+            changes = fingerprint_changes(saved, now)
+        if not changes:
+            return
+        listed = "; ".join(changes)
+        if self.cfg.ckpt.allow_mixture_change:
+            log.warning("resuming %s with another data mixture (--allow_mixture_change): %s", path, listed)
+            return
+        raise ConfigError(f"{path} was trained on another data mixture ({listed}): resuming would continue its "
+                          f"position in a different draw. Resume with the checkpoint's mixture file and list files, "
+                          f"add --allow_mixture_change to continue on the new mixture anyway, or use a new "
+                          f"--output_dir (or --no-auto_resume) to start another run")
 
     def _compare_config(self, saved: dict, path: Path) -> None:
         """Architecture changes against the checkpoint are errors; other changes are listed as a warning."""
         arch = set(ARCHITECTURE_FLAGS) | set(self.task.architecture_flags)
-        ignore = {"resume", "auto_resume", "output_dir", "lr", "bench", "bench_steps", "eval", "videotext_eval"}
+        ignore = {"resume", "auto_resume", "output_dir", "lr", "bench", "bench_steps", "eval", "videotext_eval",
+                  "allow_mixture_change", "data_mixture"}  # the mixture is checked by its fingerprint
         changed = {k: (saved[k], v) for k, v in self.config_values.items()
                    if k in saved and k not in ignore and saved[k] != v and not (isinstance(v, list) and
-                                                                                list(saved[k]) == v)}
+                                                                                list(saved[k]) == v)
+                   and str(saved[k]) != str(v)}  # a flag whose type widened (hsdp_shard_size: 0 -> "0") is unchanged
         bad = {k: c for k, c in changed.items() if k in arch}
         if bad:
             listed = ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in sorted(bad.items()))
@@ -355,6 +385,8 @@ class Trainer:
             return
         self.window.check(self.backend.module, epoch=st.epoch)
         states = {**self._checkpoint_states(), "config": Value(self.config_values)}
+        if self.data_fingerprint is not None:
+            states[DATA_MIXTURE] = Value(self.data_fingerprint)
         self.checkpointer.save(self.backend, f"step-{st.global_step}", states)
         self.last_saved = st.global_step
 

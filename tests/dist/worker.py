@@ -1,7 +1,7 @@
 """torchrun worker: runs many backend scenarios in one process group, writes results.json on rank 0.
 
 usage: torchrun --nproc_per_node N tests/dist/worker.py OUT_DIR SCENARIO [SCENARIO ...]
-A scenario is `<backend>[:accum=K][:ckpt][:compile=blocks|model][:hsdp=N]`, backend in ddp, fsdp, zero1, zero2, zero3, or one of the
+A scenario is `<backend>[:accum=K][:ckpt][:compile=blocks|model][:hsdp=N|node]`, backend in ddp, fsdp, zero1, zero2, zero3, or one of the
 special ones below. Assertions live in the pytest side; this file only measures.
 """
 
@@ -47,7 +47,7 @@ def parse(scenario: str) -> tuple[dict, dict]:
         elif k == "compile":
             flags["compile"] = v
         elif k == "hsdp":
-            flags["hsdp_shard_size"] = int(v)
+            flags["hsdp_shard_size"] = v if v == "node" else int(v)
         else:
             extra[k] = v
     return flags, extra
