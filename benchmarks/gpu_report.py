@@ -43,6 +43,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(ROOT))
+# What every row's script imports besides torch (pip names; each loads the project's models and data code),
+# and the optional packages with the rows they add. A bare GPU machine often has torch only.
+NEEDED = ("torchvision", "timm", "av", "numpy", "pyyaml", "pillow", "tqdm")
+OPTIONAL = {"transformers": "the Hugging Face VideoMAE rows (5, 8) and the 1.3x target"}
+OFFLINE = "docs/performance.md, 'A GPU machine without internet'"
+
+
+def missing_packages(names: tuple[str, ...] | list[str]) -> list[str]:
+    """The pip packages of `names` not installed in this Python."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    out = []
+    for name in names:
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def optional_skips() -> list[str]:
+    """One line per optional package not installed: the rows skipped, and how to add them."""
+    return [f"skipping {rows}: {name} is not installed (pip install -r requirements-bench.txt, or from wheels: "
+            f"{OFFLINE})" for name, rows in OPTIONAL.items() if missing_packages([name])]
+
+
+def check_requirements() -> list[str]:
+    """Exit naming the missing packages every row needs and how to install them offline; returns the
+    messages of the optional rows that will be skipped (also printed)."""
+    missing = missing_packages(NEEDED)
+    if missing:
+        sys.exit(f"gpu_report: every row needs {', '.join(missing)}, not installed in Python "
+                 f"{platform.python_version()} ({sys.executable}). Install them: pip install -r requirements.txt, "
+                 f"or without internet from wheels prepared for this Python ({OFFLINE}): "
+                 f"pip install --no-index --find-links wheels/ {' '.join(missing)}")
+    skipped = optional_skips()
+    for line in skipped:
+        print(f"[gpu_report] {line}", flush=True)
+    return skipped
+
+
+if __name__ == "__main__":
+    check_requirements()  # before importing the project's code, which needs them
 
 from benchmarks.common import (  # noqa: E402
     add_results_flag,
@@ -72,8 +115,8 @@ class Sizes:
     steps: int = 20
     warmup: int = 3
     # compile modes per row ("none" = eager): both compile paths are timed against eager
-    small_compile: str = "none,blocks,model"
-    large_compile: str = "none,blocks,model"
+    small_compile: str = "none,blocks,model,model-cudagraphs"
+    large_compile: str = "none,blocks,model,model-cudagraphs"
     huge_compile: str = "none,blocks"
     # end to end: recipe, overrides, timed steps per mode, generated videos
     e2e_args: tuple[str, ...] = ("--config", "configs/pretrain/vit_l_k400.yaml", "--batch_size", "4",
@@ -386,6 +429,9 @@ def measure(args: argparse.Namespace) -> tuple[str, dict]:
         print(f"[gpu_report] {key}: {'ok' if run.data else run.error} ({run.seconds:.0f} s)", flush=True)
     header = f"### {'--quick: tiny sizes, code paths only; ' if args.quick else ''}{versions(args.device, runs)}"
     report = table(sizes, runs, hf, header, data_note)
+    skipped = optional_skips()
+    if skipped:
+        report += "\n\n" + "\n".join(f"Not measured: {line}." for line in skipped)
     report += f"\n\nTotal {time.time() - start:.0f} s. Logs and JSON: {out}/"
     print("\n" + report)
     (out / "report.md").write_text(report + "\n")
