@@ -10,15 +10,17 @@ writes JSON (`--json`), so nothing here times code of its own:
      workers, forkserver) on real-format H.264 that this script writes once, the moving texture of
      bench_data.py (`benchmarks.common.moving_texture_video`): 568x320, 10 s, 30 fps, a keyframe every
      250 frames, as Kinetics ships after the usual resize to 320p; or on `--data_path`;
-  5  model only, ViT-L 16x224 bf16, 8 clips: `bench_step.py`, eager and compiled per block and whole
-     (`--compile none,blocks,model`, timed in turn), against Hugging Face VideoMAE when `transformers`
-     is installed;
+  5  model only, ViT-L 16x224 bf16, 8 clips: `bench_step.py`, eager, compiled per block, whole, and whole
+     with CUDA graphs (`--compile none,blocks,model,model-cudagraphs`, timed in turn), against Hugging
+     Face VideoMAE when `transformers` is installed;
   6  the same at 32 clips;
   7  the mask sweep 0 / 0.75 / 0.9 / 0.95 at 8 clips;
   8  ViT-H, FSDP2 + activation checkpointing, 16 clips (eager and per-block compile; HF with
      gradient checkpointing when installed);
   9  memory of ViT-L at 8 clips, measured (`memory_plan.py --measure`) against computed;
-then the issue's targets with PASS or MISS. Rows run in that order of cost-benefit; a row that fails
+then the issue's targets with PASS or MISS. Before any row, the packages the rows import are checked
+(`NEEDED`; a missing one stops the report naming it and the offline install of docs/performance.md), and
+each optional one missing (`OPTIONAL`) is named with the rows it skips. Rows run in that order of cost-benefit; a row that fails
 or times out says so in its cell and the others still run; rows that would start after `--budget_s`
 are listed as not run. The table, the JSON of every row and each script's log go to `--out`;
 `--results DIR` also writes them as one result file (`benchmarks/common.py`, `write_result_file`).
