@@ -130,6 +130,20 @@ def test_inductor_compiled_step_is_steady(mode: str) -> None:
 
 
 @pytest.mark.slow
+def test_deepspeed_compiled_blocks_are_steady() -> None:
+    """DeepSpeed (ZeRO-2 on a 1-rank gloo group) with compiled blocks: no graph break, no recompile after the first
+    step. Slow: DeepSpeed builds its CPU communication op on first use. (Its step reads overflow flags and the
+    grad norm on the host itself: docs/performance.md.)"""
+    backend = make_backend(make_model(), CPU, dist="deepspeed", compile="blocks", compile_backend="eager")
+    step(backend, 0)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(1, 10):
+            step(backend, i)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == graphs >= 1, dict(counters)
+
+
+@pytest.mark.slow
 def test_reduce_overhead_compile_matches_eager_on_the_cpu() -> None:
     """model-cudagraphs' compile (inductor's reduce-overhead mode) where it can run here: on the CPU inductor
     captures no CUDA graph, and the compiled forward and backward give the eager loss and gradients."""
