@@ -53,7 +53,7 @@ from util.flops import device_peak_flops, matmul_peak_flops  # noqa: E402
 from util.optim import build_adamw, param_groups  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-COMPILE_MODES = ("none", "blocks", "model")
+COMPILE_MODES = ("none", "blocks", "model", "model-cudagraphs")
 
 
 @dataclass
@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", default="none",
                    help="torch.compile as training does it (--compile of main_pretrain.py): none, blocks (each block) "
-                        "or model (whole model); a comma list times each mode in turn")
+                        "model (whole model) or model-cudagraphs (whole model, CUDA graphs; CUDA only); a comma list "
+                        "times each mode in turn")
     p.add_argument("--dist", choices=["ddp", "fsdp"], default="ddp",
                    help="the training backend: DDP in one process, or FSDP2 on a 1-rank group")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block")

@@ -10,9 +10,9 @@ writes JSON (`--json`), so nothing here times code of its own:
      workers, forkserver) on real-format H.264 that this script writes once, the moving texture of
      bench_data.py (`benchmarks.common.moving_texture_video`): 568x320, 10 s, 30 fps, a keyframe every
      250 frames, as Kinetics ships after the usual resize to 320p; or on `--data_path`;
-  5  model only, ViT-L 16x224 bf16, 8 clips: `bench_step.py`, eager and compiled per block and whole
-     (`--compile none,blocks,model`, timed in turn), against Hugging Face VideoMAE when `transformers`
-     is installed;
+  5  model only, ViT-L 16x224 bf16, 8 clips: `bench_step.py`, eager, compiled per block, whole, and whole
+     with CUDA graphs (`--compile none,blocks,model,model-cudagraphs`, timed in turn), against Hugging
+     Face VideoMAE when `transformers` is installed;
   6  the same at 32 clips;
   7  the mask sweep 0 / 0.75 / 0.9 / 0.95 at 8 clips;
   8  ViT-H, FSDP2 + activation checkpointing, 16 clips (eager and per-block compile; HF with
@@ -21,7 +21,9 @@ writes JSON (`--json`), so nothing here times code of its own:
  10  ViT-g/14 model only, FSDP2 + activation checkpointing per block, 8 clips per GPU, eager (issue 30);
  11  the same as HSDP when the machine has more than one GPU: `torchrun --nproc_per_node G bench_step.py
      --hsdp-shard-size G/2` (2 replicas x G/2 shards, clips per GPU as row 10);
-then the issue's targets with PASS or MISS. Rows run in that order of cost-benefit; a row that fails
+then the issue's targets with PASS or MISS. Before any row, the packages the rows import are checked
+(`NEEDED`; a missing one stops the report naming it and the offline install of docs/performance.md), and
+each optional one missing (`OPTIONAL`) is named with the rows it skips. Rows run in that order of cost-benefit; a row that fails
 or times out says so in its cell and the others still run; rows that would start after `--budget_s`
 are listed as not run. The table, the JSON of every row and each script's log go to `--out`;
 `--results DIR` also writes them as one result file (`benchmarks/common.py`, `write_result_file`).
@@ -47,6 +49,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(ROOT))
+# What every row's script imports besides torch (pip names; each loads the project's models and data code),
+# and the optional packages with the rows they add. A bare GPU machine often has torch only.
+NEEDED = ("torchvision", "timm", "av", "numpy", "pyyaml", "pillow", "tqdm")
+OPTIONAL = {"transformers": "the Hugging Face VideoMAE rows (5, 8) and the 1.3x target"}
+OFFLINE = "docs/performance.md, 'A GPU machine without internet'"
+
+
+def missing_packages(names: tuple[str, ...] | list[str]) -> list[str]:
+    """The pip packages of `names` not installed in this Python."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    out = []
+    for name in names:
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def optional_skips() -> list[str]:
+    """One line per optional package not installed: the rows skipped, and how to add them."""
+    return [f"skipping {rows}: {name} is not installed (pip install -r requirements-bench.txt, or from wheels: "
+            f"{OFFLINE})" for name, rows in OPTIONAL.items() if missing_packages([name])]
+
+
+def check_requirements() -> list[str]:
+    """Exit naming the missing packages every row needs and how to install them offline; returns the
+    messages of the optional rows that will be skipped (also printed)."""
+    missing = missing_packages(NEEDED)
+    if missing:
+        sys.exit(f"gpu_report: every row needs {', '.join(missing)}, not installed in Python "
+                 f"{platform.python_version()} ({sys.executable}). Install them: pip install -r requirements.txt, "
+                 f"or without internet from wheels prepared for this Python ({OFFLINE}): "
+                 f"pip install --no-index --find-links wheels/ {' '.join(missing)}")
+    skipped = optional_skips()
+    for line in skipped:
+        print(f"[gpu_report] {line}", flush=True)
+    return skipped
+
+
+if __name__ == "__main__":
+    check_requirements()  # before importing the project's code, which needs them
 
 from benchmarks.common import (  # noqa: E402
     add_results_flag,
@@ -78,8 +123,8 @@ class Sizes:
     steps: int = 20
     warmup: int = 3
     # compile modes per row ("none" = eager): both compile paths are timed against eager
-    small_compile: str = "none,blocks,model"
-    large_compile: str = "none,blocks,model"
+    small_compile: str = "none,blocks,model,model-cudagraphs"
+    large_compile: str = "none,blocks,model,model-cudagraphs"
     huge_compile: str = "none,blocks"
     budget_s: float = 600.0  # default --budget_s: no row starts after it
     # end to end: recipe, overrides, timed steps per mode, generated videos
@@ -422,6 +467,9 @@ def measure(args: argparse.Namespace) -> tuple[str, dict]:
         print(f"[gpu_report] {key}: {'ok' if run.data else run.error} ({run.seconds:.0f} s)", flush=True)
     header = f"### {'--quick: tiny sizes, code paths only; ' if args.quick else ''}{versions(args.device, runs)}"
     report = table(sizes, runs, hf, header, data_note, hsdp_planned=hsdp > 1)
+    skipped = optional_skips()
+    if skipped:
+        report += "\n\n" + "\n".join(f"Not measured: {line}." for line in skipped)
     report += f"\n\nTotal {time.time() - start:.0f} s. Logs and JSON: {out}/"
     print("\n" + report)
     (out / "report.md").write_text(report + "\n")

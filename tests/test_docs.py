@@ -111,7 +111,8 @@ FLAG_RX = re.compile(r"(?<![\w-])(--[a-zA-Z][\w-]*)(?![\w*-])")  # not `--synthe
 # as the source of the SSv2 test views in docs/downstream.md; VideoMAE v2's rawframe flags, cited for the
 # defaults of --frame_template and --frame_start_index there.
 EXTERNAL_FLAGS = {"--fname_tmpl", "--start_idx", "--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id",
-                  "--standalone", "--shm-size", "--logdir", "--bias_wd", "--test_num_segment", "--test_num_crop"}
+                  "--standalone", "--shm-size", "--logdir", "--bias_wd", "--test_num_segment", "--test_num_crop",
+                  "--find-links", "--no-index", "--only-binary", "--platform", "--python-version", "--dry-run"}  # (pip's)
 SCRIPT_DIRS = ("benchmarks/*.py", "datasets/*.py", "util/checkpoint*.py")
 ADD_ARGUMENT_RX = re.compile(r"add_argument\(\s*((?:[\"']-[^\"']*[\"']\s*,\s*)*[\"']-[^\"']*[\"'])")
 
@@ -177,6 +178,9 @@ NOT_RUN = {
     r"python -m datasets\.resize --src /data/.*": "needs a copy of Kinetics",
     r"(OMP_NUM_THREADS=1 )?python benchmarks/.*": "a benchmark: minutes to hours of measurement, never part of pytest",
     r"pip install -r requirements-bench\.txt": "installs optional packages (Hugging Face transformers)",
+    r"pip download .*": "downloads wheels: needs internet (the report's check of what is missing is "
+                        "tests/test_gpu_report.py's)",
+    r"pip install --no-index --find-links wheels/ .*": "installs the wheels downloaded elsewhere",
     r"python main_pretrain\.py .*": "a CPU demo of minutes, or needs official weights or data; the tests train "
                                     "each objective at tiny sizes instead",
     r"python main_finetune\.py( .*)?": "a CPU demo of minutes, or needs official weights or data",

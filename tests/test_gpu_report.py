@@ -111,3 +111,24 @@ def test_quick_cpu_run_with_compiled_rows(tmp_path: Path) -> None:
     ops = {("model" if "compile model" in r else "eager"): int(r.split(" ATen ops/step")[0].rsplit(", ", 1)[1])
            for r in rows if r.startswith("| 5 |") and "ATen ops/step" in r}
     assert ops["model"] < ops["eager"] / 2  # the compiled step dispatches a fraction of the eager step's ops
+
+
+def test_report_refuses_a_python_without_its_packages_naming_them_and_the_offline_install() -> None:
+    """A bare machine's Python (here: site-packages off, `-S`) has none of the rows' packages: the report says which
+    before any row starts, and how to install them from wheels prepared elsewhere."""
+    proc = subprocess.run([sys.executable, "-S", "-I", str(ROOT / "benchmarks" / "gpu_report.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "every row needs torchvision, timm, av, numpy, pyyaml, pillow, tqdm" in proc.stderr
+    assert "pip install --no-index --find-links wheels/" in proc.stderr and "without internet" in proc.stderr
+    assert "[gpu_report]" not in proc.stdout  # no row started
+
+
+def test_missing_optional_packages_are_listed_as_skipped_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each optional package not installed gives one line naming its rows and the fix (printed and under the table)."""
+    assert gpu_report.missing_packages(["numpy", "no-such-package-for-gpu-report"]) == ["no-such-package-for-gpu-report"]
+    monkeypatch.setitem(gpu_report.OPTIONAL, "no-such-package-for-gpu-report", "row 99")
+    lines = gpu_report.optional_skips()
+    assert [line for line in lines if "row 99" in line] == [
+        "skipping row 99: no-such-package-for-gpu-report is not installed (pip install -r requirements-bench.txt, "
+        f"or from wheels: {gpu_report.OFFLINE})"]

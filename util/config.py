@@ -440,8 +440,12 @@ class ParallelConfig:
                           choices=("none", "block", "every_k", "selective"))
     ckpt_every: int = flag(2, "with --ckpt_mode every_k: checkpoint blocks 0, K, 2K, ... of the model's units",
                            check=positive, rule=">= 1", metavar="K")
-    compile: str = flag("none", "torch.compile: none, each block (blocks), or the whole model (model)",
-                        choices=("none", "blocks", "model"))
+    compile: str = flag("none", "torch.compile: none, each block (blocks), the whole model (model), or the whole "
+                        "model with CUDA graphs (model-cudagraphs: inductor's reduce-overhead mode; CUDA, DDP only)",
+                        choices=("none", "blocks", "model", "model-cudagraphs"))
+    compile_backend: str = flag("inductor", "torch.compile backend: inductor (compiled kernels), or aot_eager / "
+                                "eager (dynamo's graphs run op by op: to look for graph breaks and recompiles "
+                                "without building kernels)", choices=("inductor", "aot_eager", "eager"))
     hsdp_shard_size: str = flag("0", "with --dist fsdp: HSDP, shard within groups of N consecutive ranks and "
                                 "replicate across the groups; node: N = the ranks per node (LOCAL_WORLD_SIZE from "
                                 "torchrun or submitit, else SLURM's tasks per node); 0: off, one flat mesh of all ranks",

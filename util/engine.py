@@ -84,22 +84,32 @@ def split_loss(out: LossOut) -> tuple[torch.Tensor, dict]:
     return out if isinstance(out, tuple) else (out, {})
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def train_step(backend: Any, micro_batches: Iterable[dict], loss_fn: LossFn, accum_iter: int
                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor], int]:
     """One optimiser step over `accum_iter` micro-batches: (mean loss, pre-clip grad norm, extra metrics, clips).
 
-    All returned tensors stay on the device (no host sync).
+    All returned tensors stay on the device (no host sync). Under `--compile model-cudagraphs` the model's
+    outputs live in the CUDA graph's memory, which its next replay overwrites: what the step returns (and a
+    `StepWindow` keeps until a log step) is copied out of it.
     """
+    graphs = getattr(getattr(backend, "cfg", None), "compile", "") == "model-cudagraphs"
+    keep = torch.clone if graphs else _same
+    if graphs:  # the previous step's graph outputs are no longer read: its memory may be reused
+        torch.compiler.cudagraph_mark_step_begin()
     total, extras, clips = None, {}, 0
     for i, batch in enumerate(micro_batches):
         with backend.microstep(is_last=i == accum_iter - 1):
             with backend.precision():
                 loss, extra = split_loss(loss_fn(backend.module, batch))
             backend.backward(loss)
-        loss = loss.detach().float()
+        loss = keep(loss.detach().float())
         total = loss if total is None else total + loss
         for key, value in extra.items():
-            value = value.detach().float().reshape(())
+            value = keep(value.detach().float().reshape(()))
             extras[key] = value if key not in extras else extras[key] + value
         clips += batch["clips"].shape[0]
     if total is None:

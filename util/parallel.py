@@ -52,7 +52,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from util.config import OptimConfig, ParallelConfig
 from util.distributed import DistInfo, ensure_process_group, ranks_per_node
-from util.errors import read_json_object
+from util.errors import ConfigError, read_json_object
 from util.optim import build_optimizer, clean_name
 
 log = logging.getLogger(__name__)
@@ -131,22 +131,44 @@ def apply_checkpointing(model: nn.Module, mode: str = "block", every: int = 1) -
     return len(ids)
 
 
-def apply_compile(module: nn.Module, mode: str) -> None:
-    """torch.compile in place (no `_orig_mod.` in names): each unit ("blocks") or the whole module ("model")."""
+WHOLE_MODEL = ("model", "model-cudagraphs")  # the --compile modes that compile the wrapped model in one graph
+
+
+def apply_compile(module: nn.Module, mode: str, backend: str = "inductor") -> None:
+    """torch.compile in place (no `_orig_mod.` in names): each unit ("blocks") or the whole module ("model"),
+    the latter with CUDA graphs ("model-cudagraphs": inductor's reduce-overhead mode)."""
     if mode == "blocks":
         for unit in shard_units(module):
-            unit.compile()  # like torchtitan's per-block compile
+            unit.compile(backend=backend)  # like torchtitan's per-block compile
     elif mode == "model":
-        module.compile()  # one graph per step shape: the visible-token count is fixed, so shapes are static
+        module.compile(backend=backend)  # one graph per step shape: the visible-token count is fixed (static shapes)
+    elif mode == "model-cudagraphs":
+        module.compile(mode="reduce-overhead")  # static shapes: forward and backward each replay one CUDA graph
     elif mode != "none":
-        raise ValueError(f"compile mode must be none, blocks or model, got {mode!r}")
+        raise ValueError(f"compile mode must be none, blocks, model or model-cudagraphs, got {mode!r}")
+
+
+def check_compile(cfg: ParallelConfig, device: torch.device) -> None:
+    """Refuse a --compile mode that cannot work here (ConfigError naming the fix) before any work starts."""
+    if cfg.compile != "model-cudagraphs":
+        return
+    why = [text for bad, text in (
+        (device.type != "cuda", "CUDA graphs need a CUDA device, and this run is on the CPU"),
+        (cfg.dist == "deepspeed", "DeepSpeed's engine hooks into the whole model (a whole-model graph cannot capture it)"),
+        (cfg.dist == "fsdp", "FSDP2 frees and re-gathers the parameters around every block (a CUDA graph needs "
+                             "fixed addresses)"),
+        (cfg.compile_backend != "inductor", f"CUDA graphs are inductor's reduce-overhead mode, not "
+                                            f"--compile_backend {cfg.compile_backend}")) if bad]
+    if why:
+        raise ConfigError(f"--compile model-cudagraphs: {'; '.join(why)}; use --compile model (or blocks), or run on "
+                          "a CUDA GPU with --dist ddp and --compile_backend inductor")
 
 
 def prepare(model: nn.Module, cfg: ParallelConfig) -> None:
     """What every backend applies to the plain model first: checkpointing, then per-block compile."""
     apply_checkpointing(model, checkpoint_mode(cfg), cfg.ckpt_every)
     if cfg.compile == "blocks":
-        apply_compile(model, "blocks")
+        apply_compile(model, "blocks", cfg.compile_backend)
 
 
 def resolve_shard_size(value: int | str, world_size: int) -> int:
@@ -258,8 +280,8 @@ class DDPBackend(Backend):
         if info.world_size > 1:
             ids = [info.local_rank] if info.device.type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if cfg.compile == "model":
-            apply_compile(self.module, "model")  # torch.compile of DDP splits graphs at its buckets
+        if cfg.compile in WHOLE_MODEL:
+            apply_compile(self.module, cfg.compile, cfg.compile_backend)  # DDP's graph is split at its buckets
         self.optimizer = build_optimizer(model, optim, lr, info.device)
         self.scaler = torch.amp.GradScaler(info.device.type) if cfg.precision == "fp16" else None
 
@@ -344,7 +366,7 @@ class FSDPBackend(Backend):
             fully_shard(unit, **kw)
         fully_shard(model, **kw)
         if cfg.compile == "model":
-            apply_compile(model, "model")
+            apply_compile(model, "model", cfg.compile_backend)
         self._ckpt_group = None  # gloo group for asynchronous saves, made on first use (collectively)
         # Build groups after sharding: the parameters are now DTensors (replaced in place).
         self.optimizer = build_optimizer(model, optim, lr, info.device)
@@ -468,7 +490,7 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, model: nn.Module, cfg: ParallelConfig, optim: OptimConfig, lr: float, info: DistInfo,
                  accum_iter: int, micro_batch: int) -> None:
-        if cfg.compile == "model":
+        if cfg.compile in WHOLE_MODEL:
             # The engine runs ZeRO's partitioning and gradient-reduction hooks around and inside the model;
             # a whole-model graph would have to trace them. Blocks compile inside the engine as usual.
             raise ValueError("--compile model is not available with --dist deepspeed (DeepSpeed's engine hooks "
@@ -577,6 +599,7 @@ def setup_parallel(model: nn.Module, cfg: ParallelConfig, optim: OptimConfig, lr
     if cfg.precision not in DTYPES:
         raise ValueError(f"unknown --precision {cfg.precision!r}; choose one of {sorted(DTYPES)}")
     mode = checkpoint_mode(cfg)  # refuses contradictory checkpointing flags before any work
+    check_compile(cfg, info.device)
     if str(cfg.hsdp_shard_size) not in ("0", "") and cfg.dist != "fsdp":
         raise ValueError(f"--hsdp_shard_size {cfg.hsdp_shard_size} needs --dist fsdp (HSDP is FSDP2 on a 2-D mesh; "
                          f"--dist {cfg.dist} has no shard groups): add --dist fsdp or drop --hsdp_shard_size")

@@ -44,7 +44,7 @@ from util.engine import SamplerPosition, StepWindow, TrainState, step_seed, step
 from util.flops import device_peak_flops
 from util.logger import TrainLogger, peak_memory_gb
 from util.lr_sched import apply_lr, effective_lr, lr_at, schedule_line
-from util.parallel import Backend, carry_optimizer_state, setup_parallel
+from util.parallel import Backend, carry_optimizer_state, check_compile, setup_parallel
 from util.preemption import PreemptionWatcher
 from util.rng_state import RankRngState
 from util.run_lock import RunLock, RunLockedError, acquire_run_lock
@@ -109,6 +109,7 @@ class Trainer:
         sampler, loader, logger and checkpointer too."""
         cfg, loop = self.cfg, self.cfg.loop
         self.dist = init_distributed(need_group=cfg.parallel.dist != "ddp")
+        check_compile(cfg.parallel, self.dist.device)  # a --compile mode that cannot work here: before any work
         if lock:  # before anything reads or writes OUT (resume, logger, checkpointer, the task's files)
             self._lock_output()
         threads = set_cpu_threads(self.dist, cfg.data.num_workers)
