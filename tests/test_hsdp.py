@@ -23,8 +23,7 @@ from common import CLIP, MASK_RATIO, batch, lr_at, make_backend, make_model, ref
 from dist_launch import DIST, REPO, python, torchrun  # noqa: E402
 from test_parallel import LOSS_RTOL, PARAM_ATOL, close  # noqa: E402
 
-from util.distributed import DistInfo, free_port, ranks_per_node  # noqa: E402
-from util.parallel import fsdp_mesh_shape, resolve_shard_size  # noqa: E402
+from util.distributed import DistInfo, free_port, fsdp_mesh_shape, ranks_per_node, resolve_shard_size  # noqa: E402
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
 

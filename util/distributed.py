@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 @dataclass
@@ -214,3 +215,38 @@ def set_cpu_threads(info: DistInfo, num_workers: int) -> int:
     threads = max(1, cores // local_world - num_workers)
     torch.set_num_threads(threads)
     return threads
+
+
+def resolve_shard_size(value: int | str, world_size: int) -> int:
+    """--hsdp_shard_size as a count: `node` is the ranks per node (`ranks_per_node`), 0 is off."""
+    if value == "node":
+        return ranks_per_node(world_size)
+    if isinstance(value, str) and not value.isdigit():
+        raise ValueError(f"--hsdp_shard_size {value!r} is neither a count nor 'node'")
+    return int(value)
+
+
+def fsdp_mesh_shape(world_size: int, hsdp_shard_size: int | str) -> tuple[int, ...]:
+    """FSDP2's mesh shape: (world,) flat, or (replicate, shard) for HSDP; refuses a group size that does not divide."""
+    size = resolve_shard_size(hsdp_shard_size, world_size)
+    if hsdp_shard_size == "node":  # name what `node` became in the message
+        hsdp_shard_size = f"node (= {size} ranks per node)"
+    if size == 0:
+        return (world_size,)
+    if size < 0 or world_size % size:
+        raise ValueError(f"--hsdp_shard_size {hsdp_shard_size} must divide the world size {world_size} "
+                         "(shard groups of equal size; use the GPUs per node, or 0 for one flat mesh)")
+    return (world_size // size, size)
+
+
+def fsdp_mesh(device_type: str, world_size: int, hsdp_shard_size: int | str) -> DeviceMesh:
+    """The device mesh fully_shard gets: 1-D over all ranks, or 2-D ("replicate", "shard") for HSDP.
+
+    As torchtitan's parallel dims order it: the shard dimension is the inner one, so a shard group is
+    consecutive ranks (one node's GPUs: all-gathers and reduce-scatters stay on the node's fast links)
+    and only the gradient all-reduce crosses nodes.
+    """
+    shape = fsdp_mesh_shape(world_size, hsdp_shard_size)
+    if len(shape) == 1:
+        return init_device_mesh(device_type, shape)
+    return init_device_mesh(device_type, shape, mesh_dim_names=("replicate", "shard"))
