@@ -127,14 +127,15 @@ def finished_marker(script: str, output_dir: Path) -> Path:
 
 def run_script(script: str, output_dir: Path, args: list[str], *, threads: int = 1, log: Path | None = None,
                done: Callable[[], bool] | None = None, result: Callable[[], bool] | None = None,
-               label: str = "") -> ScriptRun:
-    """Run `python SCRIPT --output_dir OUT ARGS` to completion, unless `done()` says a finished run is there to reuse.
+               label: str = "", launcher: tuple[str, ...] = ()) -> ScriptRun:
+    """Run `python [LAUNCHER] SCRIPT --output_dir OUT ARGS` to completion, unless `done()` says a finished run is
+    there to reuse (LAUNCHER: e.g. `-m torch.distributed.run --nproc_per_node 8`).
 
     `done` defaults to `finished_marker` existing, `result` (what must hold after the run) to `done`, `log` to OUT's
     parent / '<OUT's name>.log'. A failed run, or one that ends without its result, stops the benchmark
     (SystemExit) naming its log.
     """
-    cmd = [sys.executable, script, "--output_dir", str(output_dir), *args]
+    cmd = [sys.executable, *launcher, script, "--output_dir", str(output_dir), *args]
     shown, label = shown_command(cmd), label or output_dir.name
     is_done = done or finished_marker(script, output_dir).exists
     if is_done():
