@@ -70,6 +70,14 @@ def test_recipe_plans_one_run_per_dataset_protocol_and_split(tmp_path: Path) -> 
     assert "--probe" not in runs["ssv2", "finetune", ""]["args"]
 
 
+def test_the_shipped_recipe_file_plans_its_runs(tmp_path: Path) -> None:
+    data = downstream.main(["--recipe", str(common.ROOT / "configs/downstream/vit_b.yaml"), "--checkpoint", "enc.pth",
+                            "--output_dir", str(tmp_path), "--dry_run"])
+    assert [(r["dataset"], r["protocol"], r["split"]) for r in data["runs"]] == [
+        ("ssv2", "finetune", ""), ("ssv2", "attentive", ""),
+        *[(name, "finetune", f"split{k}") for name in ("ucf101", "hmdb51") for k in (1, 2, 3)]]
+
+
 @pytest.mark.parametrize("text, match", [
     ("[a, b]", "expected a mapping"),
     ("ssv2: {recipe: configs/finetune/vit_b_ssv2.yaml}", "needs `recipe`"),
