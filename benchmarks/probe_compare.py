@@ -3,7 +3,7 @@
     python benchmarks/probe_compare.py [--seeds 3] [--num_videos 600] [--pretrain_epochs 6] [--probe_steps 150]
     python benchmarks/probe_compare.py --quick        # smoke test of every step (the numbers mean nothing)
 
-The data, the pretraining and the linear probe are benchmarks/pretrain_helps.py's (its `make_data`, `PRETRAIN`,
+The data, the pretraining and the linear probe are benchmarks/pretrain_helps.py's (`common.motion_pool`, `PRETRAIN`,
 `FINETUNE`, `LINPROBE`): the motion set's 8 classes are directions and rotation senses, so no single frame tells
 the class. One micro MAE-ST encoder is pretrained on the train split (seed 0), then for each seed s both probes
 are trained on its frozen features with seed s (the same data order and steps) and tested on the test split
@@ -24,8 +24,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_results_flag, recording, run_script, training_device  # noqa: E402
-from benchmarks.pretrain_helps import CLIP, FINETUNE, LINPROBE, PRETRAIN, make_data, summarize  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CLIP,
+    FINETUNE,
+    LINPROBE,
+    MOTION_SIZE,
+    PRETRAIN,
+    add_results_flag,
+    motion_pool,
+    recording,
+    run_script,
+    summarize,
+    training_device,
+)
 from datasets.synthetic import dataset_fingerprint  # noqa: E402
 
 QUICK = dict(num_videos=48, batch_size=4, pretrain_epochs=1, probe_steps=2, seeds=2)
@@ -60,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(a, k, v)
     with recording(a.results, "probe_compare", __file__, argv, device=training_device()) as rec:
         out = Path(a.out).resolve()
-        pool, _ = make_data(out, 0, 2.0, 2.0, a.num_videos)  # pretrain_helps' set; pool/ has train, val, test lists
+        # pretrain_helps.py's set (the same settings, so the same cached pool); pool/ has train, val, test lists
+        pool, _ = motion_pool(out, a.num_videos, 0, MOTION_SIZE, 2.0, 2.0, "stripes")
         common = ["--batch_size", str(a.batch_size), "--num_workers", "0", "--decode_threads", "1"]
         tag = f"b{a.batch_size}_ep{a.pretrain_epochs}"
         encoder = out / pool.name / f"pretrain_{tag}"
