@@ -26,6 +26,7 @@ import platform
 import re
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -127,14 +128,15 @@ def finished_marker(script: str, output_dir: Path) -> Path:
 
 def run_script(script: str, output_dir: Path, args: list[str], *, threads: int = 1, log: Path | None = None,
                done: Callable[[], bool] | None = None, result: Callable[[], bool] | None = None,
-               label: str = "") -> ScriptRun:
-    """Run `python SCRIPT --output_dir OUT ARGS` to completion, unless `done()` says a finished run is there to reuse.
+               label: str = "", launcher: tuple[str, ...] = ()) -> ScriptRun:
+    """Run `python [LAUNCHER] SCRIPT --output_dir OUT ARGS` to completion, unless `done()` says a finished run is
+    there to reuse (LAUNCHER: e.g. `-m torch.distributed.run --nproc_per_node 8`).
 
     `done` defaults to `finished_marker` existing, `result` (what must hold after the run) to `done`, `log` to OUT's
     parent / '<OUT's name>.log'. A failed run, or one that ends without its result, stops the benchmark
     (SystemExit) naming its log.
     """
-    cmd = [sys.executable, script, "--output_dir", str(output_dir), *args]
+    cmd = [sys.executable, *launcher, script, "--output_dir", str(output_dir), *args]
     shown, label = shown_command(cmd), label or output_dir.name
     is_done = done or finished_marker(script, output_dir).exists
     if is_done():
@@ -291,6 +293,54 @@ def motion_pool(out: Path, num_videos: int, labels_per_class: int, size: int = 3
     (lists / "train.csv").write_text("".join(r + "\n" for r in keep))
     (lists / "test.csv").write_text((pool / "val.csv").read_text() + (pool / "test.csv").read_text())
     return pool, lists
+
+
+# ============================================================================ the motion-set probes' recipes
+# pretrain_helps.py's and probe_compare.py's: the micro MAE-ST, its fine-tuning and its linear probe on the generated
+# motion videos (motion_pool), and the statistics over seeds they report.
+MOTION_SIZE, MOTION_CLASSES = 32, 8
+CLIP = ["--input_size", str(MOTION_SIZE), "--num_frames", "8", "--sampling_rate", "2", "--t_patch_size", "2",
+        "--precision", "fp32", "--log_every", "50"]
+# MAE-ST on 8 frames x 32 px (4 x 4 x 4 tokens). Pixel targets without per-patch normalisation: on a
+# one-colour background a flat patch normalised by its own variance is amplified noise.
+PRETRAIN = ["--model", "mae_vit_micro_patch8", "--no-norm_pix_loss", "--pred_t_dim", "8",
+            "--decoder_num_heads", "4", "--repeat_aug", "2", "--blr", "1.2e-2", "--warmup_epochs", "1",
+            "--clip_grad", "0", "--vis_every", "0", "--save_every", "0"]
+# One recipe for both arms: the labels are motions, so no flips, rotations, mixup or erasing.
+FINETUNE = ["--opt_betas", "0.9", "0.95", "--model", "vit_micro_patch8", "--num_classes", str(MOTION_CLASSES),
+            "--repeat_aug", "1", "--blr", "8e-3", "--layer_decay", "1.0", "--drop_path_rate", "0.0",
+            "--smoothing", "0.0", "--min_crop_scale", "0.8", "--no-hflip", "--rand_aug", "",
+            "--reprob", "0.0", "--mixup", "0.0", "--cutmix", "0.0", "--clip_grad", "0", "--eval_split", "test",
+            "--eval_every", "0", "--test_num_temporal_views", "2", "--test_num_spatial_crops", "1"]
+LINPROBE = ["--linprobe", "--blr", "8e-2", "--weight_decay", "0.0"]
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t distribution (bisection on its CDF; the CDF by Simpson's rule)."""
+    # No scipy in requirements.txt; the integrand is smooth, so 2000 Simpson panels are plenty.
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        n = 2000
+        h = x / n
+        f = [math.exp(log_c - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def summarize(values: list[float]) -> dict:
+    """Mean, sample standard deviation and 95% Student-t interval of the mean (nan when one value)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else float("nan")
+    half = t_quantile(0.975, n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 
 
 # ============================================================================ result files

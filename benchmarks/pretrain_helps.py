@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -41,24 +40,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_results_flag, motion_pool, recording, run_script, training_device  # noqa: E402
+from benchmarks.common import (  # noqa: E402  (the motion-set recipes and statistics are shared with probe_compare.py)
+    CLIP,
+    FINETUNE,
+    LINPROBE,
+    MOTION_CLASSES,
+    MOTION_SIZE,
+    PRETRAIN,
+    add_results_flag,
+    motion_pool,
+    recording,
+    run_script,
+    summarize,
+    training_device,
+)
 from datasets.synthetic import OBJECT_TEXTURES, dataset_fingerprint  # noqa: E402
 
-NUM_VIDEOS, SIZE, NUM_CLASSES = 3600, 32, 8
-CLIP = ["--input_size", str(SIZE), "--num_frames", "8", "--sampling_rate", "2", "--t_patch_size", "2",
-        "--precision", "fp32", "--log_every", "50"]
-# MAE-ST on 8 frames x 32 px (4 x 4 x 4 tokens). Pixel targets without per-patch normalisation: on a
-# one-colour background a flat patch normalised by its own variance is amplified noise.
-PRETRAIN = ["--model", "mae_vit_micro_patch8", "--no-norm_pix_loss", "--pred_t_dim", "8",
-            "--decoder_num_heads", "4", "--repeat_aug", "2", "--blr", "1.2e-2", "--warmup_epochs", "1",
-            "--clip_grad", "0", "--vis_every", "0", "--save_every", "0"]
-# One recipe for both arms: the labels are motions, so no flips, rotations, mixup or erasing.
-FINETUNE = ["--opt_betas", "0.9", "0.95", "--model", "vit_micro_patch8", "--num_classes", str(NUM_CLASSES),
-            "--repeat_aug", "1", "--blr", "8e-3", "--layer_decay", "1.0", "--drop_path_rate", "0.0",
-            "--smoothing", "0.0", "--min_crop_scale", "0.8", "--no-hflip", "--rand_aug", "",
-            "--reprob", "0.0", "--mixup", "0.0", "--cutmix", "0.0", "--clip_grad", "0", "--eval_split", "test",
-            "--eval_every", "0", "--test_num_temporal_views", "2", "--test_num_spatial_crops", "1"]
-LINPROBE = ["--linprobe", "--blr", "8e-2", "--weight_decay", "0.0"]
+NUM_VIDEOS, SIZE, NUM_CLASSES = 3600, MOTION_SIZE, MOTION_CLASSES
 # --quick: every step of the full benchmark on a few videos for a few steps (the numbers mean nothing).
 QUICK = dict(num_videos=48, batch_size=4, pretrain_epochs=1, finetune_steps=2, probe_steps=2, labels_per_class=1)
 
@@ -73,35 +71,6 @@ def make_data(out: Path, labels_per_class: int, object_scale: float, speed_scale
 def finetune_seed(pretrain_seed: int, index: int, finetune_seeds: int) -> int:
     """Seed of fine-tuning `index` paired with pretraining seed p: distinct for every (p, index)."""
     return pretrain_seed * finetune_seeds + index
-
-
-def t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t distribution (bisection on its CDF; the CDF by Simpson's rule)."""
-    # No scipy in requirements.txt; the integrand is smooth, so 2000 Simpson panels are plenty.
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def cdf(x: float) -> float:
-        n = 2000
-        h = x / n
-        f = [math.exp(log_c - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(n + 1)]
-        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def summarize(values: list[float]) -> dict:
-    """Mean, sample standard deviation and 95% Student-t interval of the mean (nan when one value)."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if n > 1 else float("nan")
-    half = t_quantile(0.975, n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
-    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 
 
 def run(name: str, script: str, args: list[str], out: Path, threads: int) -> tuple[str, float]:

@@ -83,7 +83,8 @@ def test_memory_plan_results_flag_writes_what_the_script_returns(tmp_path: Path,
 
 
 BENCHMARKS = ("bench_step", "bench_train", "bench_data", "gpu_report", "memory_plan", "masking_ablation",
-              "objectives_bench", "pretrain_helps", "videotext_bench")
+              "objectives_bench", "pretrain_helps", "videotext_bench", "downstream",
+              "probe_compare")
 
 
 @pytest.mark.parametrize("script", BENCHMARKS)

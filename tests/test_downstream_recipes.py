@@ -59,6 +59,34 @@ def test_downstream_recipe_parses_and_names_its_sources(name: str) -> None:
     assert set(SOURCED) <= keys, f"{name}: recipe does not set {set(SOURCED) - keys}"
 
 
+# VideoMAE's from-scratch pretraining on the small sets (its data-efficiency claim): configs/pretrain/vit_b_<set>.yaml
+PRETRAIN = {"vit_b_ssv2": dict(mask_type="tube", mask_ratio=0.9, epochs=2401, blr=1.5e-4, min_lr=8e-5, batch_size=32,
+                               sampling_rate=5),
+            "vit_b_ucf101": dict(mask_type="tube", mask_ratio=0.75, epochs=3201, blr=3e-4, min_lr=7.5e-6, batch_size=24,
+                                 sampling_rate=5),
+            "vit_b_hmdb51": dict(mask_type="tube", mask_ratio=0.75, epochs=4801, blr=3e-4, min_lr=7.5e-6, batch_size=24,
+                                 sampling_rate=2)}
+VIDEOMAE = dict(model="mae_vit_base_patch16", num_frames=16, t_patch_size=2, pred_t_dim=16, cls_embed=False,
+                sep_pos_embed=False, decoder_embed_dim=384, decoder_num_heads=6, decoder_depth=4, repeat_aug=1,
+                warmup_epochs=40, lr_scale_by="videos", weight_decay=0.05, wd_skip="tokens", opt_betas=[0.9, 0.95],
+                clip_grad=0.0, norm_pix_loss=True)
+PRETRAIN_SOURCED = ("mask_type", "mask_ratio", "epochs", "warmup_epochs", "blr", "min_lr", "batch_size", "sampling_rate",
+                    "decoder_embed_dim", "decoder_depth", "opt_betas", "weight_decay", "clip_grad", "pred_t_dim")
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAIN))
+def test_small_set_pretraining_recipe_is_videomaes_and_names_its_sources(name: str) -> None:
+    path = ROOT / "configs" / "pretrain" / f"{name}.yaml"
+    args = parse_args(tasks.pretrain_parser(), ["--config", str(path)])
+    want = {**VIDEOMAE, **PRETRAIN[name]}
+    assert {k: getattr(args, k) for k in want} == want
+    text = path.read_text()
+    lines = {line.split(":")[0]: line for line in text.splitlines() if line and line[0].isalpha()}
+    unsourced = [k for k in PRETRAIN_SOURCED if not re.search(r"#.*\b[A-Z]\w*:\d+|#.*\.(py|sh|yaml):\d+", lines[k])]
+    assert not unsourced or name == "vit_b_hmdb51" and unsourced == ["epochs", "sampling_rate"], (name, unsourced)
+    assert "Not expressible" in text and "unverified" in text if name == "vit_b_hmdb51" else "Not expressible" in text
+
+
 @pytest.mark.slow  # end-to-end subprocess runs (10-60 s on 2 cores): .ci/run's slow step runs it
 def test_ssv2_finetunes_two_steps_end_to_end(ssv2: Path, tmp_path: Path) -> None:
     lists, out = tmp_path / "lists", tmp_path / "run"

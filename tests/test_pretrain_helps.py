@@ -13,7 +13,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import pretrain_helps  # noqa: E402
+from benchmarks import common, pretrain_helps  # noqa: E402
 from benchmarks.common import read_result_json  # noqa: E402
 from datasets import read_list_file  # noqa: E402
 from util.weights import read_weights  # noqa: E402
@@ -38,12 +38,12 @@ def test_make_data_keeps_n_labels_per_class_and_a_disjoint_test_set(tmp_path):
 def test_t_quantile_matches_closed_forms_and_the_normal_limit():
     # df 1 (Cauchy) and df 2 have closed-form quantiles; large df tends to the normal quantile
     for p in (0.9, 0.975):
-        assert pretrain_helps.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-6)
-        assert pretrain_helps.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-6)
+        assert common.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-6)
+        assert common.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-6)
     z = statistics.NormalDist().inv_cdf(0.975)
-    assert pretrain_helps.t_quantile(0.975, 1000) == pytest.approx(z, rel=2e-3)
-    s = pretrain_helps.summarize([1.0, 2.0, 6.0])
-    half = pretrain_helps.t_quantile(0.975, 2) * statistics.stdev([1.0, 2.0, 6.0]) / math.sqrt(3)
+    assert common.t_quantile(0.975, 1000) == pytest.approx(z, rel=2e-3)
+    s = common.summarize([1.0, 2.0, 6.0])
+    half = common.t_quantile(0.975, 2) * statistics.stdev([1.0, 2.0, 6.0]) / math.sqrt(3)
     assert s["mean"] == 3.0 and s["ci95"] == pytest.approx([3.0 - half, 3.0 + half])
 
 

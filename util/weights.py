@@ -9,6 +9,7 @@ output folders (consolidated from any backend). Everything is loaded weights-onl
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -58,6 +59,19 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not sd:
         raise CheckpointError(f"{path}: no tensors found (top-level keys: {sorted(map(str, obj))[:10]})")
     return sd
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of the weights `read_weights` gives: names, dtypes, shapes and bytes.
+
+    Computed on the plain-name tensors, so a checkpoint folder (any backend) and its export have one fingerprint.
+    """
+    digest = hashlib.sha256()
+    for name, t in sorted(read_weights(path).items()):
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def checkpoint_folder(path: str | Path) -> Path:
