@@ -50,40 +50,32 @@ def task_module(name: str) -> ModuleType:
     return importlib.import_module(PRETRAIN.get(name) or f"tasks.{name}")
 
 
-def objective_of(argv: Sequence[str], default: str = "mae") -> str:
-    """--objective from the command line, else the `objective` key of --config's file, else `default`."""
+def _chosen(argv: Sequence[str], key: str, choices: Sequence[str], default: str) -> str:
+    """--`key` from the command line, else the `key` of --config's file, else `default`; refused unless in `choices`."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--objective", default=None)
+    pre.add_argument(f"--{key}", default=None)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(list(argv))
-    objective = known.objective
-    if objective is None and known.config:
+    value = getattr(known, key)
+    if value is None and known.config:
         try:
-            objective = read_config_file(known.config).get("objective")
+            value = read_config_file(known.config).get(key)
         except ConfigError:
-            objective = None  # the full parse reports what is wrong with the file
-    objective = default if objective is None else objective
-    if objective not in PRETRAIN:
-        raise ConfigError(f"--objective {objective!r} is not one of: {', '.join(PRETRAIN)}")
-    return objective
+            value = None  # the full parse reports what is wrong with the file
+    value = default if value is None else value
+    if value not in choices:
+        raise ConfigError(f"--{key} {value!r} is not one of: {', '.join(choices)}")
+    return value
+
+
+def objective_of(argv: Sequence[str], default: str = "mae") -> str:
+    """--objective from the command line, else the `objective` key of --config's file, else `default`."""
+    return _chosen(argv, "objective", tuple(PRETRAIN), default)
 
 
 def finetune_kind(argv: Sequence[str]) -> str:
     """--task from the command line, else the `task` key of --config's file, else classify."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--task", default=None)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(list(argv))
-    kind = known.task
-    if kind is None and known.config:
-        try:
-            kind = read_config_file(known.config).get("task")
-        except ConfigError:
-            kind = None  # the full parse reports what is wrong with the file
-    kind = "classify" if kind is None else kind
-    if kind not in FINETUNE:
-        raise ConfigError(f"--task {kind!r} is not one of: {', '.join(FINETUNE)}")
-    return kind
+    return _chosen(argv, "task", tuple(FINETUNE), "classify")
 
 
 def build_parser(description: str, module: ModuleType, defaults: dict | None = None,

@@ -28,10 +28,11 @@ from models import create_model
 from models.convert import load_pretrained
 from models.probe import AttentiveProbe, ProbeGrid
 from models.vit import to_linear_probe
+from tasks.common import TestedTask
 from util.config import ConfigError, RunConfig, flag, non_negative, positive, section
 from util.errors import DataFileError
 from util.evaluate import evaluate, test_and_report
-from util.task import RunContext, Task
+from util.task import RunContext
 from util.weights import read_weights
 
 log = logging.getLogger("mae_st.classify")
@@ -155,7 +156,7 @@ def read_label_map(path: str, num_classes: int) -> list[int]:
     return columns
 
 
-class FinetuneTask(Task):
+class FinetuneTask(TestedTask):
     """Supervised video classification with multi-view testing."""
 
     name = "fine-tuning"
@@ -333,17 +334,6 @@ class FinetuneTask(Task):
         if ctx.logger is not None:
             ctx.logger.scalars(ctx.state.global_step, metrics, prefix=f"{c.eval_split}/")
         return metrics
-
-    def on_epoch_end(self, ctx: RunContext) -> None:
-        done, every = ctx.state.epoch + 1, self.cfg.eval_every
-        if every and done % every == 0 and done < ctx.cfg.loop.epochs:
-            self.test(ctx, f"epoch {done}")
-
-    def on_train_end(self, ctx: RunContext) -> dict:
-        return self.test(ctx, f"final, step {ctx.state.global_step}")
-
-    def evaluate(self, ctx: RunContext) -> dict:
-        return self.test(ctx, f"eval of {ctx.cfg.ckpt.resume or self.cfg.finetune or 'latest'}")
 
 
 @contextlib.contextmanager

@@ -1,13 +1,16 @@
-"""Flag sections and helpers that more than one pretraining task needs (no task imports another's module).
+"""Flag sections and helpers that more than one task needs (no task imports another's module).
 
 - `StartConfig`: the objective and the weights a fresh pretraining run starts from (every objective).
 - `MaskingConfig`: what the encoder is hidden and what the MAE decoder regresses (the MAE family, and
   video-text, whose video tower masks the same way and whose SMAUG loss uses the same decoder).
+- `TestedTask`: when a fine-tuning task (classification, detection) runs its test.
 """
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -15,6 +18,7 @@ from models.convert import LoadReport, load_pretrained
 from models.masking import MASK_TYPES
 from tasks import PRETRAIN
 from util.config import flag, positive
+from util.task import RunContext, Task
 from util.weights import read_weights
 
 
@@ -49,3 +53,24 @@ def load_start_weights(model: nn.Module, start: StartConfig, **kw: bool) -> Load
     """Fill `model` from --init_from (MAE-ST, PySlowFast, VideoMAE or our own weights), as checked by the key map."""
     return load_pretrained(model, read_weights(start.init_from), source=start.init_from,
                            allow_unexpected=start.allow_unexpected_keys, **kw)
+
+
+class TestedTask(Task):
+    """A fine-tuning task scored by its own `test`: every `eval_every` epochs, after training, and for --eval."""
+
+    cfg: Any  # its config section: eval_every (epochs between tests, 0: end only) and finetune (start weights)
+
+    @abc.abstractmethod
+    def test(self, ctx: RunContext, tag: str) -> dict:
+        """Score the model on the evaluation split; `tag` names the moment in the log."""
+
+    def on_epoch_end(self, ctx: RunContext) -> None:
+        done, every = ctx.state.epoch + 1, self.cfg.eval_every
+        if every and done % every == 0 and done < ctx.cfg.loop.epochs:
+            self.test(ctx, f"epoch {done}")
+
+    def on_train_end(self, ctx: RunContext) -> dict:
+        return self.test(ctx, f"final, step {ctx.state.global_step}")
+
+    def evaluate(self, ctx: RunContext) -> dict:
+        return self.test(ctx, f"eval of {ctx.cfg.ckpt.resume or self.cfg.finetune or 'latest'}")

@@ -42,8 +42,9 @@ from datasets.ava.fixture import ensure_ava_fixture
 from datasets.loader import batches
 from models.convert import load_pretrained
 from models.detect import ROI_RESOLUTION, create_detector
+from tasks.common import TestedTask
 from util.config import flag, non_negative, positive, section
-from util.task import RunContext, Task
+from util.task import RunContext
 from util.weights import read_weights
 
 log = logging.getLogger("mae_st.detect")
@@ -78,7 +79,7 @@ class DetectConfig:
     eval_every: int = flag(5, "epochs between tests during training (0: end only)", check=non_negative, rule=">= 0")
 
 
-class DetectTask(Task):
+class DetectTask(TestedTask):
     """AVA spatio-temporal action detection with a ViT encoder and an RoI head."""
 
     name = "detection"
@@ -200,17 +201,6 @@ class DetectTask(Task):
         if ctx.logger is not None:
             ctx.logger.scalars(ctx.state.global_step, metrics, prefix=f"{c.eval_split}/")
         return metrics
-
-    def on_epoch_end(self, ctx: RunContext) -> None:
-        done, every = ctx.state.epoch + 1, self.cfg.eval_every
-        if every and done % every == 0 and done < ctx.cfg.loop.epochs:
-            self.test(ctx, f"epoch {done}")
-
-    def on_train_end(self, ctx: RunContext) -> dict:
-        return self.test(ctx, f"final, step {ctx.state.global_step}")
-
-    def evaluate(self, ctx: RunContext) -> dict:
-        return self.test(ctx, f"eval of {ctx.cfg.ckpt.resume or self.cfg.finetune or 'latest'}")
 
 
 SECTIONS = (("detection fine-tuning and evaluation", DetectConfig),)
