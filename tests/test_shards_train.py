@@ -97,13 +97,16 @@ def test_mixture_of_files_and_shards_resumes_exactly_after_sigkill(data: tuple[P
         assert abs(got[step] - loss) <= 1e-6 * max(1.0, abs(loss)), (step, got[step], loss)
 
 
-def test_mixture_of_files_and_shards_resumes_on_one_rank_after_two(data: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("before", "kill_step", "after"), [(2, 1, 1), (1, 2, 2)], ids=["2to1", "1to2"])
+def test_mixture_of_files_and_shards_resumes_on_another_world_size(data: tuple[Path, Path], tmp_path: Path,
+                                                                   before: int, kill_step: int, after: int) -> None:
     videos, shards = data
     args = ["--data_mixture", str(_mixture(tmp_path, videos, shards)), "--epochs", "1", "--save_every", "1"] + RUN
     out = tmp_path / "run"
-    kill_at_checkpoint(command(out, 2, args), out, 1)  # 2 ranks x 2 clips: 4 of the epoch's 12 items per step
-    _run(command(out, 1, args))  # the rest, 2 items per step
+    kill_at_checkpoint(command(out, before, args), out, kill_step)  # 4 of the epoch's 12 items (2 clips per rank)
+    _run(command(out, after, args))  # the rest on the other world size
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     last = [r for r in records if "loss" in r][-1]
     assert last["items/files"] == 6 and last["items/sharded"] == 6  # every item of the epoch's draw, once
+    assert last["epoch"] == 1.0  # the epoch ended where its 12 items end
     assert os.path.islink(out / "checkpoints" / "latest")
