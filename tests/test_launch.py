@@ -111,6 +111,7 @@ def check_requeued_run(job, out: Path, reference: dict[int, float], total: int =
     return stop_step
 
 
+@pytest.mark.slow  # end to end in subprocesses: .ci/run's slow step runs it
 def test_usr2_to_local_tasks_saves_on_all_ranks_requeues_and_resumes_exactly(
     tmp_path: Path, reference: dict[int, float], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,6 +82,7 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # end to end in subprocesses: .ci/run's slow step runs it
 def test_original_layout_imports_through_finetune_init_from_and_export(tmp_path: Path) -> None:
     path = tmp_path / "checkpoint-00399.pth"
     original_layout(path, mae_st_args())
@@ -98,6 +99,7 @@ def test_original_layout_imports_through_finetune_init_from_and_export(tmp_path:
     assert read_weights(tmp_path / "w.pth").keys() == read_weights(path).keys()
 
 
+@pytest.mark.slow  # end to end in subprocesses: .ci/run's slow step runs it
 def test_init_from_unexpected_keys_names_the_flag_main_pretrain_offers(tmp_path: Path) -> None:
     # Layer-scale gammas have no place in a model built without --init_values: refused, naming the way out
     # that this main has; with it the run starts (the gammas are dropped).

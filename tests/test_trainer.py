@@ -47,7 +47,7 @@ def seen(out: Path) -> collections.Counter:
 
 # One direction per backend in the default suite (time); the other two run with `-m slow` (.ci/run).
 @pytest.mark.parametrize("backend, before, after", [
-    pytest.param("ddp", 2, 1, marks=pytest.mark.slow), ("ddp", 1, 2), ("fsdp", 2, 1),
+    pytest.param("ddp", 2, 1, marks=pytest.mark.slow), ("ddp", 1, 2), pytest.param("fsdp", 2, 1, marks=pytest.mark.slow),
     pytest.param("fsdp", 1, 2, marks=pytest.mark.slow)])
 def test_resume_on_another_world_size_trains_each_sample_once(tmp_path: Path, backend: str, before: int,
                                                                after: int) -> None:
@@ -66,6 +66,7 @@ def test_resume_on_another_world_size_trains_each_sample_once(tmp_path: Path, ba
     assert final["epoch"] == 1 and final["world_size"] == after
 
 
+@pytest.mark.slow  # end to end in subprocesses: .ci/run's slow step runs it
 def test_zero_checkpoint_on_another_world_size_is_refused_with_the_command_that_works(tmp_path: Path) -> None:
     """ZeRO partitions cannot be resharded: the message names the rank count and the --init_from route."""
     python("resume_worker.py", str(tmp_path), *RUN, "--dist", "deepspeed", "--max_steps", "2")
@@ -86,6 +87,7 @@ def test_nan_state_is_never_saved_and_the_run_fails(tmp_path: Path) -> None:
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.slow  # end to end in subprocesses: .ci/run's slow step runs it
 def test_changed_config_on_resume_architecture_refused_schedule_warned(tmp_path: Path) -> None:
     """Another decoder in the same folder is an error naming the flag; another mask ratio is a warning."""
     out = tmp_path / "run"
@@ -99,6 +101,7 @@ def test_changed_config_on_resume_architecture_refused_schedule_warned(tmp_path:
     assert steps == [1, 2, 3]
 
 
+@pytest.mark.slow  # end to end in subprocesses: .ci/run's slow step runs it
 def test_log_holds_each_step_once_after_a_resume_that_repeats_steps(tmp_path: Path) -> None:
     """Steps logged after the checkpoint ran again on resume: the log keeps only their second run."""
     out = tmp_path / "run"
@@ -116,6 +119,7 @@ def test_log_holds_each_step_once_after_a_resume_that_repeats_steps(tmp_path: Pa
     assert steps == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow  # end to end in subprocesses: .ci/run's slow step runs it
 def test_weights_file_as_resume_is_a_clear_error_and_init_from_starts_a_new_run(tmp_path: Path) -> None:
     """--resume takes folders; an exported file starts a new run with --init_from (weights only)."""
     run = tmp_path / "run"
