@@ -126,6 +126,7 @@ def test_symlink_loops_inside_a_deepspeed_folder_end(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- export destination
+@pytest.mark.slow  # end to end in subprocesses: .ci/run's slow step runs it
 def test_export_refuses_a_destination_inside_a_checkpoint(out: Path) -> None:
     """export CKPT CKPT/trainer_state.pt (or into any checkpoint folder) is refused; the checkpoint is unchanged."""
     ckpt = out / "checkpoints" / "step-2"

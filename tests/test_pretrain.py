@@ -139,6 +139,7 @@ def test_nonfinite_loss_stops_with_the_step_and_no_checkpoint(tmp_path: Path) ->
     assert all(s < bad for s in saved)
 
 
+@pytest.mark.slow  # end to end in subprocesses: .ci/run's slow step runs it
 def test_fifo_listed_as_a_video_is_skipped_and_the_run_finishes(tmp_path: Path) -> None:
     """`mkfifo D/extra/fifo.mp4`, listed: the run goes on (the FIFO counted as a bad video), never waits on it."""
     sys.path.insert(0, str(ROOT / "tests"))

@@ -333,7 +333,7 @@ def crafted(real_checkpoints, tmp_path: Path, kind: str, marker: Path) -> Path:
     return ckpt
 
 
-@pytest.mark.parametrize("kind", ["fsdp", "zero2"])
+@pytest.mark.parametrize("kind", ["fsdp", pytest.param("zero2", marks=pytest.mark.slow)])  # zero2: slow step
 def test_every_entry_point_refuses_a_crafted_checkpoint(real_checkpoints, tmp_path: Path, kind: str) -> None:
     """export CLI, fine-tuning's --finetune DIR and auto-resume: refused with a clear message, nothing runs."""
     marker = tmp_path / "pwned"
