@@ -224,9 +224,7 @@ class FinetuneTask(TestedTask):
         return model
 
     def init_weights(self, model: nn.Module, ctx: RunContext) -> None:
-        if not self.cfg.finetune:
-            if self.cfg.eval:
-                raise ValueError(f"--eval needs weights: --resume DIR, a checkpoint in {ctx.out}, or --finetune FILE")
+        if not self.has_start_weights(ctx):
             return
         if isinstance(model, ProbeGrid):
             if self.cfg.eval:

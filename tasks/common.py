@@ -64,6 +64,12 @@ class TestedTask(Task):
     def test(self, ctx: RunContext, tag: str) -> dict:
         """Score the model on the evaluation split; `tag` names the moment in the log."""
 
+    def has_start_weights(self, ctx: RunContext) -> bool:
+        """True when --finetune names weights to load; --eval without them (and no checkpoint) is an error."""
+        if not self.cfg.finetune and self.cfg.eval:
+            raise ValueError(f"--eval needs weights: --resume DIR, a checkpoint in {ctx.out}, or --finetune FILE")
+        return bool(self.cfg.finetune)
+
     def on_epoch_end(self, ctx: RunContext) -> None:
         done, every = ctx.state.epoch + 1, self.cfg.eval_every
         if every and done % every == 0 and done < ctx.cfg.loop.epochs:

@@ -110,9 +110,7 @@ class DetectTask(TestedTask):
         return model
 
     def init_weights(self, model: nn.Module, ctx: RunContext) -> None:
-        if not self.cfg.finetune:
-            if self.cfg.eval:
-                raise ValueError(f"--eval needs weights: --resume DIR, a checkpoint in {ctx.out}, or --finetune FILE")
+        if not self.has_start_weights(ctx):
             return
         load_pretrained(model, read_weights(self.cfg.finetune), source=self.cfg.finetune,
                         allow_unexpected=self.cfg.allow_unexpected_keys)

@@ -248,3 +248,12 @@ def test_freeze_encoder_trains_only_the_head() -> None:
     model = tasks.finetune_task(args).build_model(SimpleNamespace(cfg=run_config(args)))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"head.projection.weight", "head.projection.bias"}
+
+
+@pytest.mark.parametrize("task", ["detect", "classify"])
+def test_eval_without_weights_names_the_three_ways_to_give_them(tmp_path: Path, task: str) -> None:
+    """Both fine-tuning tasks (tasks.common.TestedTask) refuse --eval with nothing to evaluate, naming the flags."""
+    cmd = [sys.executable, "main_finetune.py", "--task", task, "--eval", "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--eval needs weights" in proc.stderr and "--finetune FILE" in proc.stderr, proc.stderr[-2000:]
